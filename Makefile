@@ -1,0 +1,41 @@
+# extproc: every target sets up .venv itself when it is missing.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint bench protos clean
+
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install extproc with its dev tools
+
+demo: $(STAMP) ## Run the demo: simulated fleet, real Envoy, the picker, a short workload, a report
+	$(BIN)/extproc demo
+
+test: $(STAMP) ## Run the whole test suite (unit, gRPC integration, real Envoy end to end)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP) ## ruff, mypy (strict) and the import layers
+	$(BIN)/ruff check extproc tests benchmarks
+	$(BIN)/ruff format --check extproc tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: $(STAMP) ## Run the benchmarks (see docs/benchmarks.md)
+	$(BIN)/extproc bench overhead
+
+protos: $(STAMP) ## Regenerate extproc/_generated from protos/ with grpcio-tools
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=extproc/_generated \
+	  --grpc_python_out=extproc/_generated --pyi_out=extproc/_generated $$(find protos -name '*.proto')
+
+clean: ## Remove .venv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""The picker's configuration: typed, frozen, read once from YAML and flags.
+
+The schema is the dataclasses below; `load_config` walks them, so a wrong key or value is reported
+with its dotted path ("routing.fallbacks: expected an integer >= 0, got 'two'") and the same
+classes generate the configuration reference in `docs/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+BodyMode = Literal["streamed", "buffered"]
+FailureMode = Literal["FailClose", "FailOpen"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key (dotted path) and what is wrong with it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """One model server. `models` lists what it serves; empty means learn it from /v1/models."""
+
+    address: str
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("address", f"expected host:port, got {self.address!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    grpc_port: int = 9002
+    health_port: int = 9003
+    metrics_port: int = 9090
+    # Bodies above this are refused with 413 before they are parsed.
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Used only when Envoy does not announce its body mode in `protocol_config` (Envoy < 1.34).
+    default_body_mode: BodyMode = "streamed"
+    shutdown_grace_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    strategy: str = "least-request"
+    # How many further endpoints follow the pick in the fallback list Envoy walks on retries.
+    fallbacks: int = 2
+    # Request headers that may override the strategy per request (AIBrix uses `routing-strategy`).
+    strategy_headers: tuple[str, ...] = ("x-routing-strategy", "routing-strategy")
+    retry_after_seconds: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    # How often each endpoint's /v1/models is read to learn its base model and adapters.
+    models_refresh_seconds: float = 5.0
+    request_timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    endpoints: tuple[EndpointConfig, ...] = ()
+
+
+_MINIMUMS: dict[str, float] = {
+    "server.grpc_port": 0,
+    "server.health_port": 0,
+    "server.metrics_port": 0,
+    "server.max_body_bytes": 1,
+    "server.shutdown_grace_seconds": 0,
+    "routing.fallbacks": 0,
+    "routing.retry_after_seconds": 0,
+    "discovery.models_refresh_seconds": 0.05,
+    "discovery.request_timeout_seconds": 0.01,
+}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Read YAML at `path` (if any), apply dotted-key `overrides`, validate, return a Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("", f"{path}: the top level must be a mapping")
+        raw = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        target = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    config: Config = build(Config, raw, "")
+    return config
+
+
+def build(cls: type[Any], data: Any, path: str) -> Any:
+    """Build dataclass `cls` from plain YAML data, checking every key and value."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        key = sorted(map(str, unknown))[0]
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
+        raise ConfigError(_join(path, key), f"unknown key{hint}")
+    values: dict[str, Any] = {}
+    for name in fields:
+        if name in data:
+            values[name] = _convert(hints[name], data[name], _join(path, name))
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(_join(path, exc.key), exc.problem) from exc
+    except TypeError as exc:
+        missing = [n for n, f in fields.items() if n not in values and _required(f)]
+        if missing:
+            raise ConfigError(_join(path, missing[0]), "required key is missing") from exc
+        raise
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(typing.cast(type[Any], hint), value, path)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(
+                path, f"expected one of {', '.join(map(str, allowed))}, got {_show(value)}"
+            )
+        return value
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if isinstance(value, str) and item_hint is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(path, f"expected a list, got {_show(value)}")
+        return tuple(_convert(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_show(value)}")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if hint is int:
+            ok = ok and float(value).is_integer()
+        minimum = _MINIMUMS.get(path)
+        if not ok or (minimum is not None and value < minimum):
+            kind = "an integer" if hint is int else "a number"
+            bound = f" >= {minimum:g}" if minimum is not None else ""
+            raise ConfigError(path, f"expected {kind}{bound}, got {_show(value)}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(path, f"expected a non-empty string, got {_show(value)}")
+        return value
+    raise ConfigError(path, f"unsupported type {hint}")  # pragma: no cover - schema bug
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path and key else path or key
+
+
+def _show(value: Any) -> str:
+    return (
+        f"{type(value).__name__} {value!r}"
+        if not isinstance(value, Mapping | list)
+        else type(value).__name__
+    )

@@ -1,0 +1,165 @@
+"""The request's whole path through the picker, top to bottom.
+
+    parse the body  ->  choose the strategy  ->  candidates  ->  schedule  ->  targets
+    ... the model server answers ...  ->  usage  ->  release the in-flight count
+
+`extproc.server.stream` feeds this from the ext_proc stream and turns its answers into Envoy
+messages; every step is a call into the module named after it. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from extproc.config import Config
+from extproc.metrics import PickerMetrics
+from extproc.request import errors
+from extproc.request.errors import OpenAIError
+from extproc.request.openai import Api, ParsedRequest, api_of, parse_request
+from extproc.request.usage import Usage
+from extproc.scheduling.candidates import NoCandidates, candidates_for
+from extproc.scheduling.strategies import Strategies
+from extproc.scheduling.types import SchedulingRequest
+from extproc.state.inflight import InFlight
+from extproc.state.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What the request headers tell the picker. Header names are lower case."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    # The proxy's subset hint (endpoints we must pick from), None when it sent none.
+    subset: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A decision: where the request goes (first pick, then fallbacks) and why."""
+
+    request: ParsedRequest
+    strategy: str
+    targets: tuple[str, ...]
+    scores: Mapping[str, float]
+
+    @property
+    def primary(self) -> str:
+        return self.targets[0]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """A request the picker answers itself (the pool's model list)."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+class Pipeline:
+    """Built once at start-up with everything it needs; one per event loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: SnapshotStore,
+        inflight: InFlight,
+        strategies: Strategies,
+        metrics: PickerMetrics,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._inflight = inflight
+        self._strategies = strategies
+        self._metrics = metrics
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self._config.server.max_body_bytes
+
+    def route(self, head: RequestHead, body: bytes | None) -> Routed | LocalAnswer | OpenAIError:
+        """Decide where one request goes. `body` is None for a request without one."""
+        started = time.perf_counter()
+        strategy = self._strategy(head.headers)
+        if isinstance(strategy, OpenAIError):
+            return self._refused(strategy)
+        if body is None:
+            if api_of(head.path) is Api.MODELS and head.method == "GET":
+                return self._model_list()
+            request = ParsedRequest(api=api_of(head.path), model=None)
+        else:
+            parsed = parse_request(head.path, body)
+            if isinstance(parsed, OpenAIError):
+                return self._refused(parsed)
+            request = parsed
+
+        candidates = candidates_for(
+            self._store.current, self._inflight, model=request.model, subset=head.subset
+        )
+        if isinstance(candidates, NoCandidates):
+            if candidates.unknown_model and request.model is not None:
+                return self._refused(errors.model_not_found(request.model))
+            what = f"model '{request.model}'" if request.model else "this request"
+            return self._refused(
+                errors.no_ready_endpoint(what, self._config.routing.retry_after_seconds)
+            )
+
+        scheduling_request = SchedulingRequest(
+            model=request.model,
+            prompt_tokens=request.prompt.approx_chars() // 4,
+            headers=head.headers,
+        )
+        ranked = self._strategies.get(strategy).schedule(scheduling_request, candidates)
+        if not ranked.order:
+            return self._refused(errors.no_ready_endpoint("this request", 1))
+        targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
+        self._inflight.start(targets[0], scheduling_request.prompt_tokens)
+        self._metrics.inflight.labels(targets[0]).inc()
+        self._metrics.requests.labels(strategy, "routed").inc()
+        self._metrics.pick_seconds.labels(strategy).observe(time.perf_counter() - started)
+        return Routed(request, strategy, targets, ranked.scores)
+
+    def finish(self, routed: Routed, *, served: str | None, usage: Usage | None) -> None:
+        """The response has ended (or the stream broke): release the in-flight count."""
+        tokens = routed.request.prompt.approx_chars() // 4
+        self._inflight.finish(routed.primary, tokens)
+        self._metrics.inflight.labels(routed.primary).dec()
+        where = served or routed.primary
+        self._metrics.served.labels(where).inc()
+        if served is not None and served != routed.primary:
+            self._metrics.fallback_served.inc()
+        if usage is not None:
+            self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+            self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
+            self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
+
+    def _strategy(self, headers: Mapping[str, str]) -> str | OpenAIError:
+        for name in self._config.routing.strategy_headers:
+            value = headers.get(name)
+            if value is None:
+                continue
+            try:
+                self._strategies.get(value)
+            except ValueError as exc:
+                return errors.bad_header(name, f"Invalid routing strategy in '{name}': {exc}.")
+            return value
+        return self._config.routing.strategy
+
+    def _model_list(self) -> LocalAnswer:
+        snapshot = self._store.current
+        ready_models = sorted({m for e in snapshot.endpoints if e.ready for m in e.models})
+        data = [{"id": m, "object": "model", "owned_by": "extproc"} for m in ready_models]
+        return LocalAnswer(200, json.dumps({"object": "list", "data": data}).encode())
+
+    def _refused(self, error: OpenAIError) -> OpenAIError:
+        self._metrics.rejections.labels(str(error.status), error.code).inc()
+        log.info("refused request: %d %s: %s", error.status, error.code, error.message)
+        return error

@@ -1,0 +1,66 @@
+"""The scheduler's vocabulary: what a plugin is given and what it must return.
+
+Filters, scorers and pickers are synchronous and pure over their inputs (a picker may keep a
+cursor, as round-robin must); all I/O happened before, when the snapshot was built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from extproc.state.inflight import Load
+from extproc.state.snapshot import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An endpoint as one decision sees it: the snapshot entry plus the picker's own load."""
+
+    endpoint: Endpoint
+    load: Load
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingRequest:
+    model: str | None
+    # A cheap size estimate; later issues replace it with real token blocks.
+    prompt_tokens: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """The outcome of one profile: endpoints best first, and each one's total score."""
+
+    order: tuple[Candidate, ...]
+    scores: Mapping[str, float]
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> Sequence[Candidate]: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> Sequence[float]:
+        """One score in [0, 1] per candidate, in the same order; higher is better."""
+        ...
+
+
+class Picker(Protocol):
+    name: str
+
+    def rank(self, candidates: Sequence[Candidate], scores: Sequence[float]) -> Sequence[Candidate]:
+        """All candidates, best first; the first is the pick, the rest are fallbacks."""
+        ...

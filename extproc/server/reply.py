@@ -1,0 +1,121 @@
+"""Build the ext_proc messages Envoy expects, as the endpoint-picker protocol defines them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    ImmediateResponse,
+    ProcessingResponse,
+    StreamedBodyResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
+
+DESTINATION = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
+# Envoy takes at most ~64 KiB per streamed body message; stay under it as the reference does.
+CHUNK = 62_000
+
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Replies that carry no decision are the same every time: build them once.
+CONTINUE_REQUEST_HEADERS = ProcessingResponse(request_headers=HeadersResponse())
+CONTINUE_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
+CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=BodyResponse())
+CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=BodyResponse())
+REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse())
+RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
+
+
+def _routing(targets: str) -> tuple[CommonResponse, Struct]:
+    mutation = HeaderMutation(
+        set_headers=[
+            HeaderValueOption(
+                header=HeaderValue(key=DESTINATION, raw_value=targets.encode()),
+                append_action=_OVERWRITE,
+            )
+        ]
+    )
+    metadata = Struct()
+    metadata.get_or_create_struct(LB_NAMESPACE)[DESTINATION] = targets
+    return CommonResponse(header_mutation=mutation, clear_route_cache=True), metadata
+
+
+def route_in_headers(targets: str) -> ProcessingResponse:
+    """The answer to the request headers: destination header, envoy.lb metadata, new route."""
+    common, metadata = _routing(targets)
+    return ProcessingResponse(
+        request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
+    )
+
+
+def route_in_body(targets: str) -> ProcessingResponse:
+    """The same answer given on the body, for BUFFERED mode where headers were answered first."""
+    common, metadata = _routing(targets)
+    return ProcessingResponse(request_body=BodyResponse(response=common), dynamic_metadata=metadata)
+
+
+def streamed_request_body(body: bytes, *, end_of_stream: bool) -> Iterator[ProcessingResponse]:
+    """Send the held body back to Envoy in FULL_DUPLEX_STREAMED mode, in chunks Envoy accepts."""
+    if not body:
+        yield _streamed_request_chunk(b"", end_of_stream)
+        return
+    view = memoryview(body)
+    for start in range(0, len(body), CHUNK):
+        last = start + CHUNK >= len(body)
+        yield _streamed_request_chunk(bytes(view[start : start + CHUNK]), end_of_stream and last)
+
+
+def _streamed_request_chunk(chunk: bytes, end_of_stream: bool) -> ProcessingResponse:
+    streamed = StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
+    return ProcessingResponse(
+        request_body=BodyResponse(
+            response=CommonResponse(body_mutation=BodyMutation(streamed_response=streamed))
+        )
+    )
+
+
+def streamed_response_body(chunk: bytes, *, end_of_stream: bool) -> ProcessingResponse:
+    """Pass one response chunk straight through (FULL_DUPLEX_STREAMED response bodies)."""
+    streamed = StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
+    return ProcessingResponse(
+        response_body=BodyResponse(
+            response=CommonResponse(body_mutation=BodyMutation(streamed_response=streamed))
+        )
+    )
+
+
+def immediate(
+    status: int,
+    body: bytes,
+    *,
+    content_type: str,
+    headers: tuple[tuple[str, str], ...] = (),
+    details: str = "",
+) -> ProcessingResponse:
+    """Answer the client directly; Envoy ends the request here."""
+    all_headers = (("content-type", content_type), *headers)
+    mutation = HeaderMutation(
+        set_headers=[
+            HeaderValueOption(
+                header=HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
+            )
+            for k, v in all_headers
+        ]
+    )
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=status),
+            headers=mutation,
+            body=body,
+            details=details,
+        )
+    )

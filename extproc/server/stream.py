@@ -1,0 +1,261 @@
+"""One ext_proc stream = one HTTP request, from its headers to the end of its response.
+
+Envoy sends the request headers, body chunks and trailers, then (after the model server answers)
+the response headers, body chunks and trailers, each as a ProcessingRequest on one gRPC stream.
+In FULL_DUPLEX_STREAMED mode the reply to the request headers is held until the body has ended:
+only then can the body be parsed and the endpoint picked. In BUFFERED mode Envoy wants the headers
+answered first, so the decision rides on the body reply instead. Header-only requests are routed
+on their headers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    HttpHeaders,
+    ProcessingRequest,
+    ProcessingResponse,
+)
+
+from extproc.config import BodyMode
+from extproc.metrics import PickerMetrics
+from extproc.pipeline import LocalAnswer, Pipeline, RequestHead, Routed
+from extproc.request import errors
+from extproc.request.errors import OpenAIError
+from extproc.request.usage import UsageReader
+from extproc.server import reply
+
+log = logging.getLogger(__name__)
+
+_FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+_BUFFERED = ProcessingMode.BUFFERED
+_SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+_SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+_SERVED_KEY = "x-gateway-destination-endpoint-served"
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Everything one stream remembers between messages."""
+
+    request_mode: int
+    response_mode: int
+    head: RequestHead | None = None
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    routed: Routed | None = None
+    served: str | None = None
+    usage: UsageReader | None = None
+    finished: bool = False
+
+
+class StreamHandler:
+    """Turns ext_proc messages into pipeline calls, and pipeline answers into Envoy replies."""
+
+    def __init__(
+        self, pipeline: Pipeline, metrics: PickerMetrics, *, default_body_mode: BodyMode
+    ) -> None:
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._default_mode = _FULL_DUPLEX if default_body_mode == "streamed" else _BUFFERED
+
+    async def process(
+        self, messages: AsyncIterator[ProcessingRequest]
+    ) -> AsyncIterator[ProcessingResponse]:
+        state = _Stream(self._default_mode, self._default_mode)
+        self._metrics.streams.inc()
+        try:
+            async for message in messages:
+                if message.HasField("protocol_config"):
+                    state.request_mode = message.protocol_config.request_body_mode
+                    state.response_mode = message.protocol_config.response_body_mode
+                for response in self._on_message(state, message):
+                    yield response
+        except _Immediate as stop:
+            # Envoy ends the request on an ImmediateResponse: nothing more to read or send.
+            yield stop.response
+        finally:
+            self._metrics.streams.dec()
+            self._finish(state)
+
+    def _on_message(
+        self, state: _Stream, message: ProcessingRequest
+    ) -> Iterator[ProcessingResponse]:
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            yield from self._request_headers(state, message)
+        elif kind == "request_body":
+            body = message.request_body
+            yield from self._request_body(state, body.body, end_of_stream=body.end_of_stream)
+        elif kind == "request_trailers":
+            # Trailers end the body too (a body whose last chunk did not say so).
+            if state.routed is None and state.head is not None:
+                yield from self._request_body(state, b"", end_of_stream=True, trailers=True)
+            yield reply.REQUEST_TRAILERS
+        elif kind == "response_headers":
+            yield from self._response_headers(state, message)
+        elif kind == "response_body":
+            body = message.response_body
+            if state.usage is not None:
+                state.usage.feed(body.body)
+            if state.response_mode == _FULL_DUPLEX:
+                yield reply.streamed_response_body(body.body, end_of_stream=body.end_of_stream)
+            else:
+                yield reply.CONTINUE_RESPONSE_BODY
+            if body.end_of_stream:
+                self._finish(state)
+        elif kind == "response_trailers":
+            yield reply.RESPONSE_TRAILERS
+            self._finish(state)
+
+    def _request_headers(
+        self, state: _Stream, message: ProcessingRequest
+    ) -> Iterator[ProcessingResponse]:
+        headers = message.request_headers
+        state.head = _read_head(headers, _subset(message))
+        if headers.end_of_stream:
+            yield self._decide(state, None, in_headers=True)
+            return
+        length = state.head.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self._pipeline.max_body_bytes:
+            yield self._refuse(errors.body_too_large(self._pipeline.max_body_bytes))
+        if state.request_mode != _FULL_DUPLEX:
+            yield reply.CONTINUE_REQUEST_HEADERS
+
+    def _request_body(
+        self, state: _Stream, chunk: bytes, *, end_of_stream: bool, trailers: bool = False
+    ) -> Iterator[ProcessingResponse]:
+        if state.head is None or state.routed is not None:
+            # Nothing to decide (body after a decision): let it pass unchanged.
+            if state.request_mode == _FULL_DUPLEX:
+                yield from reply.streamed_request_body(chunk, end_of_stream=end_of_stream)
+            else:
+                yield reply.CONTINUE_REQUEST_BODY
+            return
+        if chunk:
+            state.parts.append(chunk)
+            state.size += len(chunk)
+            if state.size > self._pipeline.max_body_bytes:
+                yield self._refuse(errors.body_too_large(self._pipeline.max_body_bytes))
+        if not end_of_stream:
+            if state.request_mode != _FULL_DUPLEX:
+                yield reply.CONTINUE_REQUEST_BODY  # STREAMED mode: not ours to hold
+            return
+        body = b"".join(state.parts) if len(state.parts) != 1 else state.parts[0]
+        state.parts = []
+        full_duplex = state.request_mode == _FULL_DUPLEX
+        yield self._decide(state, body, in_headers=full_duplex)
+        if full_duplex:
+            # The held body goes back unchanged; with trailers still to come it is not the end.
+            yield from reply.streamed_request_body(body, end_of_stream=not trailers)
+
+    def _decide(
+        self, state: _Stream, body: bytes | None, *, in_headers: bool
+    ) -> ProcessingResponse:
+        assert state.head is not None
+        try:
+            outcome = self._pipeline.route(state.head, body)
+        except Exception:
+            log.exception("routing failed for %s %s", state.head.method, state.head.path)
+            self._metrics.stream_errors.labels("pick_failed").inc()
+            outcome = errors.internal_error()
+        if isinstance(outcome, OpenAIError):
+            return self._refuse(outcome)
+        if isinstance(outcome, LocalAnswer):
+            raise _Immediate(
+                reply.immediate(outcome.status, outcome.body, content_type=outcome.content_type)
+            )
+        state.routed = outcome
+        targets = ",".join(outcome.targets)
+        log.debug(
+            "routed %s %s model=%s strategy=%s to %s",
+            state.head.method,
+            state.head.path,
+            outcome.request.model,
+            outcome.strategy,
+            targets,
+        )
+        return reply.route_in_headers(targets) if in_headers else reply.route_in_body(targets)
+
+    def _refuse(self, error: OpenAIError) -> NoReturn:
+        raise _Immediate(
+            reply.immediate(
+                error.status,
+                error.body(),
+                content_type="application/json",
+                headers=error.headers,
+                details=error.code,
+            )
+        )
+
+    def _response_headers(
+        self, state: _Stream, message: ProcessingRequest
+    ) -> Iterator[ProcessingResponse]:
+        served = _served(message)
+        if served:
+            state.served = served
+        headers = message.response_headers
+        content_type = _header(headers, "content-type")
+        state.usage = UsageReader(sse="text/event-stream" in content_type)
+        yield reply.CONTINUE_RESPONSE_HEADERS
+        if headers.end_of_stream:
+            self._finish(state)
+
+    def _finish(self, state: _Stream) -> None:
+        if state.routed is None or state.finished:
+            return
+        state.finished = True
+        usage = state.usage.result() if state.usage is not None else None
+        self._pipeline.finish(state.routed, served=state.served, usage=usage)
+
+
+class _Immediate(Exception):
+    """Carries an ImmediateResponse out of the message handlers; the stream ends after it."""
+
+    def __init__(self, response: ProcessingResponse) -> None:
+        super().__init__()
+        self.response = response
+
+
+def _read_head(headers: HttpHeaders, subset: frozenset[str] | None) -> RequestHead:
+    values: dict[str, str] = {}
+    for header in headers.headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        values[header.key.lower()] = value
+    return RequestHead(
+        method=values.get(":method", "GET"),
+        path=values.get(":path", "/"),
+        headers=values,
+        subset=subset,
+    )
+
+
+def _header(headers: HttpHeaders, name: str) -> str:
+    for header in headers.headers.headers:
+        if header.key.lower() == name:
+            value: str = header.raw_value.decode("latin-1") if header.raw_value else header.value
+            return value
+    return ""
+
+
+def _subset(message: ProcessingRequest) -> frozenset[str] | None:
+    namespaces = message.metadata_context.filter_metadata
+    if _SUBSET_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[_SUBSET_NAMESPACE].fields
+    if _SUBSET_KEY not in fields:
+        return None
+    return frozenset(v.string_value for v in fields[_SUBSET_KEY].list_value.values)
+
+
+def _served(message: ProcessingRequest) -> str | None:
+    namespaces = message.metadata_context.filter_metadata
+    if "envoy.lb" not in namespaces:
+        return None
+    fields = namespaces["envoy.lb"].fields
+    return fields[_SERVED_KEY].string_value or None if _SERVED_KEY in fields else None

@@ -1,0 +1,59 @@
+"""The immutable view of the pool that every scheduling decision reads.
+
+The state side (discovery, later the metrics collector and KV events) builds a new `Snapshot` and
+swaps it into the `SnapshotStore` whole; the request path only ever reads `store.current`, so a
+decision never sees half an update and never waits for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One model server as the picker sees it."""
+
+    address: str  # "ip:port", exactly what Envoy receives
+    models: frozenset[str] = frozenset()  # base model and adapters it serves
+    ready: bool = False
+    # Why it is not ready, for logs and the debug view.
+    problem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    endpoints: tuple[Endpoint, ...] = ()
+    version: int = 0
+    _by_model: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, endpoints: Iterable[Endpoint], version: int = 0) -> Snapshot:
+        endpoints = tuple(sorted(endpoints, key=lambda e: e.address))
+        by_model: dict[str, list[Endpoint]] = {}
+        for endpoint in endpoints:
+            for model in endpoint.models:
+                by_model.setdefault(model, []).append(endpoint)
+        return cls(endpoints, version, {m: tuple(eps) for m, eps in by_model.items()})
+
+    def serving(self, model: str) -> tuple[Endpoint, ...]:
+        """Endpoints that serve `model`, ready or not."""
+        return self._by_model.get(model, ())
+
+    def models(self) -> list[str]:
+        return sorted(self._by_model)
+
+
+class SnapshotStore:
+    """Holds the current snapshot; replaced whole by the state side, read by requests."""
+
+    def __init__(self, snapshot: Snapshot | None = None) -> None:
+        self._current = snapshot or Snapshot()
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def replace(self, snapshot: Snapshot) -> None:
+        self._current = snapshot

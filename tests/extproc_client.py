@@ -1,0 +1,128 @@
+"""Drive the picker's ext_proc service over real gRPC with the messages Envoy sends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    HttpBody,
+    HttpHeaders,
+    ProcessingRequest,
+    ProcessingResponse,
+    ProtocolConfiguration,
+)
+from google.protobuf.struct_pb2 import Struct
+
+STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
+BUFFERED = ProcessingMode.BUFFERED
+
+
+def request_headers(
+    path: str,
+    *,
+    method: str = "POST",
+    headers: Mapping[str, str] | None = None,
+    end_of_stream: bool = False,
+    mode: int | None = STREAMED,
+    subset: Sequence[str] | None = None,
+) -> ProcessingRequest:
+    values = {":method": method, ":path": path, ":authority": "gateway", **(headers or {})}
+    header_map = HeaderMap(
+        headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+    )
+    message = ProcessingRequest(
+        request_headers=HttpHeaders(headers=header_map, end_of_stream=end_of_stream)
+    )
+    if mode is not None:
+        message.protocol_config.CopyFrom(
+            ProtocolConfiguration(request_body_mode=mode, response_body_mode=mode)  # type: ignore[arg-type]
+        )
+    if subset is not None:
+        hint = Struct()
+        hint.update({"x-gateway-destination-endpoint-subset": list(subset)})
+        message.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb.subset_hint": hint}))
+    return message
+
+
+def request_body(data: bytes, *, end_of_stream: bool) -> ProcessingRequest:
+    return ProcessingRequest(request_body=HttpBody(body=data, end_of_stream=end_of_stream))
+
+
+def response_headers(
+    *, content_type: str = "application/json", served: str | None = None, end_of_stream: bool = False
+) -> ProcessingRequest:
+    header_map = HeaderMap(
+        headers=[
+            HeaderValue(key=":status", raw_value=b"200"),
+            HeaderValue(key="content-type", raw_value=content_type.encode()),
+        ]
+    )
+    message = ProcessingRequest(
+        response_headers=HttpHeaders(headers=header_map, end_of_stream=end_of_stream)
+    )
+    if served is not None:
+        lb = Struct()
+        lb.update({"x-gateway-destination-endpoint-served": served})
+        message.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb": lb}))
+    return message
+
+
+def response_body(data: bytes, *, end_of_stream: bool) -> ProcessingRequest:
+    return ProcessingRequest(response_body=HttpBody(body=data, end_of_stream=end_of_stream))
+
+
+def json_body(payload: Any) -> bytes:
+    return json.dumps(payload).encode()
+
+
+class Stream:
+    """One ext_proc stream, written and read message by message like Envoy does."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._call = ext_proc_grpc.ExternalProcessorStub(channel).Process()
+
+    async def send(self, message: ProcessingRequest) -> None:
+        await self._call.write(message)
+
+    async def receive(self) -> ProcessingResponse:
+        response = await self._call.read()
+        assert response is not grpc.aio.EOF, "the picker closed the stream"
+        assert isinstance(response, ProcessingResponse)
+        return response
+
+    async def ended(self) -> bool:
+        """True when the picker has closed its side (after an ImmediateResponse)."""
+        await self._call.done_writing()
+        return bool(await self._call.read() is grpc.aio.EOF)
+
+    async def close(self) -> None:
+        await self._call.done_writing()
+        self._call.cancel()
+
+
+def destination(response: ProcessingResponse) -> str:
+    """The picked targets from a routing reply; checks header and metadata agree."""
+    kind = response.WhichOneof("response")
+    common = getattr(response, kind).response
+    assert common.clear_route_cache
+    header = {
+        h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers
+    }["x-gateway-destination-endpoint"]
+    metadata = response.dynamic_metadata.fields["envoy.lb"].struct_value.fields[
+        "x-gateway-destination-endpoint"
+    ].string_value
+    assert header == metadata
+    return header
+
+
+def immediate(response: ProcessingResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
+    assert response.WhichOneof("response") == "immediate_response", response
+    reply = response.immediate_response
+    headers = {h.header.key: h.header.raw_value.decode() for h in reply.headers.set_headers}
+    return reply.status.code, headers, json.loads(reply.body)
