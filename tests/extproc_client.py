@@ -55,7 +55,10 @@ def request_body(data: bytes, *, end_of_stream: bool) -> ProcessingRequest:
 
 
 def response_headers(
-    *, content_type: str = "application/json", served: str | None = None, end_of_stream: bool = False
+    *,
+    content_type: str = "application/json",
+    served: str | None = None,
+    end_of_stream: bool = False,
 ) -> ProcessingRequest:
     header_map = HeaderMap(
         headers=[
@@ -114,9 +117,11 @@ def destination(response: ProcessingResponse) -> str:
     header = {
         h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers
     }["x-gateway-destination-endpoint"]
-    metadata = response.dynamic_metadata.fields["envoy.lb"].struct_value.fields[
-        "x-gateway-destination-endpoint"
-    ].string_value
+    metadata = (
+        response.dynamic_metadata.fields["envoy.lb"]
+        .struct_value.fields["x-gateway-destination-endpoint"]
+        .string_value
+    )
     assert header == metadata
     return header
 

@@ -46,7 +46,7 @@ class ModelServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
-        sockets = site._server.sockets if site._server else ()  # noqa: SLF001 - aiohttp API gap
+        sockets = site._server.sockets if site._server else ()
         self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -59,8 +59,10 @@ class ModelServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [{"id": self.model, "object": "model", "owned_by": "vllm"}]
-        data += [{"id": a, "object": "model", "owned_by": "vllm", "parent": self.model}
-                 for a in self.adapters]
+        data += [
+            {"id": a, "object": "model", "owned_by": "vllm", "parent": self.model}
+            for a in self.adapters
+        ]
         return web.json_response({"object": "list", "data": data}, headers=self._tag())
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -75,13 +77,21 @@ class ModelServer:
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         payload = await self._record(request)
-        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
-                 "prompt_tokens_details": {"cached_tokens": 2}}
+        usage = {
+            "prompt_tokens": 7,
+            "completion_tokens": 3,
+            "total_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 2},
+        }
         if not payload.get("stream"):
             return web.json_response(
-                {"id": "cmpl-1", "object": "text_completion", "model": payload["model"],
-                 "choices": [{"index": 0, "text": "a b c", "finish_reason": "length"}],
-                 "usage": usage},
+                {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "model": payload["model"],
+                    "choices": [{"index": 0, "text": "a b c", "finish_reason": "length"}],
+                    "usage": usage,
+                },
                 headers=self._tag(),
             )
         response = web.StreamResponse(headers={**self._tag(), "content-type": "text/event-stream"})
@@ -93,7 +103,9 @@ class ModelServer:
                 await self.hold_stream.wait()
         options = payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
-            await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+            await response.write(
+                f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -101,7 +113,10 @@ class ModelServer:
     async def _embed(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.json_response(
-            {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
-             "usage": {"prompt_tokens": 2, "total_tokens": 2}},
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+                "usage": {"prompt_tokens": 2, "total_tokens": 2},
+            },
             headers=self._tag(),
         )

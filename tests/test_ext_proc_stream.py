@@ -20,8 +20,9 @@ COMPLETION = {"model": "model-a", "prompt": "Hello there", "max_tokens": 5}
 
 def _config(addresses: list[str], **routing: Any) -> Config:
     return Config(
-        server=ServerConfig(host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0,
-                            max_body_bytes=256 * 1024),
+        server=ServerConfig(
+            host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, max_body_bytes=256 * 1024
+        ),
         routing=RoutingConfig(**routing),
         discovery=DiscoveryConfig(models_refresh_seconds=0.2),
         endpoints=tuple(EndpointConfig(a) for a in addresses),
@@ -29,7 +30,9 @@ def _config(addresses: list[str], **routing: Any) -> Config:
 
 
 @pytest.fixture
-async def picker_for() -> AsyncIterator[Callable[..., Awaitable[tuple[PickerServer, grpc.aio.Channel]]]]:
+async def picker_for() -> AsyncIterator[
+    Callable[..., Awaitable[tuple[PickerServer, grpc.aio.Channel]]]
+]:
     running: list[tuple[PickerServer, grpc.aio.Channel]] = []
 
     async def start(addresses: list[str], **routing: Any) -> tuple[PickerServer, grpc.aio.Channel]:
@@ -109,8 +112,10 @@ async def test_buffered_mode_answers_headers_first_and_routes_on_the_body(
     headers_reply = await stream.receive()
     assert headers_reply.WhichOneof("response") == "request_headers"
     assert not headers_reply.request_headers.response.header_mutation.set_headers
-    chat = {"model": "model-a", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "hi"}]}]}
+    chat = {
+        "model": "model-a",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    }
     await stream.send(ep.request_body(ep.json_body(chat), end_of_stream=True))
     body_reply = await stream.receive()
     assert body_reply.WhichOneof("response") == "request_body"
@@ -163,12 +168,25 @@ async def test_requests_go_only_to_endpoints_serving_their_model(
         ({"x-routing-strategy": "fastest"}, ep.json_body(COMPLETION), 400, "invalid_header"),
         ({"routing-strategy": "round-robin:2"}, ep.json_body(COMPLETION), 400, "invalid_header"),
     ],
-    ids=["malformed-json", "json-not-object", "missing-model", "model-not-string",
-         "bad-prompt", "unknown-model", "body-too-large", "content-length-too-large",
-         "unknown-strategy", "unblendable-strategy"],
+    ids=[
+        "malformed-json",
+        "json-not-object",
+        "missing-model",
+        "model-not-string",
+        "bad-prompt",
+        "unknown-model",
+        "body-too-large",
+        "content-length-too-large",
+        "unknown-strategy",
+        "unblendable-strategy",
+    ],
 )
 async def test_bad_requests_get_an_openai_error_and_the_picker_keeps_serving(
-    model_servers: Any, picker_for: Any, headers: dict[str, str], body: bytes, status: int,
+    model_servers: Any,
+    picker_for: Any,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
     code: str,
 ) -> None:
     servers = await _two_servers(model_servers)
@@ -238,8 +256,9 @@ async def test_least_request_counts_open_streams_and_header_overrides_strategy(
     open_streams, busy = [], []
     for _ in range(2):
         stream = ep.Stream(channel)
-        await stream.send(ep.request_headers("/v1/completions",
-                                             headers={"x-routing-strategy": "least-request"}))
+        await stream.send(
+            ep.request_headers("/v1/completions", headers={"x-routing-strategy": "least-request"})
+        )
         await stream.send(ep.request_body(ep.json_body(COMPLETION), end_of_stream=True))
         busy.append(ep.destination(await stream.receive()).split(",")[0])
         open_streams.append(stream)
@@ -288,7 +307,10 @@ async def test_health_reports_liveness_readiness_and_ext_proc(
 
 
 async def _route(
-    channel: grpc.aio.Channel, payload: Any, *, headers: dict[str, str] | None = None,
+    channel: grpc.aio.Channel,
+    payload: Any,
+    *,
+    headers: dict[str, str] | None = None,
     subset: list[str] | None = None,
 ) -> list[str]:
     stream = ep.Stream(channel)

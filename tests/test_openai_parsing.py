@@ -1,0 +1,136 @@
+"""Parsing OpenAI-style bodies: every prompt shape, and every way a body can be wrong."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from extproc.request.errors import OpenAIError
+from extproc.request.openai import Api, ParsedRequest, Prompt, parse_request
+
+
+def _parse(path: str, payload: Any) -> ParsedRequest:
+    parsed = parse_request(path, json.dumps(payload).encode())
+    assert isinstance(parsed, ParsedRequest), parsed
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("Hello", Prompt(texts=("Hello",))),
+        (["a", "b"], Prompt(texts=("a", "b"))),
+        ([1, 2, 3], Prompt(token_ids=((1, 2, 3),))),
+        ([[1, 2], [3]], Prompt(token_ids=((1, 2), (3,)))),
+    ],
+    ids=["string", "list-of-strings", "token-ids", "batch-of-token-ids"],
+)
+def test_completion_prompt_shapes(prompt: Any, expected: Prompt) -> None:
+    parsed = _parse("/v1/completions", {"model": "m", "prompt": prompt})
+    assert parsed.api is Api.COMPLETIONS
+    assert parsed.prompt == expected
+
+
+def test_chat_messages_with_string_and_part_lists() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+        },
+    ]
+    parsed = _parse(
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": messages,
+            "stream": True,
+            "max_completion_tokens": 9,
+            "user": "u1",
+        },
+    )
+    assert (parsed.api, parsed.model, parsed.stream, parsed.max_tokens, parsed.user) == (
+        Api.CHAT,
+        "m",
+        True,
+        9,
+        "u1",
+    )
+    assert parsed.prompt.messages == tuple(messages)
+    assert parsed.prompt.approx_chars() == len("Be brief.") + len("Hi there")
+
+
+def test_embeddings_and_query_strings() -> None:
+    parsed = _parse("/v1/embeddings?x=1", {"model": "e", "input": ["a", "bc"]})
+    assert parsed.api is Api.EMBEDDINGS
+    assert parsed.prompt.texts == ("a", "bc")
+
+
+def test_other_paths_pass_through_and_keep_a_model_if_named() -> None:
+    other = parse_request("/v1/responses", b'{"model": "m", "input": "x"}')
+    assert isinstance(other, ParsedRequest)
+    assert (other.api, other.model) == (Api.OTHER, "m")
+    raw = parse_request("/upload", b"\x00\x01 not json")
+    assert isinstance(raw, ParsedRequest) and raw.model is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "param"),
+    [
+        ("/v1/completions", b"{", 400, "invalid_json", None),
+        ("/v1/completions", b"\xff\xfe", 400, "invalid_json", None),
+        ("/v1/completions", b'"just a string"', 400, "invalid_json", None),
+        ("/v1/completions", b'{"prompt": "x"}', 400, "missing_model", "model"),
+        ("/v1/completions", b'{"model": "", "prompt": "x"}', 400, "missing_model", "model"),
+        ("/v1/completions", b'{"model": ["m"], "prompt": "x"}', 400, "invalid_value", "model"),
+        ("/v1/completions", b'{"model": "m"}', 400, "invalid_value", "prompt"),
+        ("/v1/completions", b'{"model": "m", "prompt": [1, "a"]}', 400, "invalid_value", "prompt"),
+        ("/v1/completions", b'{"model": "m", "prompt": [-1]}', 400, "invalid_value", "prompt"),
+        (
+            "/v1/completions",
+            b'{"model": "m", "prompt": "x", "max_tokens": "9"}',
+            400,
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            b'{"model": "m", "prompt": "x", "stream": "yes"}',
+            400,
+            "invalid_value",
+            "stream",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "m", "messages": []}',
+            400,
+            "invalid_value",
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "m", "messages": [{"content": "x"}]}',
+            400,
+            "invalid_value",
+            "messages[0]",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "m", "messages": [{"role": "user", "content": 5}]}',
+            400,
+            "invalid_value",
+            "messages[0].content",
+        ),
+        ("/v1/embeddings", b'{"model": "m", "input": {}}', 400, "invalid_value", "input"),
+    ],
+)
+def test_bad_bodies_name_the_problem(
+    path: str, body: bytes, status: int, code: str, param: str | None
+) -> None:
+    error = parse_request(path, body)
+    assert isinstance(error, OpenAIError)
+    assert (error.status, error.code, error.param) == (status, code, param)
+    envelope = json.loads(error.body())
+    assert set(envelope["error"]) == {"message", "type", "param", "code"}
