@@ -31,12 +31,19 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+def _key(default: Any, doc: str, *, minimum: float | None = None) -> Any:
+    """A config key: its default, the sentence the reference prints, and a lower bound."""
+    return field(default=default, metadata={"doc": doc, "min": minimum})
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
-    """One model server. `models` lists what it serves; empty means learn it from /v1/models."""
+    """One model server."""
 
-    address: str
-    models: tuple[str, ...] = ()
+    address: str = field(metadata={"doc": "`ip:port` of the model server, as Envoy reaches it."})
+    models: tuple[str, ...] = _key(
+        (), "Models it serves (base and adapters); learned from its `/v1/models` as well."
+    )
 
     def __post_init__(self) -> None:
         host, sep, port = self.address.rpartition(":")
@@ -46,32 +53,57 @@ class EndpointConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
-    grpc_port: int = 9002
-    health_port: int = 9003
-    metrics_port: int = 9090
-    # Bodies above this are refused with 413 before they are parsed.
-    max_body_bytes: int = 8 * 1024 * 1024
-    # Used only when Envoy does not announce its body mode in `protocol_config` (Envoy < 1.34).
-    default_body_mode: BodyMode = "streamed"
-    shutdown_grace_seconds: float = 5.0
+    """The picker's listeners and limits."""
+
+    host: str = _key("0.0.0.0", "Address all listeners bind to.")
+    grpc_port: int = _key(9002, "ext_proc gRPC port (0 picks a free one).", minimum=0)
+    health_port: int = _key(9003, "gRPC health port.", minimum=0)
+    metrics_port: int = _key(9090, "Prometheus `/metrics` port.", minimum=0)
+    max_body_bytes: int = _key(
+        8 * 1024 * 1024, "Request bodies above this are refused with 413.", minimum=1
+    )
+    default_body_mode: BodyMode = _key(
+        "streamed",
+        "Body mode assumed when Envoy does not announce one in `protocol_config` (Envoy < 1.34).",
+    )
+    shutdown_grace_seconds: float = _key(
+        5.0, "On SIGTERM, how long open streams may take to finish.", minimum=0
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    strategy: str = "least-request"
-    # How many further endpoints follow the pick in the fallback list Envoy walks on retries.
-    fallbacks: int = 2
-    # Request headers that may override the strategy per request (AIBrix uses `routing-strategy`).
-    strategy_headers: tuple[str, ...] = ("x-routing-strategy", "routing-strategy")
-    retry_after_seconds: int = 1
+    """How endpoints are chosen."""
+
+    strategy: str = _key(
+        "least-request",
+        "Default strategy: `random`, `round-robin`, `least-request`, or a blend like "
+        "`least-request:2`.",
+    )
+    fallbacks: int = _key(
+        2,
+        "Endpoints after the pick in the list Envoy walks on retries (0: one address).",
+        minimum=0,
+    )
+    strategy_headers: tuple[str, ...] = _key(
+        ("x-routing-strategy", "routing-strategy"),
+        "Request headers that override the strategy per request, first match wins.",
+    )
+    retry_after_seconds: int = _key(1, "`Retry-After` sent with 503 answers.", minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
-    # How often each endpoint's /v1/models is read to learn its base model and adapters.
-    models_refresh_seconds: float = 5.0
-    request_timeout_seconds: float = 2.0
+    """How the picker learns what each endpoint serves."""
+
+    models_refresh_seconds: float = _key(
+        5.0, "How often each endpoint's `/v1/models` is read.", minimum=0.05
+    )
+    request_timeout_seconds: float = _key(
+        2.0,
+        "Timeout of one `/v1/models` read; a failure marks the endpoint not ready.",
+        minimum=0.01,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +111,36 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
-    endpoints: tuple[EndpointConfig, ...] = ()
+    endpoints: tuple[EndpointConfig, ...] = field(
+        default=(), metadata={"doc": "Static list of model servers (or `--endpoints`)."}
+    )
 
 
-_MINIMUMS: dict[str, float] = {
-    "server.grpc_port": 0,
-    "server.health_port": 0,
-    "server.metrics_port": 0,
-    "server.max_body_bytes": 1,
-    "server.shutdown_grace_seconds": 0,
-    "routing.fallbacks": 0,
-    "routing.retry_after_seconds": 0,
-    "discovery.models_refresh_seconds": 0.05,
-    "discovery.request_timeout_seconds": 0.01,
-}
+def reference_markdown() -> str:
+    """The configuration reference, generated from the schema above (docs/configuration.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `extproc/config.py` by `extproc.config.reference_markdown()`; a test "
+        "keeps this file equal to it. Pass the file with `extproc serve --config FILE`; flags "
+        "override it.",
+    ]
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        section = hints[f.name]
+        if typing.get_origin(section) is tuple:
+            section = typing.get_args(section)[0]
+            lines += ["", f"## `{f.name}` (a list)", "", f.metadata.get("doc", "")]
+        else:
+            lines += ["", f"## `{f.name}`", "", (section.__doc__ or "").strip()]
+        lines += ["", "| key | type | default | meaning |", "|---|---|---|---|"]
+        section_hints = typing.get_type_hints(section)
+        for key in dataclasses.fields(section):
+            default = "required" if key.default is dataclasses.MISSING else f"`{key.default!r}`"
+            hint = section_hints[key.name]
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            lines.append(f"| `{key.name}` | `{kind}` | {default} | {key.metadata.get('doc', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_config(
@@ -135,9 +183,11 @@ def build(cls: type[Any], data: Any, path: str) -> Any:
         hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
         raise ConfigError(_join(path, key), f"unknown key{hint}")
     values: dict[str, Any] = {}
-    for name in fields:
+    for name, spec in fields.items():
         if name in data:
-            values[name] = _convert(hints[name], data[name], _join(path, name))
+            values[name] = _convert(
+                hints[name], data[name], _join(path, name), spec.metadata.get("min")
+            )
     try:
         return cls(**values)
     except ConfigError as exc:
@@ -149,7 +199,7 @@ def build(cls: type[Any], data: Any, path: str) -> Any:
         raise
 
 
-def _convert(hint: Any, value: Any, path: str) -> Any:
+def _convert(hint: Any, value: Any, path: str, bound: float | None = None) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return build(typing.cast(type[Any], hint), value, path)
@@ -178,11 +228,10 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if hint is int:
             ok = ok and float(value).is_integer()
-        minimum = _MINIMUMS.get(path)
-        if not ok or (minimum is not None and value < minimum):
+        if not ok or (bound is not None and value < bound):
             kind = "an integer" if hint is int else "a number"
-            bound = f" >= {minimum:g}" if minimum is not None else ""
-            raise ConfigError(path, f"expected {kind}{bound}, got {_show(value)}")
+            at_least = f" >= {bound:g}" if bound is not None else ""
+            raise ConfigError(path, f"expected {kind}{at_least}, got {_show(value)}")
         return hint(value)
     if hint is str:
         if not isinstance(value, str) or not value:

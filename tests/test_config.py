@@ -83,3 +83,14 @@ def test_serve_exits_non_zero_on_config_errors(args: list[str], message: str) ->
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_configuration_reference_is_generated_from_the_schema() -> None:
+    from extproc.config import reference_markdown
+
+    docs = Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert docs.read_text() == reference_markdown(), (
+        "docs/configuration.md is stale: regenerate it with "
+        "`python -c 'from extproc.config import reference_markdown as r; print(r(), end=\"\")'"
+        " > docs/configuration.md`"
+    )
