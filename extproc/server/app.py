@@ -40,7 +40,7 @@ class _ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: igno
     def __init__(self, handler: StreamHandler) -> None:
         self._handler = handler
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self,
         request_iterator: AsyncIterator[ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],

@@ -1,0 +1,44 @@
+"""`extproc bench NAME`: each benchmark prints a table and writes its report under --output."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    overhead = sub.add_parser(
+        "overhead", help="latency and throughput the picker adds, beside Envoy alone"
+    )
+    overhead.add_argument("--quick", action="store_true", help="short phases (about 30 s)")
+    overhead.add_argument("--rate", type=float, default=200.0, help="open-loop req/s per path")
+    overhead.add_argument("--strategy", default="least-request")
+    overhead.add_argument("--output", type=Path, default=Path("reports"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "overhead":
+        from extproc.bench.overhead import OverheadOptions, run_overhead, write_report
+
+        options = (
+            OverheadOptions.quick(args.output)
+            if args.quick
+            else OverheadOptions(output=args.output)
+        )
+        options = OverheadOptions(
+            **{**_fields(options), "rate": args.rate, "strategy": args.strategy}
+        )
+        print(f"extproc bench overhead: {options}", flush=True)
+        report = run_overhead(options)
+        print(report.table())
+        print(f"\nreport written to {write_report(report, options.output)}")
+        return 0
+    raise AssertionError(args.bench)
+
+
+def _fields(options: object) -> dict[str, object]:
+    from dataclasses import asdict, is_dataclass
+
+    assert is_dataclass(options) and not isinstance(options, type)
+    return asdict(options)

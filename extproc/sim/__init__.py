@@ -1,0 +1,13 @@
+"""A simulated vLLM fleet: N servers in one asyncio process, each with vLLM's HTTP surface, a
+discrete-step engine (continuous batching, chunked prefill, a block-level prefix cache with
+vLLM's exact hashes, preemption, LoRA), vLLM's metrics and KV-cache events over ZMQ.
+
+Modules, bottom up: `profiles` (step-time tables), `cache` (the KV block pool), `engine` (the
+step loop), `metrics`, `events` (ZMQ publisher and replay), `faults`, `server` (HTTP), `fleet`
+(many servers and the library entry point), `cli` (`extproc sim`). This package imports only
+`extproc.prefix` from the rest of extproc, so the picker's hashes and ours agree by construction.
+"""
+
+from extproc.sim.fleet import ServerHandle, SimConfig, SimFleet
+
+__all__ = ["ServerHandle", "SimConfig", "SimFleet"]

@@ -1,0 +1,128 @@
+"""Step-time profiles: how long one engine iteration takes for a given batch.
+
+A step's time is `linear(tokens in the step) + attention + overhead`:
+- `linear`: the per-iteration time of a 7-8B model's linear layers at tensor parallel 1, from the
+  Vidur simulator's profiles (as tabulated in shared/reference/vllm-interfaces.md), interpolated
+  piecewise-linearly between the measured token counts and extrapolated with the last slope.
+- `attention`: decode attention is memory-bound, so it reads every context token's KV once:
+  `context_tokens * kv_bytes_per_token / hbm_bandwidth`. Prefill attention is compute-bound:
+  `4 * layers * hidden * q * (c0 + q/2)` FLOPs for q new tokens after c0 cached ones, at
+  `attention_flops` (datasheet dense BF16 peak times an assumed 50% efficiency).
+- `overhead_ms`: scheduler and sampling CPU time per step: an assumption (1 ms), not a measurement.
+
+Llama-3-8B shapes: 32 layers, hidden 4096, 8 KV heads of 128 -> 2*32*8*128*2 bytes = 128 KiB of
+KV per token, 2 MiB per 16-token block. Each number is in docs/simulator.md with its source.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Final
+
+LLAMA3_8B_LAYERS: Final = 32
+LLAMA3_8B_HIDDEN: Final = 4096
+LLAMA3_8B_KV_BYTES_PER_TOKEN: Final = 2 * LLAMA3_8B_LAYERS * 8 * 128 * 2  # K and V, bf16
+LLAMA3_8B_WEIGHT_BYTES: Final = 16_060_000_000  # 8.03e9 parameters in bf16
+GIB: Final = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class StepProfile:
+    """One model on one GPU type. Times in seconds of simulated time."""
+
+    name: str
+    description: str
+    linear_ms: tuple[tuple[int, float], ...]  # (tokens in the step, ms), increasing tokens
+    hbm_bytes_per_s: float
+    attention_flops: float
+    overhead_ms: float
+    gpu_memory_bytes: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int = 131_072
+    layers: int = LLAMA3_8B_LAYERS
+    hidden: int = LLAMA3_8B_HIDDEN
+    kv_bytes_per_token: int = LLAMA3_8B_KV_BYTES_PER_TOKEN
+    weight_bytes: int = LLAMA3_8B_WEIGHT_BYTES
+    activation_reserve_bytes: int = 2 * GIB  # activations + CUDA graphs: an estimate
+    gpu_memory_utilization: float = 0.92
+
+    def linear_seconds(self, tokens: int) -> float:
+        points = self.linear_ms
+        xs = [p[0] for p in points]
+        if tokens <= xs[0]:
+            return points[0][1] / 1000.0
+        i = bisect_left(xs, tokens)
+        if i >= len(points):
+            (x0, y0), (x1, y1) = points[-2], points[-1]
+        else:
+            (x0, y0), (x1, y1) = points[i - 1], points[i]
+        return (y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)) / 1000.0
+
+    def step_seconds(
+        self, *, tokens: int, decode_context_tokens: int, prefill_attention_units: float
+    ) -> float:
+        """Time of a step computing `tokens` tokens in all.
+
+        `decode_context_tokens`: the summed context length of the decoding sequences.
+        `prefill_attention_units`: sum over prefill chunks of `q * (c0 + q / 2)`.
+        """
+        if tokens <= 0:
+            return 0.0
+        decode_attn = decode_context_tokens * self.kv_bytes_per_token / self.hbm_bytes_per_s
+        prefill_attn = (
+            4.0 * self.layers * self.hidden * prefill_attention_units / self.attention_flops
+        )
+        return self.linear_seconds(tokens) + decode_attn + prefill_attn + self.overhead_ms / 1000
+
+    def num_gpu_blocks(self, block_size: int = 16) -> int:
+        """KV blocks that fit beside the weights, as vLLM's memory profiling would find."""
+        free = (
+            self.gpu_memory_bytes * self.gpu_memory_utilization
+            - self.weight_bytes
+            - self.activation_reserve_bytes
+        )
+        return max(1, int(free // (self.kv_bytes_per_token * block_size)))
+
+
+# Vidur profiles (vllm-interfaces.md): Llama-3-8B on A100, Llama-2-7B on H100 (same width and
+# depth as Llama-3-8B apart from the larger vocabulary and GQA, so used for the 8B on H100).
+_A100_LINEAR: Final = ((1, 9.7), (32, 10.9), (128, 13.2), (512, 34.6), (2048, 141.8), (4096, 272.9))
+_H100_LINEAR: Final = ((1, 5.6), (32, 5.8), (128, 6.4), (512, 12.0), (2048, 40.5), (4096, 82.9))
+
+PROFILES: Final[dict[str, StepProfile]] = {
+    "a100-8b": StepProfile(
+        name="a100-8b",
+        description="Llama-3-8B class model on one A100-SXM4-80GB",
+        linear_ms=_A100_LINEAR,
+        hbm_bytes_per_s=2.039e12,  # A100 80GB SXM datasheet
+        attention_flops=312e12 * 0.5,  # datasheet dense BF16 x assumed 50% efficiency
+        overhead_ms=1.0,
+        gpu_memory_bytes=80 * GIB,
+        # vLLM engine/arg_utils.py defaults for A100 and smaller GPUs.
+        max_num_batched_tokens=2048,
+        max_num_seqs=256,
+    ),
+    "h100-8b": StepProfile(
+        name="h100-8b",
+        description="Llama-3-8B class model on one H100-SXM5-80GB",
+        linear_ms=_H100_LINEAR,
+        hbm_bytes_per_s=3.35e12,  # H100 SXM datasheet
+        attention_flops=989e12 * 0.5,  # datasheet dense BF16 x assumed 50% efficiency
+        overhead_ms=1.0,
+        gpu_memory_bytes=80 * GIB,
+        # vLLM engine/arg_utils.py defaults for H100/H200-class GPUs.
+        max_num_batched_tokens=8192,
+        max_num_seqs=1024,
+    ),
+}
+
+
+def get_profile(name: str) -> StepProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
+        ) from None

@@ -1,0 +1,73 @@
+"""Fixtures for the end-to-end tests; the machinery is in `harness.py`.
+
+Session-scoped: one fleet of backends (two serve model-a, one model-b), one picker in front of
+them, and one Envoy per body mode in front of that picker. Tests that need their own processes
+(failure modes, fallbacks) start them with the harness' context managers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from extproc.config import BodyMode
+
+from .harness import MODEL_A, MODEL_B, Fleet, Picker, Stack, run_envoy, run_picker
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-logs")
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Iterator[Fleet]:
+    """Two backends serving model-a, one serving model-b."""
+    fleet = Fleet()
+    for model in (MODEL_A, MODEL_A, MODEL_B):
+        fleet.start(model)
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture
+def own_fleet() -> Iterator[Fleet]:
+    """An empty fleet for a test that starts and stops its own backends."""
+    fleet = Fleet()
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture(scope="session")
+def addresses(fleet: Fleet) -> list[str]:
+    return [b.address for b in fleet.backends]
+
+
+@pytest.fixture(scope="session")
+def picker(logs: Path, addresses: list[str]) -> Iterator[Picker]:
+    with run_picker(logs, addresses, extra=["--max-body-bytes", "1000000"]) as picker:
+        yield picker
+
+
+@pytest.fixture(scope="session")
+def stacks(logs: Path, addresses: list[str], picker: Picker) -> Iterator[dict[BodyMode, Stack]]:
+    """One Envoy per body mode in front of the shared picker (it serves both)."""
+    with (
+        run_envoy(
+            logs, extproc=picker.address, endpoints=addresses, picker=picker, body_mode="streamed"
+        ) as streamed,
+        run_envoy(
+            logs, extproc=picker.address, endpoints=addresses, picker=picker, body_mode="buffered"
+        ) as buffered,
+    ):
+        yield {"streamed": streamed, "buffered": buffered}
+
+
+@pytest.fixture(params=["streamed", "buffered"])
+def stack(request: pytest.FixtureRequest, stacks: dict[BodyMode, Stack]) -> Stack:
+    mode: BodyMode = request.param
+    return stacks[mode]
