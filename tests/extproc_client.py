@@ -58,6 +58,7 @@ def response_headers(
     *,
     content_type: str = "application/json",
     served: str | None = None,
+    upstream_address: str | None = None,
     end_of_stream: bool = False,
 ) -> ProcessingRequest:
     header_map = HeaderMap(
@@ -73,6 +74,11 @@ def response_headers(
         lb = Struct()
         lb.update({"x-gateway-destination-endpoint-served": served})
         message.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb": lb}))
+    if upstream_address is not None:
+        # What Envoy 1.40 sends when asked for response_attributes: [upstream.address].
+        message.attributes["envoy.filters.http.ext_proc"].update(
+            {"upstream.address": upstream_address}
+        )
     return message
 
 

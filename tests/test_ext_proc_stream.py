@@ -273,15 +273,19 @@ async def test_least_request_counts_open_streams_and_header_overrides_strategy(
     await _until(lambda: picker.inflight.total() == 0)
 
 
-async def test_served_endpoint_is_read_back(model_servers: Any, picker_for: Any) -> None:
+@pytest.mark.parametrize("source", ["metadata", "attribute"])
+async def test_served_endpoint_is_read_back(
+    model_servers: Any, picker_for: Any, source: str
+) -> None:
     servers = await _two_servers(model_servers)
     picker, channel = await picker_for([s.address for s in servers])
     stream = ep.Stream(channel)
     await stream.send(ep.request_headers("/v1/completions"))
     await stream.send(ep.request_body(ep.json_body(COMPLETION), end_of_stream=True))
-    primary, fallback = ep.destination(await stream.receive()).split(",")
+    _, fallback = ep.destination(await stream.receive()).split(",")
     await stream.receive()  # the echoed body
-    await stream.send(ep.response_headers(served=fallback, end_of_stream=True))
+    where = {"served": fallback} if source == "metadata" else {"upstream_address": fallback}
+    await stream.send(ep.response_headers(**where, end_of_stream=True))
     await stream.receive()
     await stream.close()
     metrics = _metrics(picker)

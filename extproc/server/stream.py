@@ -37,6 +37,8 @@ _BUFFERED = ProcessingMode.BUFFERED
 _SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 _SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 _SERVED_KEY = "x-gateway-destination-endpoint-served"
+_EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+_UPSTREAM_ADDRESS = "upstream.address"
 
 
 @dataclass(slots=True)
@@ -254,8 +256,16 @@ def _subset(message: ProcessingRequest) -> frozenset[str] | None:
 
 
 def _served(message: ProcessingRequest) -> str | None:
+    """The endpoint that answered, after Envoy's retries: the protocol's metadata key when the
+    data plane writes it, else the `upstream.address` attribute (all Envoy 1.40 can give)."""
     namespaces = message.metadata_context.filter_metadata
-    if "envoy.lb" not in namespaces:
-        return None
-    fields = namespaces["envoy.lb"].fields
-    return fields[_SERVED_KEY].string_value or None if _SERVED_KEY in fields else None
+    if "envoy.lb" in namespaces:
+        fields = namespaces["envoy.lb"].fields
+        if _SERVED_KEY in fields and fields[_SERVED_KEY].string_value:
+            return str(fields[_SERVED_KEY].string_value)
+    attributes = message.attributes
+    if _EXT_PROC_ATTRIBUTES in attributes:
+        fields = attributes[_EXT_PROC_ATTRIBUTES].fields
+        if _UPSTREAM_ADDRESS in fields and fields[_UPSTREAM_ADDRESS].string_value:
+            return str(fields[_UPSTREAM_ADDRESS].string_value)
+    return None

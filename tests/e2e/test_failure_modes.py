@@ -163,6 +163,8 @@ async def test_retries_walk_the_fallback_list(logs: Path, own_fleet: Fleet) -> N
                         assert response.status == 200, (await response.read(), stack.logs())
                         assert response.headers["x-backend"] == str(survivor.port)
                         attempts.append(int(response.headers["x-envoy-attempt-count"]))
+            # The picker learns from Envoy which endpoint really served (upstream.address).
+            await _until_fallbacks_counted(picker.metrics_port, attempts.count(2))
     assert set(attempts) == {1, 2}, attempts
     primaries = [
         r.headers["x-gateway-destination-endpoint"].split(",")[0]
@@ -171,3 +173,25 @@ async def test_retries_walk_the_fallback_list(logs: Path, own_fleet: Fleet) -> N
     # Every request the survivor got as a retry named the dead server first.
     retried = [p for p, a in zip(primaries, attempts, strict=True) if a == 2]
     assert retried and set(retried) == {doomed.address}
+
+
+async def _until_fallbacks_counted(metrics_port: int, expected: int) -> None:
+    """The response path's last message may reach the picker just after the client's reply."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    seen = None
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            async with session.get(url) as response:
+                text = await response.text()
+            seen = next(
+                (
+                    float(line.split()[-1])
+                    for line in text.splitlines()
+                    if line.startswith("extproc_fallback_served_requests_total")
+                ),
+                None,
+            )
+            if seen == expected:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"picker counted {seen} fallback-served requests, expected {expected}")
