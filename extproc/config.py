@@ -69,6 +69,12 @@ class ServerConfig:
     shutdown_grace_seconds: float = _key(
         5.0, "On SIGTERM, how long open streams may take to finish.", minimum=0
     )
+    response_observer_timeout_seconds: float = _key(
+        900.0,
+        "With Envoy's response observer filter: how long a routed request may wait for its "
+        "response before its in-flight count is released anyway.",
+        minimum=1,
+    )
 
 
 @dataclass(frozen=True, slots=True)

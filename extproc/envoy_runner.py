@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 # original-dst: one address from the x-gateway-destination-endpoint header
 # (envoy/envoy-original-dst.yaml).
 Variant = Literal["override-host", "original-dst"]
+# observer: responses go to a second ext_proc filter in observability mode (no added latency).
+# inline: responses come back on the routing stream, as the endpoint-picker protocol describes.
+ResponsePath = Literal["observer", "inline"]
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATES: dict[Variant, str] = {
@@ -48,6 +51,13 @@ TEMPLATES: dict[Variant, str] = {
 }
 
 _EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+_OBSERVER_FILTER = "extproc.response_observer"
+# The routing filter's response phases when the observer takes the response.
+_OBSERVED = {
+    "response_header_mode": "SKIP",
+    "response_body_mode": "NONE",
+    "response_trailer_mode": "SKIP",
+}
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
 # ext_proc processing modes per body mode. Streamed is what the endpoint-picker protocol asks for
@@ -88,6 +98,7 @@ def render_bootstrap(
     body_mode: BodyMode = "streamed",
     message_timeout_ms: int = 10_000,
     variant: Variant = "override-host",
+    response_path: ResponsePath = "observer",
     access_log: bool = True,
     template: Path | None = None,
 ) -> str:
@@ -115,6 +126,12 @@ def render_bootstrap(
     ext_proc = _named(hcm["http_filters"], _EXT_PROC_FILTER)["typed_config"]
     ext_proc["failure_mode_allow"] = failure_mode == "FailOpen"
     ext_proc["processing_mode"] = dict(_PROCESSING_MODES[body_mode])
+    _check_choice("response_path", response_path, ResponsePath)
+    has_observer = any(f.get("name") == _OBSERVER_FILTER for f in hcm["http_filters"])
+    if response_path == "observer" and has_observer:
+        ext_proc["processing_mode"].update(_OBSERVED)
+    elif has_observer:
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != _OBSERVER_FILTER]
     ext_proc["message_timeout"] = f"{message_timeout_ms / 1000:g}s"
 
     clusters = config["static_resources"]["clusters"]
@@ -330,6 +347,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override-host (fallback list, default) or original-dst (one address in a header)",
     )
     parser.add_argument(
+        "--response-path",
+        choices=get_args(ResponsePath),
+        default="observer",
+        help="observer (responses to a non-blocking observer filter, default) or inline (on the "
+        "routing stream, as the endpoint-picker protocol describes)",
+    )
+    parser.add_argument(
         "--message-timeout-ms",
         type=int,
         default=10_000,
@@ -358,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
             body_mode=args.body_mode,
             message_timeout_ms=args.message_timeout_ms,
             variant=args.variant,
+            response_path=args.response_path,
             access_log=not args.no_access_log,
         )
     except (ValueError, OSError) as exc:

@@ -68,9 +68,14 @@ def test_rendered_config_is_valid(
     _validate(path)
 
 
-def _ext_proc(config: dict[str, Any]) -> dict[str, Any]:
+def _http_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    filters = hcm["typed_config"]["http_filters"]
+    filters: list[dict[str, Any]] = hcm["typed_config"]["http_filters"]
+    return filters
+
+
+def _ext_proc(config: dict[str, Any]) -> dict[str, Any]:
+    filters = _http_filters(config)
     (ext_proc,) = [f for f in filters if f["name"] == "envoy.filters.http.ext_proc"]
     typed: dict[str, Any] = ext_proc["typed_config"]
     return typed
@@ -97,8 +102,16 @@ def test_rendered_settings_land_where_envoy_reads_them() -> None:
     assert ext_proc["failure_mode_allow"] is True
     assert ext_proc["message_timeout"] == "1.5s"
     assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
-    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == [
+        "envoy.lb",
+        "extproc",
+    ]
     assert "envoy.lb" in ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"]
+    # By default the response goes to the observer filter, which the routing filter feeds.
+    assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"
+    names = [f["name"] for f in _http_filters(config)]
+    assert names.index("extproc.response_observer") < names.index("envoy.filters.http.ext_proc")
+
     picker = _cluster(config, "extproc")
     assert picker["type"] == "STRICT_DNS"  # a name, not an IP
     pool = _cluster(config, "pool")
@@ -142,3 +155,11 @@ def test_print_config_writes_the_rendered_bootstrap(capsys: pytest.CaptureFixtur
     config = yaml.safe_load(capsys.readouterr().out)
     listener = config["static_resources"]["listeners"][0]
     assert listener["address"]["socket_address"]["port_value"] == 10001
+
+
+def test_inline_response_path_drops_the_observer() -> None:
+    config = yaml.safe_load(envoy_runner.render_bootstrap(response_path="inline"))
+    assert "extproc.response_observer" not in [f["name"] for f in _http_filters(config)]
+    modes = _ext_proc(config)["processing_mode"]
+    assert modes["response_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert modes["response_header_mode"] == "SEND"

@@ -78,7 +78,10 @@ class PickerServer:
     async def start(self) -> None:
         server = self.config.server
         handler = StreamHandler(
-            self.pipeline, self.metrics, default_body_mode=server.default_body_mode
+            self.pipeline,
+            self.metrics,
+            default_body_mode=server.default_body_mode,
+            awaiting_response_seconds=server.response_observer_timeout_seconds,
         )
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(

@@ -21,6 +21,8 @@ from google.protobuf.struct_pb2 import Struct
 
 DESTINATION = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
+OWN_NAMESPACE = "extproc"
+REQUEST_ID = "request-id"
 # Envoy takes at most ~64 KiB per streamed body message; stay under it as the reference does.
 CHUNK = 62_000
 
@@ -35,7 +37,7 @@ REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse())
 RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 
 
-def _routing(targets: str) -> tuple[CommonResponse, Struct]:
+def _routing(targets: str, request_id: str) -> tuple[CommonResponse, Struct]:
     mutation = HeaderMutation(
         set_headers=[
             HeaderValueOption(
@@ -46,20 +48,22 @@ def _routing(targets: str) -> tuple[CommonResponse, Struct]:
     )
     metadata = Struct()
     metadata.get_or_create_struct(LB_NAMESPACE)[DESTINATION] = targets
+    # Names the request for the response observer (a second ext_proc filter), if Envoy has one.
+    metadata.get_or_create_struct(OWN_NAMESPACE)[REQUEST_ID] = request_id
     return CommonResponse(header_mutation=mutation, clear_route_cache=True), metadata
 
 
-def route_in_headers(targets: str) -> ProcessingResponse:
+def route_in_headers(targets: str, *, request_id: str) -> ProcessingResponse:
     """The answer to the request headers: destination header, envoy.lb metadata, new route."""
-    common, metadata = _routing(targets)
+    common, metadata = _routing(targets, request_id)
     return ProcessingResponse(
         request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
     )
 
 
-def route_in_body(targets: str) -> ProcessingResponse:
+def route_in_body(targets: str, *, request_id: str) -> ProcessingResponse:
     """The same answer given on the body, for BUFFERED mode where headers were answered first."""
-    common, metadata = _routing(targets)
+    common, metadata = _routing(targets, request_id)
     return ProcessingResponse(request_body=BodyResponse(response=common), dynamic_metadata=metadata)
 
 

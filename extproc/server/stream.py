@@ -6,11 +6,20 @@ In FULL_DUPLEX_STREAMED mode the reply to the request headers is held until the 
 only then can the body be parsed and the endpoint picked. In BUFFERED mode Envoy wants the headers
 answered first, so the decision rides on the body reply instead. Header-only requests are routed
 on their headers.
+
+The response can come back on the same stream (the protocol's shape), or, with the bundled Envoy
+config, on a second stream from an ext_proc filter in observability mode: Envoy then does not wait
+for the picker on the response path at all. The routing stream names the request in dynamic
+metadata (`extproc` / `request-id`); the observer stream carries that name back, and the decision
+waits in `_Awaiting` between the two.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -39,6 +48,9 @@ _SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 _SERVED_KEY = "x-gateway-destination-endpoint-served"
 _EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 _UPSTREAM_ADDRESS = "upstream.address"
+_OWN_NAMESPACE = "extproc"
+_REQUEST_ID = "request-id"
+_NONE = ProcessingMode.NONE
 
 
 @dataclass(slots=True)
@@ -54,17 +66,29 @@ class _Stream:
     served: str | None = None
     usage: UsageReader | None = None
     finished: bool = False
+    request_id: str = ""
+    # True on an observability-mode stream: Envoy does not read replies, so none are sent.
+    observer: bool = False
 
 
 class StreamHandler:
     """Turns ext_proc messages into pipeline calls, and pipeline answers into Envoy replies."""
 
     def __init__(
-        self, pipeline: Pipeline, metrics: PickerMetrics, *, default_body_mode: BodyMode
+        self,
+        pipeline: Pipeline,
+        metrics: PickerMetrics,
+        *,
+        default_body_mode: BodyMode,
+        awaiting_response_seconds: float = 900.0,
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._default_mode = _FULL_DUPLEX if default_body_mode == "streamed" else _BUFFERED
+        self._awaiting = _Awaiting(ttl=awaiting_response_seconds)
+        # Request names only need to be unique among this process's requests in flight.
+        self._names = itertools.count()
+        self._prefix = secrets.token_hex(4)
 
     async def process(
         self, messages: AsyncIterator[ProcessingRequest]
@@ -76,6 +100,9 @@ class StreamHandler:
                 if message.HasField("protocol_config"):
                     state.request_mode = message.protocol_config.request_body_mode
                     state.response_mode = message.protocol_config.response_body_mode
+                if message.observability_mode:
+                    self._observe(state, message)
+                    continue
                 for response in self._on_message(state, message):
                     yield response
         except _Immediate as stop:
@@ -83,7 +110,7 @@ class StreamHandler:
             yield stop.response
         finally:
             self._metrics.streams.dec()
-            self._finish(state)
+            self._end_of_stream(state)
 
     def _on_message(
         self, state: _Stream, message: ProcessingRequest
@@ -173,6 +200,7 @@ class StreamHandler:
                 reply.immediate(outcome.status, outcome.body, content_type=outcome.content_type)
             )
         state.routed = outcome
+        state.request_id = f"{self._prefix}-{next(self._names)}"
         targets = ",".join(outcome.targets)
         log.debug(
             "routed %s %s model=%s strategy=%s to %s",
@@ -182,7 +210,9 @@ class StreamHandler:
             outcome.strategy,
             targets,
         )
-        return reply.route_in_headers(targets) if in_headers else reply.route_in_body(targets)
+        if in_headers:
+            return reply.route_in_headers(targets, request_id=state.request_id)
+        return reply.route_in_body(targets, request_id=state.request_id)
 
     def _refuse(self, error: OpenAIError) -> NoReturn:
         raise _Immediate(
@@ -198,15 +228,44 @@ class StreamHandler:
     def _response_headers(
         self, state: _Stream, message: ProcessingRequest
     ) -> Iterator[ProcessingResponse]:
-        served = _served(message)
-        if served:
-            state.served = served
-        headers = message.response_headers
-        content_type = _header(headers, "content-type")
-        state.usage = UsageReader(sse="text/event-stream" in content_type)
+        _read_response_head(state, message)
         yield reply.CONTINUE_RESPONSE_HEADERS
-        if headers.end_of_stream:
+        if message.response_headers.end_of_stream:
             self._finish(state)
+
+    def _observe(self, state: _Stream, message: ProcessingRequest) -> None:
+        """A message of an observability-mode stream: read the response, send nothing back."""
+        kind = message.WhichOneof("request")
+        if kind == "response_headers":
+            state.observer = True
+            state.routed = self._awaiting.claim(_request_id(message))
+            if state.routed is None:
+                return  # not ours, or it waited too long: nothing to account
+            _read_response_head(state, message)
+            if message.response_headers.end_of_stream:
+                self._finish(state)
+        elif kind == "response_body":
+            if state.usage is not None:
+                state.usage.feed(message.response_body.body)
+            if message.response_body.end_of_stream:
+                self._finish(state)
+        elif kind == "response_trailers":
+            self._finish(state)
+
+    def _end_of_stream(self, state: _Stream) -> None:
+        if (
+            state.routed is not None
+            and not state.finished
+            and not state.observer
+            and state.usage is None
+            and state.response_mode == _NONE
+        ):
+            # Envoy sends this request's response to an observer stream, which will finish it.
+            for expired in self._awaiting.put(state.request_id, state.routed):
+                self._metrics.stream_errors.labels("response_never_observed").inc()
+                self._pipeline.finish(expired, served=None, usage=None)
+            return
+        self._finish(state)
 
     def _finish(self, state: _Stream) -> None:
         if state.routed is None or state.finished:
@@ -269,3 +328,48 @@ def _served(message: ProcessingRequest) -> str | None:
         if _UPSTREAM_ADDRESS in fields and fields[_UPSTREAM_ADDRESS].string_value:
             return str(fields[_UPSTREAM_ADDRESS].string_value)
     return None
+
+
+def _read_response_head(state: _Stream, message: ProcessingRequest) -> None:
+    served = _served(message)
+    if served:
+        state.served = served
+    content_type = _header(message.response_headers, "content-type")
+    state.usage = UsageReader(sse="text/event-stream" in content_type)
+
+
+def _request_id(message: ProcessingRequest) -> str:
+    namespaces = message.metadata_context.filter_metadata
+    if _OWN_NAMESPACE not in namespaces:
+        return ""
+    fields = namespaces[_OWN_NAMESPACE].fields
+    return str(fields[_REQUEST_ID].string_value) if _REQUEST_ID in fields else ""
+
+
+class _Awaiting:
+    """Decisions whose response will arrive on an observer stream, oldest first.
+
+    A request whose response never shows up (the client went away before the model answered)
+    is released after `ttl` seconds, so its in-flight count cannot stay up for good.
+    """
+
+    def __init__(self, *, ttl: float) -> None:
+        self._ttl = ttl
+        self._entries: dict[str, tuple[float, Routed]] = {}
+
+    def put(self, request_id: str, routed: Routed) -> list[Routed]:
+        """Park `routed`; returns the entries that have waited too long (to be released)."""
+        now = time.monotonic()
+        expired = []
+        for key, (deadline, old) in self._entries.items():
+            if deadline > now:
+                break
+            expired.append((key, old))
+        for key, _ in expired:
+            del self._entries[key]
+        self._entries[request_id] = (now + self._ttl, routed)
+        return [old for _, old in expired]
+
+    def claim(self, request_id: str) -> Routed | None:
+        entry = self._entries.pop(request_id, None)
+        return entry[1] if entry is not None else None

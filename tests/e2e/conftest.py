@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-from extproc.config import BodyMode
 
 from .harness import MODEL_A, MODEL_B, Fleet, Picker, Stack, run_envoy, run_picker
 
@@ -54,20 +53,18 @@ def picker(logs: Path, addresses: list[str]) -> Iterator[Picker]:
 
 
 @pytest.fixture(scope="session")
-def stacks(logs: Path, addresses: list[str], picker: Picker) -> Iterator[dict[BodyMode, Stack]]:
-    """One Envoy per body mode in front of the shared picker (it serves both)."""
+def stacks(logs: Path, addresses: list[str], picker: Picker) -> Iterator[dict[str, Stack]]:
+    """One Envoy per way of wiring it to the shared picker (it serves them all at once):
+    both body modes with the response observer, and the protocol's inline response path."""
+    common: dict[str, Any] = {"extproc": picker.address, "endpoints": addresses, "picker": picker}
     with (
-        run_envoy(
-            logs, extproc=picker.address, endpoints=addresses, picker=picker, body_mode="streamed"
-        ) as streamed,
-        run_envoy(
-            logs, extproc=picker.address, endpoints=addresses, picker=picker, body_mode="buffered"
-        ) as buffered,
+        run_envoy(logs, **common, body_mode="streamed") as streamed,
+        run_envoy(logs, **common, body_mode="buffered") as buffered,
+        run_envoy(logs, **common, body_mode="streamed", response_path="inline") as inline,
     ):
-        yield {"streamed": streamed, "buffered": buffered}
+        yield {"streamed": streamed, "buffered": buffered, "streamed-inline": inline}
 
 
-@pytest.fixture(params=["streamed", "buffered"])
-def stack(request: pytest.FixtureRequest, stacks: dict[BodyMode, Stack]) -> Stack:
-    mode: BodyMode = request.param
-    return stacks[mode]
+@pytest.fixture(params=["streamed", "buffered", "streamed-inline"])
+def stack(request: pytest.FixtureRequest, stacks: dict[str, Stack]) -> Stack:
+    return stacks[request.param]

@@ -350,6 +350,7 @@ def run_envoy(
     picker: Picker | None,
     failure_mode: FailureMode = "FailClose",
     body_mode: BodyMode = "streamed",
+    response_path: envoy_runner.ResponsePath = "observer",
 ) -> Iterator[Stack]:
     port, admin_port = free_port(), free_port()
     config = envoy_runner.render_bootstrap(
@@ -360,9 +361,10 @@ def run_envoy(
         listen_host="127.0.0.1",
         failure_mode=failure_mode,
         body_mode=body_mode,
+        response_path=response_path,
         message_timeout_ms=10_000,
     )
-    log = logs / f"envoy-{port}-{failure_mode}-{body_mode}.log"
+    log = logs / f"envoy-{port}-{failure_mode}-{body_mode}-{response_path}.log"
     with log.open("wb") as out:
         process = envoy_runner.start_envoy(
             config, admin_port=admin_port, concurrency=1, stdout=out, stderr=out

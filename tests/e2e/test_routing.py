@@ -174,3 +174,45 @@ async def test_a_header_only_request_is_routed_to_a_backend(stack: Stack, fleet:
     assert port in ports
     (backend,) = [b for b in fleet.backends if str(b.port) == port]
     assert backend.via_envoy("/health"), "the request came through Envoy"
+
+
+async def test_the_picker_sees_every_response_end_and_its_usage(stack: Stack) -> None:
+    """Usage is read and in-flight counts drop back to zero, whichever way Envoy reports the
+    response (the observer filter or the routing stream)."""
+    assert stack.picker is not None
+    metrics_url = f"http://127.0.0.1:{stack.picker.metrics_port}/metrics"
+    streaming = json.dumps(
+        {
+            "model": MODEL_A,
+            "prompt": "hi",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    async with aiohttp.ClientSession() as session:
+        before = await _scrape(session, metrics_url)
+        for body in [_completion(MODEL_A), streaming] * 3:
+            status, _, _ = await _post(session, stack, "/v1/completions", body)
+            assert status == 200
+        for _ in range(100):
+            after = await _scrape(session, metrics_url)
+            prompt = after.get('extproc_usage_tokens_total{kind="prompt"}', 0) - before.get(
+                'extproc_usage_tokens_total{kind="prompt"}', 0
+            )
+            inflight = sum(
+                v for k, v in after.items() if k.startswith("extproc_inflight_requests{")
+            )
+            if prompt == 6 * 7 and inflight == 0:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"prompt tokens counted {prompt}, in flight {inflight}")
+
+
+async def _scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url) as response:
+        text = await response.text()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }

@@ -1,0 +1,746 @@
+"""`extproc demo`: a simulated vLLM fleet, the picker and the real Envoy, one workload per strategy.
+
+What runs, all on 127.0.0.1 and each as its own process, stopped by PID at the end (also on
+Ctrl-C, SIGTERM or an error):
+
+    client (this process) -> Envoy (ext_proc filter) -> picker (`extproc serve`)
+                                     \\-> simulated vLLM pods (`extproc sim`)
+
+The same shared-prefix chat workload (fixed seed, Poisson arrivals, streaming) is sent once per
+strategy in `STRATEGIES`, choosing the strategy per request with the `x-routing-strategy` header.
+The fleet and the picker are restarted before each strategy so every strategy starts with empty
+prefix caches and a picker that has learned nothing; Envoy stays up. TTFT is measured in the
+client; the spread over pods and the prefix-cache hit rate come from the simulator's own vLLM
+metrics. The report is printed and written as markdown and JSON.
+
+Process helpers come from `extproc.bench.overhead`, quantiles from `extproc.bench.loadgen`,
+Envoy from `extproc.envoy_runner`; this module only wires them together and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from extproc.bench import loadgen
+from extproc.bench.overhead import free_ports, process, wait_for_port
+from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
+from extproc.sim.fleet import DEFAULT_MODEL
+from extproc.sim.profiles import get_profile
+
+# The strategies compared, in order. The first is the baseline the others are compared with.
+STRATEGIES: Final = ("round-robin", "least-request")
+STRATEGY_HEADER: Final = "x-routing-strategy"
+PROFILE: Final = "h100-8b"
+DEFAULT_OUTPUT: Final = Path("reports/demo")
+
+_SIM_READY: Final = "extproc sim ready"
+# vLLM counts aborted and failed requests under request_success_total too; they did not succeed.
+_NOT_SUCCESS: Final = frozenset({"abort", "error"})
+
+
+class DemoError(RuntimeError):
+    """A part of the demo did not start or did not answer; the message says which and why."""
+
+
+# --- options and workload ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    pods: int = 4
+    # Simulated time runs `speed` times faster than the wall clock. 2 keeps the whole demo near
+    # a minute while the token stream through Envoy and the picker stays well inside 2 cores.
+    speed: float = 2.0
+    seed: int = 0
+    groups: int = 8  # distinct long system prompts (think: 8 apps or documents)
+    questions: int = 12  # user questions per system prompt
+    system_words: tuple[int, int] = (1100, 1500)  # about 1.3k-1.9k tokens with the template
+    max_tokens: tuple[int, int] = (50, 100)
+    rate: float = 4.0  # Poisson arrivals, requests per simulated second
+    model: str = DEFAULT_MODEL
+    output: Path = DEFAULT_OUTPUT
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pods < 1:
+            raise ValueError("--pods must be at least 1")
+        if self.speed <= 0:
+            raise ValueError("--speed must be positive")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DemoOptions:
+        options = cls(pods=args.pods, speed=args.speed, seed=args.seed, output=args.output)
+        if args.quick:
+            # Fewer, shorter conversations: about 20-30 s in all, most of it start-up.
+            options = replace(options, quick=True, groups=3, questions=6)
+        return options
+
+    @property
+    def requests(self) -> int:
+        return self.groups * self.questions
+
+    @property
+    def wall_rate(self) -> float:
+        """Arrivals per wall-clock second: simulated seconds pass `speed` times faster."""
+        return self.rate * self.speed
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRequest:
+    at: float  # wall-clock seconds after the run's start
+    group: int
+    body: bytes
+
+
+_WORDS: Final = (
+    "account admin alert api archive audit backup balance batch billing branch browser budget "
+    "cache calendar capacity catalog certificate channel checkout client cluster compliance "
+    "config contract coupon credential customer dashboard database deadline delivery deploy "
+    "device discount domain draft driver email endpoint engine error estimate event export "
+    "feature feedback field file filter firmware forecast gateway grant group handbook holiday "
+    "identity import incident index inventory invoice issue journal key label latency ledger "
+    "license limit local log manager manual merchant message metric migration mobile model "
+    "module network node notice order owner package partner password payment permission "
+    "pipeline plan platform policy portal price printer priority product profile project "
+    "promotion protocol quota receipt record refund region release report request reservation "
+    "resource review role route schedule schema secret sensor server service session setting "
+    "shipment signal source staff standard status storage subscription supplier support "
+    "survey system task team template tenant ticket timeout token tracking transfer update "
+    "upgrade usage user vendor version volume voucher warehouse webhook window workflow zone"
+).split()
+_VERBS: Final = (
+    "must be approved by",
+    "is renewed with",
+    "is stored next to",
+    "should never be shared with",
+    "is escalated to",
+    "is checked against",
+    "expires together with",
+    "is billed to",
+    "is restored from",
+    "is assigned to",
+)
+_QUESTIONS: Final = (
+    "How do I reset the {0} for a new {1}?",
+    "What happens to a {0} when the {1} expires?",
+    "Who approves a {0} for the {1} team?",
+    "Can a {0} be moved to another {1}, and how long does it take?",
+    "Why was my {0} rejected by the {1}?",
+    "Where do I find the {0} of last month's {1}?",
+)
+
+
+def _system_prompt(rng: random.Random, group: int, words: int) -> str:
+    """A long, app-specific system prompt: a persona, then a made-up policy handbook."""
+    company = f"{rng.choice(_WORDS).title()}{rng.choice(_WORDS).title()} #{group}"
+    lines = [
+        f"You are the support assistant of {company}. Answer in at most three sentences, "
+        "quote the handbook section you used, and never invent a policy. Handbook:"
+    ]
+    count = 0
+    section = 0
+    while count < words:
+        section += 1
+        subject, other = rng.choice(_WORDS), rng.choice(_WORDS)
+        detail = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 14)))
+        sentence = f"{section}. Every {subject} {rng.choice(_VERBS)} the {other} ({detail})."
+        lines.append(sentence)
+        count += len(sentence.split())
+    return "\n".join(lines)
+
+
+def build_workload(options: DemoOptions, model: str) -> tuple[PlannedRequest, ...]:
+    """The requests of one run, with their send times; the same for every strategy (seeded)."""
+    rng = random.Random(options.seed)
+    prompts = [
+        _system_prompt(rng, group, rng.randint(*options.system_words))
+        for group in range(options.groups)
+    ]
+    pairs = [(g, q) for g in range(options.groups) for q in range(options.questions)]
+    rng.shuffle(pairs)
+    planned: list[PlannedRequest] = []
+    at = 0.0
+    for group, number in pairs:
+        question = rng.choice(_QUESTIONS).format(rng.choice(_WORDS), rng.choice(_WORDS))
+        body = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": prompts[group]},
+                {"role": "user", "content": f"(question {number + 1}) {question}"},
+            ],
+            "max_tokens": rng.randint(*options.max_tokens),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        planned.append(PlannedRequest(at=at, group=group, body=json.dumps(body).encode()))
+        at += rng.expovariate(options.wall_rate)
+    return tuple(planned)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One request as the client saw it."""
+
+    ok: bool
+    ttft: float  # seconds to the first chunk with content; nan when there was none
+    output_tokens: int
+    prompt_tokens: int
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PodCounters:
+    """One pod's vLLM counters at a moment (tokens for the prefix cache)."""
+
+    succeeded: float
+    cache_queries: float
+    cache_hits: float
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyResult:
+    strategy: str
+    sent: int
+    ok: int
+    errors: int
+    per_pod: tuple[int, ...]  # requests each pod finished; pod i listens on the sim port + i
+    ttft_p50_ms: float  # client-side, wall clock
+    ttft_p90_ms: float
+    ttft_p50_sim_ms: float  # the same x speed: what a real fleet's clients would see
+    ttft_p90_sim_ms: float
+    output_tokens: int
+    seconds: float  # wall clock from the first request sent to the last answer
+    output_tokens_per_s: float  # per simulated second
+    hit_rate: float  # fleet prefix-cache hits / queries over the run, from the pods' metrics
+    prompt_tokens_mean: float
+    first_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    sim: int  # first pod; pod i listens on sim + i
+    grpc: int
+    health: int
+    metrics: int
+    envoy: int
+    admin: int
+
+
+@dataclass(frozen=True, slots=True)
+class DemoReport:
+    options: DemoOptions
+    ports: Ports
+    envoy_pid: int
+    results: tuple[StrategyResult, ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["options"]["output"] = str(self.options.output)
+        data["strategies"] = list(STRATEGIES)
+        data["endpoints"] = list(_endpoints(self.ports, self.options.pods))
+        data["where_to_look_next"] = [f"{what}: {why}" for what, why in _next_steps(self.ports)]
+        return data
+
+
+# --- running the processes --------------------------------------------------------------------
+
+
+def _endpoints(ports: Ports, pods: int) -> tuple[str, ...]:
+    # Envoy's pool and the picker's --endpoints must name the same ip:port strings: Envoy's
+    # override_host skips an address it does not know.
+    return tuple(f"127.0.0.1:{ports.sim + i}" for i in range(pods))
+
+
+def _free_port_range(count: int, avoid: Sequence[int]) -> int:
+    """A first port P with P..P+count-1 all free (the simulator takes consecutive ports)."""
+    for _ in range(100):
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            base: int = first.getsockname()[1]
+            if base + count > 65535 or any(base <= p < base + count for p in avoid):
+                continue
+            try:
+                for port in range(base + 1, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise DemoError(f"found no {count} consecutive free ports on 127.0.0.1")
+
+
+def _python_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "extproc.cli", *args]
+
+
+def _sim_argv(options: DemoOptions, ports: Ports) -> list[str]:
+    return _python_cli(
+        "sim",
+        *("--pods", str(options.pods), "--port", str(ports.sim), "--profile", PROFILE),
+        *("--speed", f"{options.speed:g}", "--model", options.model, "--seed", str(options.seed)),
+        *("--log-level", "WARNING"),
+    )
+
+
+def _picker_argv(options: DemoOptions, ports: Ports) -> list[str]:
+    return _python_cli(
+        "serve",
+        *("--host", "127.0.0.1", "--endpoints", ",".join(_endpoints(ports, options.pods))),
+        *("--grpc-port", str(ports.grpc), "--health-port", str(ports.health)),
+        *("--metrics-port", str(ports.metrics), "--log-level", "WARNING"),
+    )
+
+
+def _shown(argv: Sequence[str]) -> str:
+    """The command as a person would type it."""
+    return " ".join(["extproc", *argv[3:]])
+
+
+def _wait_for_picker(
+    child: subprocess.Popen[str], argv: Sequence[str], ports: Ports, pods: int
+) -> None:
+    """Wait until the picker listens and has seen every pod ready (it learns them at start-up)."""
+    deadline = time.monotonic() + 30
+    while True:
+        code = child.poll()
+        if code is not None:
+            raise DemoError(
+                f"the picker exited with code {code} before listening on :{ports.grpc}; "
+                f"run `{_shown(argv)}` to see why"
+            )
+        try:
+            wait_for_port(ports.grpc, within=0.5)
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise DemoError(f"the picker did not listen on :{ports.grpc} within 30 s") from None
+    ready = -1.0
+    while time.monotonic() < deadline:
+        ready = _picker_ready_endpoints(ports.metrics)
+        if ready == pods:
+            return
+        time.sleep(0.2)
+    raise DemoError(f"the picker sees {ready:g} of {pods} pods ready after 30 s")
+
+
+def _picker_ready_endpoints(metrics_port: int) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return -1.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "extproc_endpoints" and sample.labels.get("state") == "ready":
+                return float(sample.value)
+    return -1.0
+
+
+@contextlib.contextmanager
+def _fleet_and_picker(options: DemoOptions, ports: Ports) -> Iterator[None]:
+    """A fresh fleet and a fresh picker on the given ports; both stopped by PID on exit."""
+    sim_argv, picker_argv = _sim_argv(options, ports), _picker_argv(options, ports)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(process(sim_argv, ready_line=_SIM_READY))
+        except RuntimeError as exc:
+            last = ports.sim + options.pods - 1
+            raise DemoError(
+                f"the simulated fleet did not start on ports {ports.sim}-{last} ({exc}); "
+                f"run `{_shown(sim_argv)}` to see why"
+            ) from exc
+        picker = stack.enter_context(process(picker_argv))
+        _wait_for_picker(picker, picker_argv, ports, options.pods)
+        yield
+
+
+# --- the workload -----------------------------------------------------------------------------
+
+
+async def _send(
+    session: aiohttp.ClientSession, url: str, request: PlannedRequest, strategy: str
+) -> Outcome:
+    headers = {"content-type": "application/json", STRATEGY_HEADER: strategy}
+    started = time.perf_counter()
+    ttft = float("nan")
+    usage: dict[str, Any] | None = None
+    try:
+        async with session.post(url, data=request.body, headers=headers) as response:
+            if response.status != 200:
+                text = (await response.text())[:200]
+                return Outcome(False, ttft, 0, 0, f"HTTP {response.status} {text}".strip())
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                # TTFT ends at the first token, not at the role-only chunk that precedes it.
+                if math.isnan(ttft) and any(
+                    c.get("delta", {}).get("content") for c in chunk.get("choices", ())
+                ):
+                    ttft = time.perf_counter() - started
+                usage = chunk.get("usage") or usage
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Outcome(False, ttft, 0, 0, f"{type(exc).__name__}: {exc}")
+    if usage is None or math.isnan(ttft):
+        return Outcome(False, ttft, 0, 0, "stream ended without tokens or usage")
+    return Outcome(True, ttft, int(usage["completion_tokens"]), int(usage["prompt_tokens"]))
+
+
+async def _scrape(session: aiohttp.ClientSession, ports: Ports, pods: int) -> list[PodCounters]:
+    counters = []
+    for address in _endpoints(ports, pods):
+        async with session.get(f"http://{address}/metrics") as response:
+            text = await response.text()
+        values = {"success": 0.0, "queries": 0.0, "hits": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "vllm:request_success_total":
+                    if sample.labels.get("finished_reason") not in _NOT_SUCCESS:
+                        values["success"] += sample.value
+                elif sample.name == "vllm:prefix_cache_queries_total":
+                    values["queries"] += sample.value
+                elif sample.name == "vllm:prefix_cache_hits_total":
+                    values["hits"] += sample.value
+        counters.append(PodCounters(values["success"], values["queries"], values["hits"]))
+    return counters
+
+
+async def _run_workload(
+    options: DemoOptions, ports: Ports, workload: Sequence[PlannedRequest], strategy: str
+) -> StrategyResult:
+    url = f"http://127.0.0.1:{ports.envoy}/v1/chat/completions"
+    async with loadgen.new_session() as session:
+        before = await _scrape(session, ports, options.pods)
+        tasks = []
+        start = time.perf_counter()
+        for request in workload:
+            # Open loop: send on schedule whether or not earlier requests have returned.
+            delay = start + request.at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_send(session, url, request, strategy)))
+        outcomes = await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - start
+        after = await _scrape(session, ports, options.pods)
+    return _summarize(strategy, options, outcomes, before, after, seconds)
+
+
+def _summarize(
+    strategy: str,
+    options: DemoOptions,
+    outcomes: Sequence[Outcome],
+    before: Sequence[PodCounters],
+    after: Sequence[PodCounters],
+    seconds: float,
+) -> StrategyResult:
+    ok = [o for o in outcomes if o.ok]
+    ttfts = sorted(o.ttft for o in ok)
+    p50, p90 = 1000 * loadgen.quantile(ttfts, 0.5), 1000 * loadgen.quantile(ttfts, 0.9)
+    queries = sum(a.cache_queries - b.cache_queries for a, b in zip(after, before, strict=True))
+    hits = sum(a.cache_hits - b.cache_hits for a, b in zip(after, before, strict=True))
+    output_tokens = sum(o.output_tokens for o in ok)
+    return StrategyResult(
+        strategy=strategy,
+        sent=len(outcomes),
+        ok=len(ok),
+        errors=len(outcomes) - len(ok),
+        per_pod=tuple(
+            round(a.succeeded - b.succeeded) for a, b in zip(after, before, strict=True)
+        ),
+        ttft_p50_ms=p50,
+        ttft_p90_ms=p90,
+        ttft_p50_sim_ms=p50 * options.speed,
+        ttft_p90_sim_ms=p90 * options.speed,
+        output_tokens=output_tokens,
+        seconds=seconds,
+        output_tokens_per_s=output_tokens / (seconds * options.speed) if seconds > 0 else 0.0,
+        hit_rate=hits / queries if queries > 0 else 0.0,
+        prompt_tokens_mean=sum(o.prompt_tokens for o in ok) / len(ok) if ok else 0.0,
+        first_error=next((o.error for o in outcomes if not o.ok), ""),
+    )
+
+
+def run_demo(options: DemoOptions, *, progress: bool = True) -> DemoReport:
+    started = time.monotonic()
+    grpc_port, health, metrics, envoy_port, admin = free_ports(5)
+    ports = Ports(
+        sim=_free_port_range(options.pods, avoid=(grpc_port, health, metrics, envoy_port, admin)),
+        grpc=grpc_port,
+        health=health,
+        metrics=metrics,
+        envoy=envoy_port,
+        admin=admin,
+    )
+    endpoints = _endpoints(ports, options.pods)
+    workload = build_workload(options, options.model)
+
+    def say(text: str) -> None:
+        if progress:
+            print(text, file=sys.stderr, flush=True)
+
+    bootstrap = render_bootstrap(
+        port=ports.envoy,
+        extproc=f"127.0.0.1:{ports.grpc}",
+        endpoints=endpoints,
+        admin_port=ports.admin,
+        listen_host="127.0.0.1",
+        access_log=False,
+    )
+    options.output.mkdir(parents=True, exist_ok=True)
+    results = []
+    say(f"extproc demo: starting Envoy on :{ports.envoy} (log: {options.output / 'envoy.log'})")
+    with (
+        (options.output / "envoy.log").open("w") as envoy_log,
+        running_envoy(
+            bootstrap,
+            admin_port=ports.admin,
+            concurrency=1,
+            stdout=subprocess.DEVNULL,
+            stderr=envoy_log,
+        ) as envoy,
+    ):
+        for strategy in STRATEGIES:
+            say(
+                f"extproc demo: {strategy}: starting a fresh fleet ({options.pods} pods from "
+                f":{ports.sim}) and picker (:{ports.grpc}); {len(workload)} requests over "
+                f"~{workload[-1].at:.0f} s"
+            )
+            with _fleet_and_picker(options, ports):
+                result = asyncio.run(_run_workload(options, ports, workload, strategy))
+            results.append(result)
+    return DemoReport(
+        options=options,
+        ports=ports,
+        envoy_pid=envoy.pid,
+        results=tuple(results),
+        seconds=time.monotonic() - started,
+    )
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def _next_steps(ports: Ports) -> list[tuple[str, str]]:
+    return [
+        ("README.md", "what the picker is, and the quick start that keeps these processes up"),
+        ("docs/architecture.md", "the path of a request through the picker, module by module"),
+        ("docs/benchmarks.md", "what we measured and the commands that reproduce it"),
+        ("extproc bench overhead", "the latency the picker adds beside Envoy alone"),
+        (
+            "Prometheus",
+            f"picker :{ports.metrics}/metrics (extproc_*), each pod :{ports.sim}/metrics "
+            "(vllm:*); gone with the demo, `extproc serve` and `extproc sim` bring them back",
+        ),
+    ]
+
+
+def _comparisons(results: Sequence[StrategyResult]) -> list[str]:
+    base = results[0]
+    lines = []
+    for r in results[1:]:
+        ratio = r.ttft_p90_ms / base.ttft_p90_ms if base.ttft_p90_ms > 0 else float("nan")
+        lines.append(
+            f"{r.strategy}: TTFT p90 {ratio:.2f}x {base.strategy}'s, prefix-cache hit rate "
+            f"{100 * (r.hit_rate - base.hit_rate):+.1f} points"
+        )
+    return lines
+
+
+def _what_ran(report: DemoReport) -> list[str]:
+    o, p = report.options, report.ports
+    profile = get_profile(PROFILE)
+    return [
+        f"fleet: `extproc sim --pods {o.pods} --profile {PROFILE} --speed {o.speed:g}` on ports "
+        f"{p.sim}-{p.sim + o.pods - 1}: {o.model}, {profile.description}, simulated time "
+        f"{o.speed:g}x the wall clock",
+        f"picker: `extproc serve` with ext_proc on :{p.grpc}, gRPC health :{p.health}, "
+        f"Prometheus :{p.metrics}",
+        f"Envoy (pid {report.envoy_pid}): listener :{p.envoy}, admin :{p.admin}; its ext_proc "
+        "filter asks the picker, which pod serves each request",
+        "the fleet and the picker were restarted before each strategy: every strategy started "
+        "with empty caches",
+    ]
+
+
+def _workload_lines(report: DemoReport) -> list[str]:
+    o = report.options
+    prompt = max((r.prompt_tokens_mean for r in report.results), default=0.0)
+    return [
+        f"{o.requests} streaming chat requests, identical for every strategy (seed {o.seed}): "
+        f"{o.groups} long system prompts (~{prompt:,.0f} prompt tokens a request) with "
+        f"{o.questions} questions each, {o.max_tokens[0]}-{o.max_tokens[1]} output tokens",
+        f"Poisson arrivals at {o.rate:g} req/s simulated ({o.wall_rate:g} req/s wall clock); "
+        f"strategy chosen per request by the header `{STRATEGY_HEADER}`",
+    ]
+
+
+def _legend(speed: float) -> str:
+    return (
+        "TTFT: client-side time to the first content chunk, wall clock x speed "
+        f"{speed:g} = simulated ms (wall-clock ms in brackets); tok/s: output tokens per "
+        "simulated second; hit rate: fleet prefix-cache hits / queries, in tokens"
+    )
+
+
+def render_text(report: DemoReport) -> str:
+    lines = ["extproc demo: one workload, each routing strategy in turn, through the real Envoy"]
+    lines += ["", "What ran (all on 127.0.0.1, each process stopped by PID at the end)"]
+    lines += [f"  {line.replace('`', '')}" for line in _what_ran(report)]
+    lines += ["", "Workload"]
+    lines += [f"  {line.replace('`', '')}" for line in _workload_lines(report)]
+    lines += ["", "Results", f"  ({_legend(report.options.speed)})"]
+    pod_width = max(17, 4 * report.options.pods)
+    lines.append(
+        f"  {'strategy':<14} {'sent':>4} {'ok':>4} {'errors':>6}  {'requests per pod':<{pod_width}}"
+        f" {'TTFT p50':>14} {'TTFT p90':>15} {'tok/s':>6} {'hit rate':>8}"
+    )
+    for r in report.results:
+        pods = " ".join(f"{n:>3}" for n in r.per_pod)
+        lines.append(
+            f"  {r.strategy:<14} {r.sent:>4} {r.ok:>4} {r.errors:>6}  {pods:<{pod_width}}"
+            f" {r.ttft_p50_sim_ms:>6.0f} ({r.ttft_p50_ms:>4.0f}) ms"
+            f" {r.ttft_p90_sim_ms:>7.0f} ({r.ttft_p90_ms:>4.0f}) ms"
+            f" {r.output_tokens_per_s:>6.0f} {100 * r.hit_rate:>7.1f}%"
+        )
+    for r in report.results:
+        if r.first_error:
+            lines.append(f"  first error with {r.strategy}: {r.first_error}")
+    if len(report.results) > 1:
+        lines += ["", f"Compared with {report.results[0].strategy}"]
+        lines += [f"  {line}" for line in _comparisons(report.results)]
+    lines += ["", "Where to look next"]
+    width = max(len(what) for what, _ in _next_steps(report.ports))
+    lines += [f"  {what:<{width}}  {why}" for what, why in _next_steps(report.ports)]
+    return "\n".join(lines)
+
+
+def render_markdown(report: DemoReport) -> str:
+    lines = ["# extproc demo", "", "One workload, each routing strategy in turn, through Envoy."]
+    lines += ["", "## What ran", ""]
+    lines += [f"- {line}" for line in _what_ran(report)]
+    lines += ["", "## Workload", ""]
+    lines += [f"- {line}" for line in _workload_lines(report)]
+    lines += ["", "## Results", "", _legend(report.options.speed) + ".", ""]
+    lines += [
+        "| strategy | sent | ok | errors | requests per pod | TTFT p50 ms | TTFT p90 ms "
+        "| tok/s | hit rate |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in report.results:
+        lines.append(
+            f"| {r.strategy} | {r.sent} | {r.ok} | {r.errors} | "
+            f"{' / '.join(map(str, r.per_pod))} | {r.ttft_p50_sim_ms:.0f} ({r.ttft_p50_ms:.0f}) | "
+            f"{r.ttft_p90_sim_ms:.0f} ({r.ttft_p90_ms:.0f}) | {r.output_tokens_per_s:.0f} | "
+            f"{100 * r.hit_rate:.1f}% |"
+        )
+    lines += [
+        f"\nFirst error with {r.strategy}: `{r.first_error}`"
+        for r in report.results
+        if r.first_error
+    ]
+    if len(report.results) > 1:
+        lines += ["", f"## Compared with {report.results[0].strategy}", ""]
+        lines += [f"- {line}" for line in _comparisons(report.results)]
+    lines += ["", "## Where to look next", ""]
+    lines += [f"- `{what}`: {why}" for what, why in _next_steps(report.ports)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: DemoReport) -> tuple[Path, Path]:
+    output = report.options.output
+    output.mkdir(parents=True, exist_ok=True)
+    markdown, data = output / "demo.md", output / "demo.json"
+    markdown.write_text(render_markdown(report))
+    data.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return markdown, data
+
+
+# --- the sub-command --------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT arrived; unwinding stops every child process."""
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    # Ignore further signals so a second Ctrl-C cannot cut the clean-up short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DemoOptions()
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer requests: about 20-30 s in all (tests, CI)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help=f"where demo.md and demo.json go (default {DEFAULT_OUTPUT})",
+    )
+    parser.add_argument(
+        "--pods", type=int, default=defaults.pods, help=f"simulated pods ({defaults.pods})"
+    )
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=defaults.speed,
+        help=f"simulated time runs this many times faster than the wall clock ({defaults.speed:g})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="workload and simulator seed"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        options = DemoOptions.from_args(args)
+    except ValueError as exc:
+        print(f"extproc demo: {exc}", file=sys.stderr)
+        return 2
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        report = run_demo(options)
+    except _Stopped as exc:
+        print(f"extproc demo: stopped by {exc}; every process it started is stopped", file=sys.stderr)
+        return 130
+    except (DemoError, EnvoyError, OSError) as exc:
+        print(f"extproc demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    markdown, data = write_report(report)
+    print(render_text(report))
+    print(f"\nReport: {markdown} and {data} ({report.seconds:.0f} s in all)")
+    failed = sum(r.errors for r in report.results)
+    if failed:
+        print(f"extproc demo: {failed} requests failed (first errors above)", file=sys.stderr)
+        return 1
+    return 0
