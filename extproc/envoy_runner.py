@@ -58,6 +58,35 @@ _OBSERVED = {
     "response_body_mode": "NONE",
     "response_trailer_mode": "SKIP",
 }
+
+
+def _observer_filter() -> dict[str, Any]:
+    """The response observer: the same picker, told about each response without Envoy waiting
+    for it (observability mode), so reading usage and releasing the in-flight count add no
+    latency on the response path. The routing filter names the request in dynamic metadata
+    (extproc/request-id); this filter forwards that name back with the response."""
+    return {
+        "name": _OBSERVER_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
+            "ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}},
+            "observability_mode": True,
+            "failure_mode_allow": True,  # observing never fails a request
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "STREAMED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "response_attributes": ["upstream.address"],
+            "metadata_options": {"forwarding_namespaces": {"untyped": ["extproc", "envoy.lb"]}},
+        },
+    }
+
+
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
 # ext_proc processing modes per body mode. Streamed is what the endpoint-picker protocol asks for
@@ -98,7 +127,7 @@ def render_bootstrap(
     body_mode: BodyMode = "streamed",
     message_timeout_ms: int = 10_000,
     variant: Variant = "override-host",
-    response_path: ResponsePath = "observer",
+    response_path: ResponsePath = "inline",
     access_log: bool = True,
     template: Path | None = None,
 ) -> str:
@@ -127,11 +156,10 @@ def render_bootstrap(
     ext_proc["failure_mode_allow"] = failure_mode == "FailOpen"
     ext_proc["processing_mode"] = dict(_PROCESSING_MODES[body_mode])
     _check_choice("response_path", response_path, ResponsePath)
-    has_observer = any(f.get("name") == _OBSERVER_FILTER for f in hcm["http_filters"])
-    if response_path == "observer" and has_observer:
+    if response_path == "observer":
         ext_proc["processing_mode"].update(_OBSERVED)
-    elif has_observer:
-        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != _OBSERVER_FILTER]
+        filters = hcm["http_filters"]
+        filters.insert(filters.index(_named(filters, _EXT_PROC_FILTER)), _observer_filter())
     ext_proc["message_timeout"] = f"{message_timeout_ms / 1000:g}s"
 
     clusters = config["static_resources"]["clusters"]
@@ -349,9 +377,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--response-path",
         choices=get_args(ResponsePath),
-        default="observer",
-        help="observer (responses to a non-blocking observer filter, default) or inline (on the "
-        "routing stream, as the endpoint-picker protocol describes)",
+        default="inline",
+        help="inline (the response on the routing stream, as the endpoint-picker protocol "
+        "describes; default) or observer (a non-blocking observer filter takes it)",
     )
     parser.add_argument(
         "--message-timeout-ms",

@@ -42,15 +42,26 @@ def test_rendering_defaults_reproduces_the_shipped_file(variant: envoy_runner.Va
 
 
 COMBINATIONS = list(
-    itertools.product(get_args(FailureMode), get_args(BodyMode), list(envoy_runner.TEMPLATES))
+    itertools.product(
+        get_args(FailureMode),
+        get_args(BodyMode),
+        list(envoy_runner.TEMPLATES),
+        get_args(envoy_runner.ResponsePath),
+    )
 )
 
 
 @pytest.mark.parametrize(
-    ("failure_mode", "body_mode", "variant"), COMBINATIONS, ids=["-".join(c) for c in COMBINATIONS]
+    ("failure_mode", "body_mode", "variant", "response_path"),
+    COMBINATIONS,
+    ids=["-".join(c) for c in COMBINATIONS],
 )
 def test_rendered_config_is_valid(
-    tmp_path: Path, failure_mode: FailureMode, body_mode: BodyMode, variant: envoy_runner.Variant
+    tmp_path: Path,
+    failure_mode: FailureMode,
+    body_mode: BodyMode,
+    variant: envoy_runner.Variant,
+    response_path: envoy_runner.ResponsePath,
 ) -> None:
     text = envoy_runner.render_bootstrap(
         port=18000,
@@ -62,6 +73,7 @@ def test_rendered_config_is_valid(
         body_mode=body_mode,
         message_timeout_ms=2500,
         variant=variant,
+        response_path=response_path,
     )
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
@@ -107,10 +119,8 @@ def test_rendered_settings_land_where_envoy_reads_them() -> None:
         "extproc",
     ]
     assert "envoy.lb" in ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"]
-    # By default the response goes to the observer filter, which the routing filter feeds.
-    assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"
-    names = [f["name"] for f in _http_filters(config)]
-    assert names.index("extproc.response_observer") < names.index("envoy.filters.http.ext_proc")
+    # By default the response comes back on the routing stream, as the protocol describes.
+    assert "extproc.response_observer" not in [f["name"] for f in _http_filters(config)]
 
     picker = _cluster(config, "extproc")
     assert picker["type"] == "STRICT_DNS"  # a name, not an IP
@@ -157,9 +167,14 @@ def test_print_config_writes_the_rendered_bootstrap(capsys: pytest.CaptureFixtur
     assert listener["address"]["socket_address"]["port_value"] == 10001
 
 
-def test_inline_response_path_drops_the_observer() -> None:
-    config = yaml.safe_load(envoy_runner.render_bootstrap(response_path="inline"))
-    assert "extproc.response_observer" not in [f["name"] for f in _http_filters(config)]
+@pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
+def test_observer_response_path_adds_a_non_blocking_filter(body_mode: str) -> None:
+    config = yaml.safe_load(
+        envoy_runner.render_bootstrap(response_path="observer", body_mode=body_mode)  # type: ignore[arg-type]
+    )
+    names = [f["name"] for f in _http_filters(config)]
+    assert names.index("extproc.response_observer") < names.index("envoy.filters.http.ext_proc")
     modes = _ext_proc(config)["processing_mode"]
-    assert modes["response_body_mode"] == "FULL_DUPLEX_STREAMED"
-    assert modes["response_header_mode"] == "SEND"
+    assert (modes["response_header_mode"], modes["response_body_mode"]) == ("SKIP", "NONE")
+    (observer,) = [f for f in _http_filters(config) if f["name"] == "extproc.response_observer"]
+    assert observer["typed_config"]["observability_mode"] is True

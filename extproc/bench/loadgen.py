@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class Summary:
     p90_ms: float
     p99_ms: float
     rate: float  # completed requests per second
+    error_statuses: tuple[tuple[int, int], ...] = ()  # (HTTP status or 0, count)
 
     @classmethod
     def of(cls, samples: Sequence[Sample], duration: float) -> Summary:
@@ -39,6 +41,9 @@ class Summary:
             p90_ms=1000 * quantile(ok, 0.90),
             p99_ms=1000 * quantile(ok, 0.99),
             rate=len(ok) / duration if duration > 0 else 0.0,
+            error_statuses=tuple(
+                sorted(Counter(s.status for s in samples if s.status != 200).items())
+            ),
         )
 
 

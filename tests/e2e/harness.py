@@ -350,7 +350,7 @@ def run_envoy(
     picker: Picker | None,
     failure_mode: FailureMode = "FailClose",
     body_mode: BodyMode = "streamed",
-    response_path: envoy_runner.ResponsePath = "observer",
+    response_path: envoy_runner.ResponsePath = "inline",
 ) -> Iterator[Stack]:
     port, admin_port = free_port(), free_port()
     config = envoy_runner.render_bootstrap(
