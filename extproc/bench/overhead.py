@@ -82,8 +82,12 @@ class OverheadReport:
                 f"{s.p99_ms:.2f} | {s.rate:.0f} |"
             )
         rate = self.options["rate"]
-        rows += ["", "| added by the picker | observer | inline | target |", "|---|---:|---:|---:|"]
-        picked = ("picker", "picker-inline")
+        rows += [
+            "",
+            "| added by the picker | inline (default) | observer | target |",
+            "|---|---:|---:|---:|",
+        ]
+        picked = ("picker", "picker-observer")
 
         def added(scenario: str, field: str) -> str:
             base = getattr(self.get(scenario, "envoy"), field)
@@ -170,13 +174,13 @@ def bootstrap_with_direct_listener(
     *,
     picked_port: int,
     direct_port: int,
-    inline_port: int,
+    observer_port: int,
     extproc: str,
     endpoints: Sequence[str],
     admin_port: int,
 ) -> str:
-    """The bundled bootstrap, plus a listener with the ext_proc filters taken out and one with
-    the response on the routing stream (`inline`)."""
+    """The bundled bootstrap, plus a listener with the ext_proc filter taken out and one with the
+    response observer (`extproc envoy --response-path observer`)."""
     config = yaml.safe_load(
         render_bootstrap(
             port=picked_port,
@@ -195,21 +199,21 @@ def bootstrap_with_direct_listener(
     hcm["stat_prefix"] = "direct"
     hcm["http_filters"] = [f for f in hcm["http_filters"] if "ext_proc" not in f["name"]]
     listeners.append(direct)
-    # And the protocol's own shape: the response on the routing stream (no observer filter).
-    inline_config = yaml.safe_load(
+    # And the response observer (a non-blocking second ext_proc filter on the response path).
+    observer_config = yaml.safe_load(
         render_bootstrap(
-            port=inline_port,
+            port=observer_port,
             extproc=extproc,
             endpoints=endpoints,
             admin_port=admin_port,
             listen_host="127.0.0.1",
             access_log=False,
-            response_path="inline",
+            response_path="observer",
         )
     )
-    inline = inline_config["static_resources"]["listeners"][0]
-    inline["name"] = "inline"
-    listeners.append(inline)
+    observed = observer_config["static_resources"]["listeners"][0]
+    observed["name"] = "observer"
+    listeners.append(observed)
     return str(yaml.safe_dump(config, sort_keys=False, width=1000))
 
 
@@ -287,7 +291,7 @@ async def _measure(
 
 def run_overhead(options: OverheadOptions) -> OverheadReport:
     backend_ports = free_ports(options.backends)
-    grpc_port, health_port, metrics_port, picked, direct, inline, admin = free_ports(7)
+    grpc_port, health_port, metrics_port, picked, direct, observer, admin = free_ports(7)
     endpoints = [f"127.0.0.1:{p}" for p in backend_ports]
     python = sys.executable
     backend_cmd = [python, "-m", "extproc.bench.backend", MODEL, *map(str, backend_ports)]
@@ -313,7 +317,7 @@ def run_overhead(options: OverheadOptions) -> OverheadReport:
     ]
     bootstrap = bootstrap_with_direct_listener(
         picked_port=picked,
-        inline_port=inline,
+        observer_port=observer,
         direct_port=direct,
         extproc=f"127.0.0.1:{grpc_port}",
         endpoints=endpoints,
@@ -325,7 +329,7 @@ def run_overhead(options: OverheadOptions) -> OverheadReport:
             urls = {
                 "envoy": f"http://127.0.0.1:{direct}/v1/completions",
                 "picker": f"http://127.0.0.1:{picked}/v1/completions",
-                "picker-inline": f"http://127.0.0.1:{inline}/v1/completions",
+                "picker-observer": f"http://127.0.0.1:{observer}/v1/completions",
             }
             return asyncio.run(_measure(options, urls, picker.pid))
 
