@@ -3,8 +3,9 @@
 What runs, all on 127.0.0.1 and each as its own process, stopped by PID at the end (also on
 Ctrl-C, SIGTERM or an error):
 
-    client (this process) -> Envoy (ext_proc filter) -> picker (`extproc serve`)
-                                     \\-> simulated vLLM pods (`extproc sim`)
+    client (this process) --HTTP--> Envoy --HTTP--> simulated vLLM pods (`extproc sim`)
+                                      |
+                                      +--ext_proc gRPC--> picker (`extproc serve`)
 
 The same shared-prefix chat workload (fixed seed, Poisson arrivals, streaming) is sent once per
 strategy in `STRATEGIES`, choosing the strategy per request with the `x-routing-strategy` header.
@@ -29,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -54,7 +56,8 @@ PROFILE: Final = "h100-8b"
 DEFAULT_OUTPUT: Final = Path("reports/demo")
 
 _SIM_READY: Final = "extproc sim ready"
-# vLLM counts aborted and failed requests under request_success_total too; they did not succeed.
+# request_success_total has a series per finished_reason, abort and error included (as in vLLM);
+# those requests did not succeed.
 _NOT_SUCCESS: Final = frozenset({"abort", "error"})
 
 
@@ -68,15 +71,18 @@ class DemoError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
     pods: int = 4
-    # Simulated time runs `speed` times faster than the wall clock. 2 keeps the whole demo near
-    # a minute while the token stream through Envoy and the picker stays well inside 2 cores.
-    speed: float = 2.0
+    # Simulated time runs `speed` times faster than the wall clock. At 1 the client's TTFT is
+    # directly comparable to a real fleet's (Envoy's and the picker's own time included at face
+    # value), the two strategies take about 70 s in all, and the whole stack uses well under
+    # one core. A higher speed shortens the run but multiplies the routing path's real
+    # milliseconds when TTFT is scaled back to simulated time.
+    speed: float = 1.0
     seed: int = 0
     groups: int = 8  # distinct long system prompts (think: 8 apps or documents)
     questions: int = 12  # user questions per system prompt
-    system_words: tuple[int, int] = (1100, 1500)  # about 1.3k-1.9k tokens with the template
+    system_words: tuple[int, int] = (1100, 1500)  # about 1.4k-1.9k tokens with the template
     max_tokens: tuple[int, int] = (50, 100)
-    rate: float = 4.0  # Poisson arrivals, requests per simulated second
+    rate: float = 3.0  # Poisson arrivals, requests per simulated second
     model: str = DEFAULT_MODEL
     output: Path = DEFAULT_OUTPUT
     quick: bool = False
@@ -91,8 +97,8 @@ class DemoOptions:
     def from_args(cls, args: argparse.Namespace) -> DemoOptions:
         options = cls(pods=args.pods, speed=args.speed, seed=args.seed, output=args.output)
         if args.quick:
-            # Fewer, shorter conversations: about 20-30 s in all, most of it start-up.
-            options = replace(options, quick=True, groups=3, questions=6)
+            # 24 requests, about 8 s per strategy: some 20 s in all, start-up included.
+            options = replace(options, quick=True, groups=4, questions=6)
         return options
 
     @property
@@ -108,11 +114,10 @@ class DemoOptions:
 @dataclass(frozen=True, slots=True)
 class PlannedRequest:
     at: float  # wall-clock seconds after the run's start
-    group: int
     body: bytes
 
 
-_WORDS: Final = (
+_WORD_TEXT: Final = (
     "account admin alert api archive audit backup balance batch billing branch browser budget "
     "cache calendar capacity catalog certificate channel checkout client cluster compliance "
     "config contract coupon credential customer dashboard database deadline delivery deploy "
@@ -127,7 +132,8 @@ _WORDS: Final = (
     "shipment signal source staff standard status storage subscription supplier support "
     "survey system task team template tenant ticket timeout token tracking transfer update "
     "upgrade usage user vendor version volume voucher warehouse webhook window workflow zone"
-).split()
+)
+_WORDS: Final = tuple(_WORD_TEXT.split())
 _VERBS: Final = (
     "must be approved by",
     "is renewed with",
@@ -169,7 +175,7 @@ def _system_prompt(rng: random.Random, group: int, words: int) -> str:
     return "\n".join(lines)
 
 
-def build_workload(options: DemoOptions, model: str) -> tuple[PlannedRequest, ...]:
+def build_workload(options: DemoOptions) -> tuple[PlannedRequest, ...]:
     """The requests of one run, with their send times; the same for every strategy (seeded)."""
     rng = random.Random(options.seed)
     prompts = [
@@ -183,7 +189,7 @@ def build_workload(options: DemoOptions, model: str) -> tuple[PlannedRequest, ..
     for group, number in pairs:
         question = rng.choice(_QUESTIONS).format(rng.choice(_WORDS), rng.choice(_WORDS))
         body = {
-            "model": model,
+            "model": options.model,
             "messages": [
                 {"role": "system", "content": prompts[group]},
                 {"role": "user", "content": f"(question {number + 1}) {question}"},
@@ -192,7 +198,7 @@ def build_workload(options: DemoOptions, model: str) -> tuple[PlannedRequest, ..
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        planned.append(PlannedRequest(at=at, group=group, body=json.dumps(body).encode()))
+        planned.append(PlannedRequest(at=at, body=json.dumps(body).encode()))
         at += rng.expovariate(options.wall_rate)
     return tuple(planned)
 
@@ -253,7 +259,6 @@ class Ports:
 class DemoReport:
     options: DemoOptions
     ports: Ports
-    envoy_pid: int
     results: tuple[StrategyResult, ...]
     seconds: float
 
@@ -262,7 +267,9 @@ class DemoReport:
         data["options"]["output"] = str(self.options.output)
         data["strategies"] = list(STRATEGIES)
         data["endpoints"] = list(_endpoints(self.ports, self.options.pods))
-        data["where_to_look_next"] = [f"{what}: {why}" for what, why in _next_steps(self.ports)]
+        data["where_to_look_next"] = [
+            f"{what.replace('`', '')}: {why}" for what, why in _next_steps(self.ports)
+        ]
         return data
 
 
@@ -306,9 +313,10 @@ def _sim_argv(options: DemoOptions, ports: Ports) -> list[str]:
     )
 
 
-def _picker_argv(options: DemoOptions, ports: Ports) -> list[str]:
+def _picker_argv(options: DemoOptions, ports: Ports, *, config: Path) -> list[str]:
     return _python_cli(
         "serve",
+        *("--config", str(config)),
         *("--host", "127.0.0.1", "--endpoints", ",".join(_endpoints(ports, options.pods))),
         *("--grpc-port", str(ports.grpc), "--health-port", str(ports.health)),
         *("--metrics-port", str(ports.metrics), "--log-level", "WARNING"),
@@ -321,7 +329,7 @@ def _shown(argv: Sequence[str]) -> str:
 
 
 def _wait_for_picker(
-    child: subprocess.Popen[str], argv: Sequence[str], ports: Ports, pods: int
+    child: subprocess.Popen[str], argv: Sequence[str], *, ports: Ports, pods: int
 ) -> None:
     """Wait until the picker listens and has seen every pod ready (it learns them at start-up)."""
     deadline = time.monotonic() + 30
@@ -361,20 +369,21 @@ def _picker_ready_endpoints(metrics_port: int) -> float:
 
 
 @contextlib.contextmanager
-def _fleet_and_picker(options: DemoOptions, ports: Ports) -> Iterator[None]:
+def _fleet_and_picker(options: DemoOptions, ports: Ports, *, picker_config: Path) -> Iterator[None]:
     """A fresh fleet and a fresh picker on the given ports; both stopped by PID on exit."""
-    sim_argv, picker_argv = _sim_argv(options, ports), _picker_argv(options, ports)
+    sim_argv = _sim_argv(options, ports)
+    picker_argv = _picker_argv(options, ports, config=picker_config)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(process(sim_argv, ready_line=_SIM_READY))
         except RuntimeError as exc:
             last = ports.sim + options.pods - 1
             raise DemoError(
-                f"the simulated fleet did not start on ports {ports.sim}-{last} ({exc}); "
+                f"the simulated fleet did not start on ports {ports.sim}-{last}; "
                 f"run `{_shown(sim_argv)}` to see why"
             ) from exc
         picker = stack.enter_context(process(picker_argv))
-        _wait_for_picker(picker, picker_argv, ports, options.pods)
+        _wait_for_picker(picker, picker_argv, ports=ports, pods=options.pods)
         yield
 
 
@@ -382,7 +391,7 @@ def _fleet_and_picker(options: DemoOptions, ports: Ports) -> Iterator[None]:
 
 
 async def _send(
-    session: aiohttp.ClientSession, url: str, request: PlannedRequest, strategy: str
+    session: aiohttp.ClientSession, url: str, *, request: PlannedRequest, strategy: str
 ) -> Outcome:
     headers = {"content-type": "application/json", STRATEGY_HEADER: strategy}
     started = time.perf_counter()
@@ -410,11 +419,15 @@ async def _send(
     return Outcome(True, ttft, int(usage["completion_tokens"]), int(usage["prompt_tokens"]))
 
 
-async def _scrape(session: aiohttp.ClientSession, ports: Ports, pods: int) -> list[PodCounters]:
+async def _scrape(session: aiohttp.ClientSession, ports: Ports, *, pods: int) -> list[PodCounters]:
     counters = []
     for address in _endpoints(ports, pods):
-        async with session.get(f"http://{address}/metrics") as response:
-            text = await response.text()
+        try:
+            async with session.get(f"http://{address}/metrics") as response:
+                response.raise_for_status()
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DemoError(f"could not read the metrics of the pod at {address}: {exc}") from exc
         values = {"success": 0.0, "queries": 0.0, "hits": 0.0}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -430,11 +443,11 @@ async def _scrape(session: aiohttp.ClientSession, ports: Ports, pods: int) -> li
 
 
 async def _run_workload(
-    options: DemoOptions, ports: Ports, workload: Sequence[PlannedRequest], strategy: str
+    options: DemoOptions, ports: Ports, *, workload: Sequence[PlannedRequest], strategy: str
 ) -> StrategyResult:
     url = f"http://127.0.0.1:{ports.envoy}/v1/chat/completions"
     async with loadgen.new_session() as session:
-        before = await _scrape(session, ports, options.pods)
+        before = await _scrape(session, ports, pods=options.pods)
         tasks = []
         start = time.perf_counter()
         for request in workload:
@@ -442,16 +455,21 @@ async def _run_workload(
             delay = start + request.at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_send(session, url, request, strategy)))
+            tasks.append(
+                asyncio.create_task(_send(session, url, request=request, strategy=strategy))
+            )
         outcomes = await asyncio.gather(*tasks)
         seconds = time.perf_counter() - start
-        after = await _scrape(session, ports, options.pods)
-    return _summarize(strategy, options, outcomes, before, after, seconds)
+        after = await _scrape(session, ports, pods=options.pods)
+    return _summarize(
+        strategy, options, outcomes=outcomes, before=before, after=after, seconds=seconds
+    )
 
 
 def _summarize(
     strategy: str,
     options: DemoOptions,
+    *,
     outcomes: Sequence[Outcome],
     before: Sequence[PodCounters],
     after: Sequence[PodCounters],
@@ -468,9 +486,7 @@ def _summarize(
         sent=len(outcomes),
         ok=len(ok),
         errors=len(outcomes) - len(ok),
-        per_pod=tuple(
-            round(a.succeeded - b.succeeded) for a, b in zip(after, before, strict=True)
-        ),
+        per_pod=tuple(round(a.succeeded - b.succeeded) for a, b in zip(after, before, strict=True)),
         ttft_p50_ms=p50,
         ttft_p90_ms=p90,
         ttft_p50_sim_ms=p50 * options.speed,
@@ -496,7 +512,7 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> DemoReport:
         admin=admin,
     )
     endpoints = _endpoints(ports, options.pods)
-    workload = build_workload(options, options.model)
+    workload = build_workload(options)
 
     def say(text: str) -> None:
         if progress:
@@ -521,21 +537,28 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> DemoReport:
             concurrency=1,
             stdout=subprocess.DEVNULL,
             stderr=envoy_log,
-        ) as envoy,
+        ),
     ):
+        # On SIGTERM the picker waits up to shutdown_grace_seconds (5 s) for open ext_proc
+        # streams, and Envoy can keep a finished request's stream open for seconds (seen with
+        # the observability-mode response filter: every stream still open 1 s after the run).
+        # Between strategies nothing is in flight, so the demo's picker stops at once.
+        picker_config = options.output / "picker.yaml"
+        picker_config.write_text("server:\n  shutdown_grace_seconds: 0\n")
         for strategy in STRATEGIES:
             say(
                 f"extproc demo: {strategy}: starting a fresh fleet ({options.pods} pods from "
                 f":{ports.sim}) and picker (:{ports.grpc}); {len(workload)} requests over "
                 f"~{workload[-1].at:.0f} s"
             )
-            with _fleet_and_picker(options, ports):
-                result = asyncio.run(_run_workload(options, ports, workload, strategy))
+            with _fleet_and_picker(options, ports, picker_config=picker_config):
+                result = asyncio.run(
+                    _run_workload(options, ports, workload=workload, strategy=strategy)
+                )
             results.append(result)
     return DemoReport(
         options=options,
         ports=ports,
-        envoy_pid=envoy.pid,
         results=tuple(results),
         seconds=time.monotonic() - started,
     )
@@ -546,16 +569,73 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> DemoReport:
 
 def _next_steps(ports: Ports) -> list[tuple[str, str]]:
     return [
-        ("README.md", "what the picker is, and the quick start that keeps these processes up"),
-        ("docs/architecture.md", "the path of a request through the picker, module by module"),
-        ("docs/benchmarks.md", "what we measured and the commands that reproduce it"),
-        ("extproc bench overhead", "the latency the picker adds beside Envoy alone"),
+        ("`README.md`", "what the picker is; its quick start keeps these processes up"),
+        ("`docs/architecture.md`", "the path of a request through the picker, module by module"),
+        ("`docs/benchmarks.md`", "what we measured, and the commands that reproduce it"),
+        ("`extproc bench overhead`", "the latency the picker adds, measured beside Envoy alone"),
         (
             "Prometheus",
-            f"picker :{ports.metrics}/metrics (extproc_*), each pod :{ports.sim}/metrics "
-            "(vllm:*); gone with the demo, `extproc serve` and `extproc sim` bring them back",
+            f"the picker's :{ports.metrics}/metrics (extproc_*) and each pod's "
+            f":{ports.sim}/metrics (vllm:*), while they run",
         ),
     ]
+
+
+def _what_ran(report: DemoReport) -> list[tuple[str, str]]:
+    o, p = report.options, report.ports
+    return [
+        (
+            "fleet",
+            f"`extproc sim --pods {o.pods} --profile {PROFILE} --speed {o.speed:g}` on ports "
+            f"{p.sim}-{p.sim + o.pods - 1}: {o.model}, each pod a simulated "
+            f"{get_profile(PROFILE).description}",
+        ),
+        (
+            "picker",
+            f"`extproc serve --endpoints <the {o.pods} pods>`: ext_proc :{p.grpc}, "
+            f"gRPC health :{p.health}, Prometheus :{p.metrics}",
+        ),
+        (
+            "Envoy",
+            f"listener :{p.envoy}, admin :{p.admin}; its ext_proc filter asks the picker which "
+            "pod serves each request",
+        ),
+        (
+            "cold",
+            "the fleet and the picker are restarted before each strategy (empty caches)",
+        ),
+    ]
+
+
+def _workload(report: DemoReport) -> str:
+    o = report.options
+    prompt = max((r.prompt_tokens_mean for r in report.results), default=0.0)
+    wall = f" ({o.wall_rate:g}/s wall clock)" if o.speed != 1 else ""
+    return (
+        f"{o.requests} streaming chat requests, the same for every strategy (seed {o.seed}): "
+        f"{o.groups} system prompts of about {prompt:,.0f} tokens with {o.questions} questions "
+        f"each, {o.max_tokens[0]}-{o.max_tokens[1]} output tokens, Poisson arrivals at "
+        f"{o.rate:g} requests per simulated second{wall}, the strategy named per request in "
+        f"the header `{STRATEGY_HEADER}`"
+    )
+
+
+def _legend(speed: float) -> str:
+    clock = (
+        "wall clock = simulated time at speed 1"
+        if speed == 1
+        else f"simulated ms = wall clock x speed {speed:g}, wall-clock ms in brackets"
+    )
+    return (
+        f"TTFT: measured by the client to the first chunk with content ({clock}); tok/s: "
+        "output tokens per simulated second; hit rate: prefix-cache hits / queries in tokens, "
+        "summed over the pods' vLLM metrics"
+    )
+
+
+def _ttft(r: StrategyResult, speed: float) -> str:
+    text = f"{r.ttft_p50_sim_ms:.0f} / {r.ttft_p90_sim_ms:.0f}"
+    return text if speed == 1 else f"{text} ({r.ttft_p50_ms:.0f} / {r.ttft_p90_ms:.0f})"
 
 
 def _comparisons(results: Sequence[StrategyResult]) -> list[str]:
@@ -564,109 +644,94 @@ def _comparisons(results: Sequence[StrategyResult]) -> list[str]:
     for r in results[1:]:
         ratio = r.ttft_p90_ms / base.ttft_p90_ms if base.ttft_p90_ms > 0 else float("nan")
         lines.append(
-            f"{r.strategy}: TTFT p90 {ratio:.2f}x {base.strategy}'s, prefix-cache hit rate "
-            f"{100 * (r.hit_rate - base.hit_rate):+.1f} points"
+            f"{r.strategy}: TTFT p90 {ratio:.2f}x {base.strategy}'s, "
+            f"hit rate {100 * (r.hit_rate - base.hit_rate):+.1f} points"
         )
     return lines
 
 
-def _what_ran(report: DemoReport) -> list[str]:
-    o, p = report.options, report.ports
-    profile = get_profile(PROFILE)
-    return [
-        f"fleet: `extproc sim --pods {o.pods} --profile {PROFILE} --speed {o.speed:g}` on ports "
-        f"{p.sim}-{p.sim + o.pods - 1}: {o.model}, {profile.description}, simulated time "
-        f"{o.speed:g}x the wall clock",
-        f"picker: `extproc serve` with ext_proc on :{p.grpc}, gRPC health :{p.health}, "
-        f"Prometheus :{p.metrics}",
-        f"Envoy (pid {report.envoy_pid}): listener :{p.envoy}, admin :{p.admin}; its ext_proc "
-        "filter asks the picker, which pod serves each request",
-        "the fleet and the picker were restarted before each strategy: every strategy started "
-        "with empty caches",
-    ]
-
-
-def _workload_lines(report: DemoReport) -> list[str]:
-    o = report.options
-    prompt = max((r.prompt_tokens_mean for r in report.results), default=0.0)
-    return [
-        f"{o.requests} streaming chat requests, identical for every strategy (seed {o.seed}): "
-        f"{o.groups} long system prompts (~{prompt:,.0f} prompt tokens a request) with "
-        f"{o.questions} questions each, {o.max_tokens[0]}-{o.max_tokens[1]} output tokens",
-        f"Poisson arrivals at {o.rate:g} req/s simulated ({o.wall_rate:g} req/s wall clock); "
-        f"strategy chosen per request by the header `{STRATEGY_HEADER}`",
-    ]
-
-
-def _legend(speed: float) -> str:
-    return (
-        "TTFT: client-side time to the first content chunk, wall clock x speed "
-        f"{speed:g} = simulated ms (wall-clock ms in brackets); tok/s: output tokens per "
-        "simulated second; hit rate: fleet prefix-cache hits / queries, in tokens"
+def _wrap(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(
+        text,
+        width=96,
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
+        break_on_hyphens=False,  # keep model names whole
     )
 
 
 def render_text(report: DemoReport) -> str:
-    lines = ["extproc demo: one workload, each routing strategy in turn, through the real Envoy"]
+    speed = report.options.speed
+    lines = ["extproc demo: one workload, routed by each strategy in turn, through the real Envoy"]
     lines += ["", "What ran (all on 127.0.0.1, each process stopped by PID at the end)"]
-    lines += [f"  {line.replace('`', '')}" for line in _what_ran(report)]
+    for label, text in _what_ran(report):
+        lines += _wrap(f"{label:<8}{text.replace('`', '')}", "  ")
     lines += ["", "Workload"]
-    lines += [f"  {line.replace('`', '')}" for line in _workload_lines(report)]
-    lines += ["", "Results", f"  ({_legend(report.options.speed)})"]
-    pod_width = max(17, 4 * report.options.pods)
-    lines.append(
-        f"  {'strategy':<14} {'sent':>4} {'ok':>4} {'errors':>6}  {'requests per pod':<{pod_width}}"
-        f" {'TTFT p50':>14} {'TTFT p90':>15} {'tok/s':>6} {'hit rate':>8}"
-    )
-    for r in report.results:
-        pods = " ".join(f"{n:>3}" for n in r.per_pod)
-        lines.append(
-            f"  {r.strategy:<14} {r.sent:>4} {r.ok:>4} {r.errors:>6}  {pods:<{pod_width}}"
-            f" {r.ttft_p50_sim_ms:>6.0f} ({r.ttft_p50_ms:>4.0f}) ms"
-            f" {r.ttft_p90_sim_ms:>7.0f} ({r.ttft_p90_ms:>4.0f}) ms"
-            f" {r.output_tokens_per_s:>6.0f} {100 * r.hit_rate:>7.1f}%"
+    lines += _wrap(_workload(report).replace("`", ""), "  ")
+    table = [
+        ("strategy", "sent", "ok", "errors", "per pod", "TTFT p50 / p90 ms", "tok/s", "hit rate")
+    ]
+    table += [
+        (
+            r.strategy,
+            str(r.sent),
+            str(r.ok),
+            str(r.errors),
+            " ".join(map(str, r.per_pod)),
+            _ttft(r, speed),
+            f"{r.output_tokens_per_s:.0f}",
+            f"{100 * r.hit_rate:.1f}%",
         )
-    for r in report.results:
-        if r.first_error:
-            lines.append(f"  first error with {r.strategy}: {r.first_error}")
+        for r in report.results
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines += ["", "Results"]
+    for row in table:
+        cells = [
+            cell.ljust(width) if i in (0, 4) else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  " + "  ".join(cells).rstrip())
+    lines += _wrap(_legend(speed), "  ")
+    lines += [
+        f"  first error with {r.strategy}: {r.first_error}" for r in report.results if r.errors
+    ]
     if len(report.results) > 1:
         lines += ["", f"Compared with {report.results[0].strategy}"]
         lines += [f"  {line}" for line in _comparisons(report.results)]
     lines += ["", "Where to look next"]
-    width = max(len(what) for what, _ in _next_steps(report.ports))
-    lines += [f"  {what:<{width}}  {why}" for what, why in _next_steps(report.ports)]
+    steps = [(what.replace("`", ""), why) for what, why in _next_steps(report.ports)]
+    width = max(len(what) for what, _ in steps)
+    for what, why in steps:
+        lines += _wrap(f"{what:<{width}}  {why}", "  ")
     return "\n".join(lines)
 
 
 def render_markdown(report: DemoReport) -> str:
-    lines = ["# extproc demo", "", "One workload, each routing strategy in turn, through Envoy."]
+    speed = report.options.speed
+    lines = ["# extproc demo", "", "One workload, routed by each strategy in turn, through Envoy."]
     lines += ["", "## What ran", ""]
-    lines += [f"- {line}" for line in _what_ran(report)]
-    lines += ["", "## Workload", ""]
-    lines += [f"- {line}" for line in _workload_lines(report)]
-    lines += ["", "## Results", "", _legend(report.options.speed) + ".", ""]
+    lines += [f"- {label}: {text}" for label, text in _what_ran(report)]
+    lines += ["", "## Workload", "", _workload(report), "", "## Results", ""]
     lines += [
-        "| strategy | sent | ok | errors | requests per pod | TTFT p50 ms | TTFT p90 ms "
-        "| tok/s | hit rate |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| strategy | sent | ok | errors | requests per pod | TTFT p50 / p90 ms | tok/s "
+        "| hit rate |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for r in report.results:
-        lines.append(
-            f"| {r.strategy} | {r.sent} | {r.ok} | {r.errors} | "
-            f"{' / '.join(map(str, r.per_pod))} | {r.ttft_p50_sim_ms:.0f} ({r.ttft_p50_ms:.0f}) | "
-            f"{r.ttft_p90_sim_ms:.0f} ({r.ttft_p90_ms:.0f}) | {r.output_tokens_per_s:.0f} | "
-            f"{100 * r.hit_rate:.1f}% |"
-        )
     lines += [
-        f"\nFirst error with {r.strategy}: `{r.first_error}`"
+        f"| {r.strategy} | {r.sent} | {r.ok} | {r.errors} | {' / '.join(map(str, r.per_pod))} "
+        f"| {_ttft(r, speed)} | {r.output_tokens_per_s:.0f} | {100 * r.hit_rate:.1f}% |"
         for r in report.results
-        if r.first_error
+    ]
+    lines += ["", _legend(speed) + "."]
+    lines += [
+        f"\nFirst error with {r.strategy}: `{r.first_error}`" for r in report.results if r.errors
     ]
     if len(report.results) > 1:
         lines += ["", f"## Compared with {report.results[0].strategy}", ""]
         lines += [f"- {line}" for line in _comparisons(report.results)]
     lines += ["", "## Where to look next", ""]
-    lines += [f"- `{what}`: {why}" for what, why in _next_steps(report.ports)]
+    lines += [f"- {what}: {why}" for what, why in _next_steps(report.ports)]
     return "\n".join(lines) + "\n"
 
 
@@ -690,7 +755,7 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
     # Ignore further signals so a second Ctrl-C cannot cut the clean-up short.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    raise _Stopped(signal.Signals(signum).name)
+    raise _Stopped(signum)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -728,8 +793,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = run_demo(options)
     except _Stopped as exc:
-        print(f"extproc demo: stopped by {exc}; every process it started is stopped", file=sys.stderr)
-        return 130
+        signum = int(exc.args[0])
+        print(
+            f"extproc demo: stopped by {signal.Signals(signum).name}; "
+            "every process it started is stopped",
+            file=sys.stderr,
+        )
+        return 128 + signum
     except (DemoError, EnvoyError, OSError) as exc:
         print(f"extproc demo: {exc}", file=sys.stderr)
         return 1

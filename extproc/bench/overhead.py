@@ -272,7 +272,7 @@ async def _measure(
             # Alternate the paths in short phases so drifting background load hits both.
             for _ in range(2):
                 for path, url in urls.items():
-                    got, took = await loadgen.closed_loop(
+                    samples, took = await loadgen.closed_loop(
                         session,
                         url,
                         body,
@@ -280,7 +280,7 @@ async def _measure(
                         duration=seconds / 2,
                         headers=headers,
                     )
-                    collected[path] += got
+                    collected[path] += samples
                     elapsed[path] += took
             for path in urls:
                 report.results.append(
