@@ -44,6 +44,9 @@ class EndpointConfig:
     models: tuple[str, ...] = _key(
         (), "Models it serves (base and adapters); learned from its `/v1/models` as well."
     )
+    kv_events: str = _key(
+        "", "Its vLLM KV-cache event publisher (`tcp://ip:port`); empty: ask `/kv_event_sources`."
+    )
 
     def __post_init__(self) -> None:
         host, sep, port = self.address.rpartition(":")
