@@ -1,7 +1,8 @@
 """A model server that answers at once, for measuring what the routing path itself costs.
 
 It reads the whole request body (as a real server must) and returns a small completion, so the
-time a request takes is Envoy, the picker and the sockets, not a model. Several ports in one
+time a request takes is Envoy, the picker and the sockets, not a model, unless the client asks
+for a service time with `x-bench-delay-ms`. Several ports in one
 process; run it in its own process so it does not share a core with the load generator.
 """
 
@@ -32,6 +33,10 @@ def _app(model: str) -> web.Application:
 
     async def complete(request: web.Request) -> web.Response:
         await request.read()
+        # The load generator may ask for a service time, standing in for a model's prefill.
+        delay_ms = request.headers.get("x-bench-delay-ms")
+        if delay_ms:
+            await asyncio.sleep(float(delay_ms) / 1000)
         return web.Response(body=_COMPLETION, content_type="application/json")
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
