@@ -33,9 +33,11 @@ lint: $(STAMP) ## ruff, mypy (strict) and the import layers
 bench: $(STAMP) ## Run the benchmarks (see docs/benchmarks.md)
 	$(BIN)/extproc bench overhead
 
+# A proto's path under protos/ is the package its code lands in (protos/extproc/_generated/x.proto
+# -> extproc._generated.x_pb2), so generated imports are absolute and work from anywhere.
 protos: $(STAMP) ## Regenerate extproc/_generated from protos/ with grpcio-tools
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=extproc/_generated \
-	  --grpc_python_out=extproc/_generated --pyi_out=extproc/_generated $$(find protos -name '*.proto')
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
+	  $$(find protos -name '*.proto')
 
 clean: ## Remove .venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
