@@ -102,8 +102,27 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesDiscoveryConfig:
+    """Endpoints from `InferencePool`s (inference.networking.k8s.io/v1) and the Ready pods they
+    select (docs/discovery.md)."""
+
+    namespace: str = _key(
+        "", "Namespace to watch; empty: the pod's own namespace in a cluster, else `default`."
+    )
+    pools: tuple[str, ...] = _key((), "InferencePool names to serve; empty: every pool.")
+    kubeconfig: str = _key("", "Kubeconfig file; empty: in-cluster config, else the default.")
+    context: str = _key("", "Kubeconfig context; empty: the current one.")
+    watch_timeout_seconds: int = _key(
+        300, "The server ends each watch after this long and it is resumed.", minimum=1
+    )
+    request_timeout_seconds: float = _key(30.0, "Connect and list timeout.", minimum=0.1)
+    backoff_initial_seconds: float = _key(0.5, "First retry delay after an error.", minimum=0.01)
+    backoff_max_seconds: float = _key(30.0, "Longest retry delay.", minimum=0.01)
+
+
+@dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
-    """How the picker learns what each endpoint serves."""
+    """How the picker learns its endpoints and what each serves."""
 
     models_refresh_seconds: float = _key(
         5.0, "How often each endpoint's `/v1/models` is read.", minimum=0.05
@@ -112,6 +131,9 @@ class DiscoveryConfig:
         2.0,
         "Timeout of one `/v1/models` read; a failure marks the endpoint not ready.",
         minimum=0.01,
+    )
+    kubernetes: KubernetesDiscoveryConfig | None = _key(
+        None, "Set to watch InferencePools instead of a static `endpoints` list (see below)."
     )
 
 
@@ -134,22 +156,33 @@ def reference_markdown() -> str:
         "keeps this file equal to it. Pass the file with `extproc serve --config FILE`; flags "
         "override it.",
     ]
-    hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
-        section = hints[f.name]
-        if typing.get_origin(section) is tuple:
-            section = typing.get_args(section)[0]
-            lines += ["", f"## `{f.name}` (a list)", "", f.metadata.get("doc", "")]
+        hint = typing.get_type_hints(Config)[f.name]
+        if typing.get_origin(hint) is tuple:
+            _section(lines, f.name, typing.get_args(hint)[0], f.metadata["doc"], " (a list)")
         else:
-            lines += ["", f"## `{f.name}`", "", (section.__doc__ or "").strip()]
-        lines += ["", "| key | type | default | meaning |", "|---|---|---|---|"]
-        section_hints = typing.get_type_hints(section)
-        for key in dataclasses.fields(section):
-            default = "required" if key.default is dataclasses.MISSING else f"`{key.default!r}`"
-            hint = section_hints[key.name]
-            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            lines.append(f"| `{key.name}` | `{kind}` | {default} | {key.metadata.get('doc', '')} |")
+            _section(lines, f.name, hint, "")
     return "\n".join(lines) + "\n"
+
+
+def _section(lines: list[str], name: str, section: Any, doc: str, suffix: str = "") -> None:
+    lines += ["", f"## `{name}`{suffix}", ""]
+    lines += [doc or (section.__doc__ or "").strip()]
+    lines += ["", "| key | type | default | meaning |", "|---|---|---|---|"]
+    hints = typing.get_type_hints(section)
+    nested = []
+    for key in dataclasses.fields(section):
+        hint = hints[key.name]
+        default = "required" if key.default is dataclasses.MISSING else f"`{key.default!r}`"
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        if inner:
+            nested.append((f"{name}.{key.name}", inner[0]))
+            kind = "section"
+        else:
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        lines.append(f"| `{key.name}` | `{kind}` | {default} | {key.metadata.get('doc', '')} |")
+    for nested_name, nested_section in nested:
+        _section(lines, nested_name, nested_section, "")
 
 
 def load_config(

@@ -228,8 +228,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         validate_strategy_name(config.routing.strategy)
     except ValueError as exc:
         raise ConfigError("routing.strategy", str(exc)) from exc
-    if not config.endpoints:
-        raise ConfigError("endpoints", "no endpoints: give --endpoints or an 'endpoints' list")
+    if config.discovery.kubernetes is not None and config.endpoints:
+        raise ConfigError(
+            "discovery.kubernetes",
+            "endpoints come from InferencePools or from a static list, not both",
+        )
+    if not config.endpoints and config.discovery.kubernetes is None:
+        raise ConfigError(
+            "endpoints",
+            "no endpoints: give --endpoints, an 'endpoints' list, or discovery.kubernetes",
+        )
     return config
 
 

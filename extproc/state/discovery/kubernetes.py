@@ -1,0 +1,583 @@
+"""Kubernetes discovery: Ready pods selected by `InferencePool` objects, one endpoint per port.
+
+    settings = KubernetesSettings(namespace="llm", pools=("llama",))
+    task = asyncio.create_task(KubernetesDiscovery(settings).run(on_change))
+
+Two resources are watched in the namespace, each by a `_Reflector` on its own thread:
+`inferencepools.inference.networking.k8s.io/v1` (every pool, or only the ones named in
+`settings.pools`) and `pods` (all of them: a pool's selector can change at any time, and the
+reference endpoint picker watches the namespace's pods the same way). The event loop keeps the
+latest copy of both and, after each batch of changes, derives the set: for every selected pool,
+every pod whose labels contain the pool's `spec.selector.matchLabels`, that is Ready, not
+terminating and has an IP, gives one `EndpointConfig` per `spec.targetPorts[].number`. The set is
+delivered only once both resources have been listed, and only when it changes.
+
+Pod annotations (documented in `docs/discovery.md`):
+- `extproc.io/models`: comma-separated model names the pod serves (also learned from
+  `/v1/models`); an annotation and not a label because model names contain `/`.
+- `extproc.io/kv-events`: the vLLM KV event publisher, `tcp://host:port`, or just a port, which
+  means `tcp://<pod IP>:<port>` (a pod template cannot know its pod's IP).
+
+Why threads: the official client is synchronous (urllib3). Each reflector runs the client's list
+and watch calls with `_preload_content=False` and reads the watch stream line by line itself, so
+it keeps the resourceVersion of every event and bookmark (the client's `Watch` helper loses it, and
+fails on ERROR events, when objects are not deserialized into models; deserializing every pod into
+`V1Pod` costs far more than `json.loads`). Updates reach the loop through
+`loop.call_soon_threadsafe`. Cancelling `run` stops both threads: a flag, plus a shutdown of the
+socket a watch is blocked on; a list in flight finishes first (bounded by
+`request_timeout_seconds`).
+
+Each reflector lists, then watches from the list's resourceVersion; a watch that ends normally
+(the server's `timeoutSeconds`) is resumed from the last resourceVersion seen; `410 Gone` (as an
+HTTP status or an ERROR event) means that version is too old, so it lists again, which also
+catches deletions the watch never reported. Any other error is logged and retried after an
+exponential backoff with full jitter, capped, from the same resourceVersion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import kubernetes.client
+import kubernetes.config
+from kubernetes.watch import watch as _kubernetes_watch
+
+from extproc.config import ConfigError, EndpointConfig, KubernetesDiscoveryConfig
+from extproc.state.discovery import OnChange, ordered
+
+log = logging.getLogger(__name__)
+
+POOL_GROUP = "inference.networking.k8s.io"
+POOL_VERSION = "v1"
+POOL_PLURAL = "inferencepools"
+MODELS_ANNOTATION = "extproc.io/models"
+KV_EVENTS_ANNOTATION = "extproc.io/kv-events"
+# Where a pod's service account namespace is mounted; the default namespace in a cluster.
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+_GONE = 410
+
+# The client's functions used below that it leaves untyped, given types here at the edge.
+_load_kube_config = cast(Callable[..., None], kubernetes.config.load_kube_config)
+_load_incluster_config = cast(Callable[..., None], kubernetes.config.load_incluster_config)
+_iter_resp_lines = cast(Callable[[Any], Iterable[str]], _kubernetes_watch.iter_resp_lines)
+
+
+# How to reach the API and what to watch: the `discovery.kubernetes` config section.
+KubernetesSettings = KubernetesDiscoveryConfig
+
+
+# The records the event loop keeps; raw API objects stay inside this module.
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    name: str
+    match_labels: tuple[tuple[str, str], ...]
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PodState:
+    name: str
+    labels: Mapping[str, str]
+    ip: str
+    ready: bool  # the Ready condition is True and the pod is not being deleted
+    models: tuple[str, ...] = ()
+    kv_events: str = ""  # as annotated: a URL or a bare port
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """A complete list of one resource: it replaces everything known about that resource."""
+
+    resource: str
+    objects: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Changed:
+    resource: str
+    kind: str  # ADDED, MODIFIED, DELETED
+    object: Mapping[str, Any]
+
+
+_Update = _Listed | _Changed
+
+
+class _Expired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again."""
+
+
+class _WatchError(Exception):
+    """An ERROR event other than 410 in a watch stream."""
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, initial * 2**n)]."""
+
+    initial: float
+    cap: float
+    _attempt: int = 0
+    _random: random.Random = field(default_factory=random.Random)
+
+    def delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return self._random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class KubernetesDiscovery:
+    """Endpoints of the Ready pods that `InferencePool` objects select, kept live by watches."""
+
+    def __init__(
+        self,
+        settings: KubernetesSettings,
+        *,
+        client_configuration: Any | None = None,
+    ) -> None:
+        """`client_configuration` (a `kubernetes.client.Configuration`) skips config loading."""
+        self._settings = settings
+        self._client_configuration = client_configuration
+
+    async def run(self, on_change: OnChange) -> None:
+        settings = self._settings
+        namespace = settings.namespace or _default_namespace()
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[_Update] = asyncio.Queue()
+        stop = threading.Event()
+
+        def deliver(update: _Update) -> None:
+            # Called on a reflector's thread.
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+
+        reflectors = [
+            _Reflector(
+                "pools",
+                _pool_lister(namespace),
+                settings=settings,
+                make_client=self._make_client,
+                deliver=deliver,
+                stop=stop,
+            ),
+            _Reflector(
+                "pods",
+                _pod_lister(namespace),
+                settings=settings,
+                make_client=self._make_client,
+                deliver=deliver,
+                stop=stop,
+            ),
+        ]
+        log.info(
+            "kubernetes discovery: namespace %s, pools %s",
+            namespace,
+            ", ".join(settings.pools) or "all",
+        )
+        state = _State(selected=frozenset(settings.pools))
+        delivered: tuple[EndpointConfig, ...] | None = None
+        for reflector in reflectors:
+            reflector.start(loop)
+        try:
+            while True:
+                state.apply(await updates.get())
+                # Apply everything already queued before deriving: a re-list of 500 pods arrives
+                # as one update, but a burst of watch events should not cause a set per event.
+                while not updates.empty():
+                    state.apply(updates.get_nowait())
+                endpoints = state.endpoints()
+                if endpoints is not None and endpoints != delivered:
+                    _log_change(delivered or (), endpoints)
+                    delivered = endpoints
+                    on_change(endpoints)
+        finally:
+            stop.set()
+            for reflector in reflectors:
+                reflector.interrupt()
+            for reflector in reflectors:
+                await reflector.wait()
+
+    def _make_client(self) -> Any:
+        """An ApiClient; runs on a reflector's thread (kubeconfig exec plugins can be slow)."""
+        settings = self._settings
+        configuration = self._client_configuration
+        if configuration is None:
+            configuration = kubernetes.client.Configuration()
+            if settings.kubeconfig or not _in_cluster():
+                _load_kube_config(
+                    config_file=settings.kubeconfig or None,
+                    context=settings.context or None,
+                    client_configuration=configuration,
+                )
+            else:
+                _load_incluster_config(client_configuration=configuration)
+        return kubernetes.client.ApiClient(configuration)
+
+
+class _State:
+    """The latest pools and pods, owned by the event loop; derives the endpoint set."""
+
+    def __init__(self, *, selected: frozenset[str]) -> None:
+        self._selected = selected  # empty: all pools
+        self._pools: dict[str, PoolSpec] = {}
+        self._pods: dict[str, PodState] = {}
+        self._listed: set[str] = set()
+
+    def apply(self, update: _Update) -> None:
+        if isinstance(update, _Listed):
+            self._listed.add(update.resource)
+            if update.resource == "pools":
+                self._pools = {}
+            else:
+                self._pods = {}
+            for obj in update.objects:
+                self._put(update.resource, obj)
+        elif update.kind == "DELETED":
+            name = _name(update.object)
+            (self._pools if update.resource == "pools" else self._pods).pop(name, None)
+        else:
+            self._put(update.resource, update.object)
+
+    def _put(self, resource: str, obj: Mapping[str, Any]) -> None:
+        name = _name(obj)
+        if not name:
+            return
+        if resource == "pools":
+            if self._selected and name not in self._selected:
+                return
+            pool = parse_pool(obj)
+            if pool is None:
+                self._pools.pop(name, None)
+            else:
+                self._pools[name] = pool
+        else:
+            self._pods[name] = parse_pod(obj)
+
+    def endpoints(self) -> tuple[EndpointConfig, ...] | None:
+        """The set, or None until both resources have been listed once."""
+        if self._listed != {"pools", "pods"}:
+            return None
+        return derive_endpoints(self._pools.values(), self._pods.values())
+
+
+def derive_endpoints(
+    pools: Iterable[PoolSpec], pods: Iterable[PodState]
+) -> tuple[EndpointConfig, ...]:
+    """One endpoint per (Ready pod with an IP that a pool selects) x (that pool's target port)."""
+    pods = [pod for pod in pods if pod.ready and pod.ip]
+    found: list[EndpointConfig] = []
+    for pool in sorted(pools, key=lambda p: p.name):
+        for pod in pods:
+            if not all(pod.labels.get(key) == value for key, value in pool.match_labels):
+                continue
+            host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip  # IPv6 as Envoy expects it
+            kv_events = pod.kv_events
+            if kv_events.isdigit():
+                kv_events = f"tcp://{host}:{kv_events}"
+            for port in pool.ports:
+                try:
+                    found.append(
+                        EndpointConfig(
+                            address=f"{host}:{port}", models=pod.models, kv_events=kv_events
+                        )
+                    )
+                except ConfigError as exc:
+                    log.warning("pod %s: %s: %s", pod.name, exc.key, exc.problem)
+    # A pod selected by two pools with the same port is one endpoint.
+    return ordered(found)
+
+
+def parse_pool(obj: Mapping[str, Any]) -> PoolSpec | None:
+    """The parts of an InferencePool the picker uses, or None (logged) if they are unusable."""
+    name = _name(obj)
+    spec = _mapping(obj.get("spec"))
+    match_labels = _mapping(_mapping(spec.get("selector")).get("matchLabels"))
+    ports = tuple(
+        port["number"]
+        for port in spec.get("targetPorts") or ()
+        if isinstance(port, Mapping) and isinstance(port.get("number"), int)
+    )
+    # An empty selector would select every pod in the namespace; the CRD requires one, so an
+    # object without it is broken rather than a request for everything.
+    if not match_labels or not ports:
+        log.warning(
+            "InferencePool %s has no %s; it selects no endpoints",
+            name,
+            "spec.selector.matchLabels" if not match_labels else "spec.targetPorts",
+        )
+        return None
+    return PoolSpec(
+        name=name,
+        match_labels=tuple(sorted((str(k), str(v)) for k, v in match_labels.items())),
+        ports=tuple(sorted(set(ports))),
+    )
+
+
+def parse_pod(obj: Mapping[str, Any]) -> PodState:
+    metadata = _mapping(obj.get("metadata"))
+    status = _mapping(obj.get("status"))
+    annotations = _mapping(metadata.get("annotations"))
+    ready = not metadata.get("deletionTimestamp") and any(
+        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or ()
+    )
+    models = str(annotations.get(MODELS_ANNOTATION, ""))
+    return PodState(
+        name=str(metadata.get("name", "")),
+        labels={str(k): str(v) for k, v in _mapping(metadata.get("labels")).items()},
+        ip=str(status.get("podIP") or ""),
+        ready=ready,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        kv_events=str(annotations.get(KV_EVENTS_ANNOTATION, "")).strip(),
+    )
+
+
+class _Reflector:
+    """List-then-watch one resource on its own thread, handing updates to `deliver`."""
+
+    def __init__(
+        self,
+        resource: str,
+        call: Callable[..., Any],
+        *,
+        settings: KubernetesSettings,
+        make_client: Callable[[], Any],
+        deliver: Callable[[_Update], None],
+        stop: threading.Event,
+    ) -> None:
+        self._resource = resource
+        self._call = call  # (api_client, **list_kwargs) -> urllib3 response
+        self._settings = settings
+        self._make_client = make_client
+        self._deliver = deliver
+        self._stop = stop
+        self._thread: threading.Thread | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._lock = threading.Lock()  # guards _response between this thread and interrupt()
+        self._response: Any = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        ended: asyncio.Future[None] = loop.create_future()
+        self._ended = ended
+
+        def finished() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        def run() -> None:
+            try:
+                self._run()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(finished)
+
+        self._thread = threading.Thread(target=run, name=f"k8s-watch-{self._resource}", daemon=True)
+        self._thread.start()
+
+    def interrupt(self) -> None:
+        """Unblock a watch read from another thread (the stop flag must be set first)."""
+        with self._lock:
+            response = self._response
+        if response is not None:
+            _shutdown(response)
+
+    async def wait(self) -> None:
+        """Wait, without blocking the loop, until the thread has ended (after `stop` is set)."""
+        if self._thread is None or self._ended is None:
+            return
+        try:
+            await asyncio.shield(self._ended)
+        except asyncio.CancelledError:
+            # Cancelled again while stopping: still leave no thread behind.
+            self._thread.join()
+            raise
+        self._thread.join()  # it has signalled its end: this returns at once
+
+    def _run(self) -> None:
+        settings = self._settings
+        backoff = Backoff(settings.backoff_initial_seconds, settings.backoff_max_seconds)
+        api: Any = None
+        version = ""  # empty: list first
+        try:
+            while not self._stop.is_set():
+                try:
+                    if api is None:
+                        api = self._make_client()
+                    if not version:
+                        version = self._list(api)
+                        backoff.reset()
+                    started = time.monotonic()
+                    version, events = self._watch(api, version)
+                    if events:
+                        backoff.reset()
+                    elif time.monotonic() - started < 1.0 and not self._stop.is_set():
+                        # A server that ends every watch at once must not be hammered.
+                        self._stop.wait(backoff.delay())
+                except _Expired:
+                    if self._stop.is_set():
+                        break
+                    log.info(
+                        "%s watch expired at resourceVersion %s; listing again",
+                        self._resource,
+                        version,
+                    )
+                    version = ""
+                except Exception as exc:  # any failure is logged and retried, never fatal
+                    if self._stop.is_set():
+                        break
+                    delay = backoff.delay()
+                    log.warning(
+                        "%s %s failed: %s; retrying in %.1fs",
+                        self._resource,
+                        "list" if not version else "watch",
+                        _describe(exc),
+                        delay,
+                    )
+                    self._stop.wait(delay)
+        finally:
+            if api is not None:
+                api.close()
+
+    def _list(self, api: Any) -> str:
+        response = self._call(
+            api,
+            _preload_content=False,
+            _request_timeout=(self._settings.request_timeout_seconds,) * 2,
+        )
+        try:
+            document = json.loads(response.data)
+        finally:
+            response.release_conn()
+        items = document.get("items") or []
+        self._deliver(_Listed(self._resource, tuple(i for i in items if isinstance(i, dict))))
+        version = str(_mapping(document.get("metadata")).get("resourceVersion") or "")
+        # Without a version (not a real API server) the watch starts from "now"; a version is
+        # never empty afterwards, so the loop does not list again on its own.
+        return version or "0"
+
+    def _watch(self, api: Any, version: str) -> tuple[str, int]:
+        """One watch request from `version`; returns the last version seen and the event count."""
+        settings = self._settings
+        try:
+            response = self._call(
+                api,
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=settings.watch_timeout_seconds,
+                _preload_content=False,
+                _request_timeout=(
+                    settings.request_timeout_seconds,
+                    settings.watch_timeout_seconds + settings.request_timeout_seconds,
+                ),
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == _GONE:
+                raise _Expired from exc
+            raise
+        with self._lock:
+            self._response = response
+        events = 0
+        try:
+            if self._stop.is_set():  # stopped while connecting: interrupt() saw no response
+                return version, events
+            for line in _iter_resp_lines(response):
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind = event.get("type")
+                obj = _mapping(event.get("object"))
+                if kind == "ERROR":
+                    if obj.get("code") == _GONE:
+                        raise _Expired
+                    raise _WatchError(
+                        f"{obj.get('code')} {obj.get('reason')}: {obj.get('message')}"
+                    )
+                version = str(_mapping(obj.get("metadata")).get("resourceVersion") or version)
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    events += 1
+                    self._deliver(_Changed(self._resource, kind, obj))
+        finally:
+            with self._lock:
+                self._response = None
+            response.close()
+            response.release_conn()
+        return version, events
+
+
+def _pool_lister(namespace: str) -> Callable[..., Any]:
+    """The client call that lists (or, with watch=True, watches) the namespace's pools."""
+
+    def call(api: Any, **kwargs: Any) -> Any:
+        return kubernetes.client.CustomObjectsApi(api).list_namespaced_custom_object(
+            POOL_GROUP, POOL_VERSION, namespace, POOL_PLURAL, **kwargs
+        )
+
+    return call
+
+
+def _pod_lister(namespace: str) -> Callable[..., Any]:
+    def call(api: Any, **kwargs: Any) -> Any:
+        return kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, **kwargs)
+
+    return call
+
+
+def _shutdown(response: Any) -> None:
+    """Make a read blocked on `response` (a urllib3 response) return, from another thread."""
+    with contextlib.suppress(Exception):  # already closed: nothing is blocked on it
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _default_namespace() -> str:
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str(_mapping(obj.get("metadata")).get("name") or "")
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return cast(Mapping[str, Any], value) if isinstance(value, Mapping) else {}
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, kubernetes.client.ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _log_change(before: tuple[EndpointConfig, ...], after: tuple[EndpointConfig, ...]) -> None:
+    old = {e.address for e in before}
+    new = {e.address for e in after}
+    log.info(
+        "kubernetes discovery: %d endpoints (added %s; removed %s)",
+        len(after),
+        ", ".join(sorted(new - old)) or "none",
+        ", ".join(sorted(old - new)) or "none",
+    )
