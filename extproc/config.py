@@ -20,6 +20,7 @@ import yaml
 
 BodyMode = Literal["streamed", "buffered"]
 FailureMode = Literal["FailClose", "FailOpen"]
+StalePolicy = Literal["saturated", "drop"]
 
 
 class ConfigError(ValueError):
@@ -138,10 +139,33 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    """Live load from every endpoint's vLLM `/metrics` (docs/collector.md)."""
+
+    enabled: bool = _key(True, "Scrape the endpoints' metrics (off: only in-flight counts).")
+    interval_seconds: float = _key(0.05, "Time between scrape rounds.", minimum=0.005)
+    timeout_seconds: float = _key(
+        0.04, "Timeout of one scrape; keep it under the interval.", minimum=0.001
+    )
+    staleness_seconds: float = _key(
+        2.0, "A last good scrape older than this makes an endpoint's load stale.", minimum=0.01
+    )
+    unready_after_failures: int = _key(
+        3, "Consecutive failed scrapes after which an endpoint is not ready.", minimum=1
+    )
+    stale_policy: StalePolicy = _key(
+        "saturated",
+        "What a stale endpoint is to the scheduler: `saturated` (used only if nothing fresher "
+        "can serve) or `drop` (not used).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
     endpoints: tuple[EndpointConfig, ...] = field(
         default=(), metadata={"doc": "Static list of model servers (or `--endpoints`)."}
     )

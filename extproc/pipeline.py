@@ -102,7 +102,12 @@ class Pipeline:
             request = parsed
 
         candidates = candidates_for(
-            self._store.current, self._inflight, model=request.model, subset=head.subset
+            self._store.current,
+            self._inflight,
+            model=request.model,
+            subset=head.subset,
+            collector=self._config.collector,
+            now=time.monotonic(),
         )
         if isinstance(candidates, NoCandidates):
             if candidates.unknown_model and request.model is not None:

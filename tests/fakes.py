@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 
+def vllm_metrics(model: str, *, running: int = 0, waiting: int = 0) -> str:
+    """A minimal vLLM /metrics page with the series the picker's collector reads."""
+    labels = f'engine="0",model_name="{model}"'
+    return (
+        f"vllm:num_requests_running{{{labels}}} {running}.0\n"
+        f"vllm:num_requests_waiting{{{labels}}} {waiting}.0\n"
+        f"vllm:kv_cache_usage_perc{{{labels}}} 0.0\n"
+        f"vllm:prefix_cache_queries_total{{{labels}}} 0.0\n"
+        f"vllm:prefix_cache_hits_total{{{labels}}} 0.0\n"
+    )
+
+
 @dataclass
 class Received:
     path: str
@@ -39,6 +51,7 @@ class ModelServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_post("/v1/embeddings", self._embed)
@@ -64,6 +77,9 @@ class ModelServer:
             for a in self.adapters
         ]
         return web.json_response({"object": "list", "data": data}, headers=self._tag())
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=vllm_metrics(self.model), content_type="text/plain")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(headers=self._tag())

@@ -222,7 +222,7 @@ async def test_no_ready_endpoint_is_503_with_retry_after(
     picker, channel = await picker_for([server.address])
     assert len(await _route(channel, COMPLETION)) == 1
     await server.stop()
-    await picker._refresh()  # the next discovery round, now
+    await picker.refresh_models()  # the next discovery round, now
     status, headers, error = await _refused(channel, COMPLETION)
     assert (status, error["error"]["code"]) == (503, "no_ready_endpoint")
     assert headers["retry-after"] == "1"

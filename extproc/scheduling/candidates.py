@@ -1,13 +1,16 @@
-"""Which endpoints may serve a request: those serving its model, ready, inside the subset hint."""
+"""Which endpoints may serve a request: those serving its model, ready, inside the subset hint,
+with metrics fresh enough to trust (or marked saturated, as the collector config says)."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from extproc.config import CollectorConfig
 from extproc.scheduling.types import Candidate
+from extproc.state.collector import freshness
 from extproc.state.inflight import InFlight
-from extproc.state.snapshot import Snapshot
+from extproc.state.snapshot import Endpoint, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,13 +26,41 @@ def candidates_for(
     *,
     model: str | None,
     subset: Collection[str] | None,
+    collector: CollectorConfig,
+    now: float,
 ) -> list[Candidate] | NoCandidates:
     pool = snapshot.serving(model) if model is not None else snapshot.endpoints
     if model is not None and not pool:
         return NoCandidates(unknown_model=True)
-    eligible = [
-        Candidate(e, inflight.load(e.address))
-        for e in pool
-        if e.ready and (subset is None or e.address in subset)
-    ]
+    eligible = []
+    for endpoint in pool:
+        if not endpoint.ready or (subset is not None and endpoint.address not in subset):
+            continue
+        candidate = _candidate(endpoint, inflight, collector, now)
+        if candidate is not None:
+            eligible.append(candidate)
     return eligible or NoCandidates(unknown_model=False)
+
+
+def _candidate(
+    endpoint: Endpoint, inflight: InFlight, collector: CollectorConfig, now: float
+) -> Candidate | None:
+    load = inflight.load(endpoint.address)
+    if not collector.enabled or endpoint.health is None:
+        return Candidate(endpoint, load)
+    state = freshness(
+        endpoint.stats,
+        endpoint.health,
+        now=now,
+        staleness_seconds=collector.staleness_seconds,
+        unready_after_failures=collector.unready_after_failures,
+    )
+    if state == "failing" or (state == "stale" and collector.stale_policy == "drop"):
+        return None
+    read_at = endpoint.stats.read_at if endpoint.stats is not None else now
+    return Candidate(
+        endpoint,
+        load,
+        picked_since_scrape=inflight.started_since(endpoint.address, read_at),
+        saturated=state == "stale",
+    )

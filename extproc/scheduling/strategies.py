@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from extproc.scheduling.filters import PreferUnsaturated
 from extproc.scheduling.framework import Profile, WeightedScorer
 from extproc.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker
 from extproc.scheduling.scorers import LeastRequestScorer
@@ -74,9 +75,10 @@ class Strategies:
         return profile
 
     def _build(self, name: str) -> Profile:
+        filters = (PreferUnsaturated(),)
         if name == "random":
-            return Profile(name, (), (), RandomPicker(self._rng))
+            return Profile(name, filters, (), RandomPicker(self._rng))
         if name == "round-robin":
-            return Profile(name, (), (), RoundRobinPicker())
+            return Profile(name, filters, (), RoundRobinPicker())
         scorers = tuple(WeightedScorer(_SCORERS[s](), w) for s, w in parse_blend(name))
-        return Profile(name, (), scorers, MaxScorePicker(self._rng))
+        return Profile(name, filters, scorers, MaxScorePicker(self._rng))

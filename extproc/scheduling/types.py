@@ -12,6 +12,7 @@ from typing import Protocol
 
 from extproc.state.inflight import Load
 from extproc.state.snapshot import Endpoint
+from extproc.state.stats import EndpointStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,20 @@ class Candidate:
 
     endpoint: Endpoint
     load: Load
+    # Requests this picker sent it since its metrics were read (the scrape cannot show them yet).
+    picked_since_scrape: int = 0
+    # Its metrics are stale (or missing while the collector runs): treat it as saturated.
+    saturated: bool = False
+
+    @property
+    def stats(self) -> EndpointStats | None:
+        return self.endpoint.stats
+
+    @property
+    def queue(self) -> float:
+        """Requests waiting at the endpoint, including what we sent since the last scrape."""
+        waiting = self.stats.waiting if self.stats is not None else 0.0
+        return waiting + self.picked_since_scrape
 
     @property
     def address(self) -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -29,11 +30,19 @@ from extproc.pipeline import Pipeline
 from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
 from extproc.server.health import Health
 from extproc.server.stream import StreamHandler
+from extproc.state.collector import CollectorMetrics, MetricsCollector
+from extproc.state.discovery import Discovery
+from extproc.state.discovery.kubernetes import KubernetesDiscovery
+from extproc.state.discovery.static import FixedDiscovery, StaticDiscovery
 from extproc.state.inflight import InFlight
-from extproc.state.models import ModelDiscovery
-from extproc.state.snapshot import Snapshot, SnapshotStore
+from extproc.state.models import ModelDiscovery, ModelsReading
+from extproc.state.pool import PoolState
+from extproc.state.snapshot import SnapshotStore
 
 log = logging.getLogger("extproc")
+
+# How long start-up waits for discovery's first endpoint set (a Kubernetes list) before serving.
+_FIRST_ENDPOINTS_SECONDS = 30.0
 
 
 class _ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -51,25 +60,40 @@ class _ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: igno
 
 
 class PickerServer:
-    """The picker: ext_proc and health gRPC servers, metrics, and the model discovery loop."""
+    """The picker: ext_proc and health gRPC servers, metrics, and the state side that feeds the
+    snapshot (endpoint discovery, /v1/models readings, the metrics collector)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, discovery: Discovery | None = None) -> None:
         self.config = config
         self.metrics = PickerMetrics()
         self.store = SnapshotStore()
+        self.pool = PoolState(self.store)
         self.inflight = InFlight()
         self.pipeline = Pipeline(config, self.store, self.inflight, Strategies(), self.metrics)
         self.health = Health()
-        self._discovery = ModelDiscovery(
-            self.store,
-            config.endpoints,
+        self._discovery = discovery or discovery_for(config)
+        self._models = ModelDiscovery(
+            self._on_models,
             interval=config.discovery.models_refresh_seconds,
             timeout=config.discovery.request_timeout_seconds,
         )
+        collector = config.collector
+        self.collector = (
+            MetricsCollector(
+                on_round=self.pool.set_metrics,
+                interval=collector.interval_seconds,
+                timeout=collector.timeout_seconds,
+                metrics=CollectorMetrics(self.metrics.registry),
+            )
+            if collector.enabled
+            else None
+        )
+        self._first_endpoints = asyncio.Event()
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[Any]] = set()  # held so they are not collected
         self._metrics_http: Any = None
         self.grpc_port = 0
         self.health_port = 0
@@ -96,11 +120,17 @@ class PickerServer:
         await self.health.start()
         await self._health_grpc.start()
 
+        # One connection per endpoint for the scrapes (see the collector's notes on pooling).
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._tasks.append(asyncio.create_task(self._discovery.run(self._on_endpoints)))
         # Learn the endpoints before taking traffic, so the first requests are not all 503s.
-        self._session = aiohttp.ClientSession()
-        snapshot = await self._refresh()
-        ready = sum(e.ready for e in snapshot.endpoints)
-        self._tasks.append(asyncio.create_task(self._discover()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_endpoints.wait(), _FIRST_ENDPOINTS_SECONDS)
+        await self._models.refresh(self._session)
+        self._tasks.append(asyncio.create_task(self._models.run(self._session)))
+        if self.collector is not None:
+            await self.collector.refresh_once(self._session)
+            self._tasks.append(asyncio.create_task(self.collector.run(self._session)))
 
         self._metrics_http, _ = start_http_server(
             server.metrics_port, addr=server.host, registry=self.metrics.registry
@@ -108,6 +138,7 @@ class PickerServer:
         self.metrics_port = self._metrics_http.server_port
         await self._grpc.start()
         await self.health.ready()
+        snapshot = self.store.current
         log.info(
             "extproc serving ext_proc on :%d, health on :%d, metrics on :%d; strategy %s; "
             "%d/%d endpoints ready",
@@ -115,34 +146,46 @@ class PickerServer:
             self.health_port,
             self.metrics_port,
             self.config.routing.strategy,
-            ready,
+            sum(e.ready for e in snapshot.endpoints),
             len(snapshot.endpoints),
         )
 
-    async def _refresh(self) -> Snapshot:
-        assert self._session is not None
-        snapshot = await self._discovery.refresh(self._session)
-        ready = sum(e.ready for e in snapshot.endpoints)
-        self.metrics.endpoints.labels("ready").set(ready)
-        self.metrics.endpoints.labels("not_ready").set(len(snapshot.endpoints) - ready)
-        return snapshot
+    def _on_endpoints(self, endpoints: tuple[EndpointConfig, ...]) -> None:
+        """Discovery changed the endpoint set: every state source follows it."""
+        addresses = [e.address for e in endpoints]
+        log.info("endpoints: %s", ", ".join(addresses) or "none")
+        self.pool.set_endpoints(endpoints)
+        self._models.set_endpoints(addresses)
+        if self.collector is not None:
+            self.collector.set_endpoints(addresses)
+        if self._first_endpoints.is_set() and self._session is not None:
+            # New endpoints become ready as soon as their models are read, not a round later.
+            task = asyncio.create_task(self._models.refresh(self._session))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+        self._first_endpoints.set()
 
-    async def _discover(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.discovery.models_refresh_seconds)
-            try:
-                await self._refresh()
-            except Exception:  # a bug here must not end discovery for good
-                log.exception("model discovery round failed")
+    def _on_models(self, readings: Sequence[ModelsReading]) -> None:
+        self.pool.set_models(readings)
+        endpoints = self.store.current.endpoints
+        ready = sum(e.ready for e in endpoints)
+        self.metrics.endpoints.labels("ready").set(ready)
+        self.metrics.endpoints.labels("not_ready").set(len(endpoints) - ready)
+
+    async def refresh_models(self) -> None:
+        """Read every endpoint's /v1/models now (tests; normally a loop does it)."""
+        assert self._session is not None
+        await self._models.refresh(self._session)
 
     async def stop(self) -> None:
         """Drain: report not ready, let open streams finish within the grace period, close."""
         await self.health.draining()
         if self._grpc is not None:
             await self._grpc.stop(self.config.server.shutdown_grace_seconds)
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._side_tasks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._session is not None:
@@ -154,8 +197,23 @@ class PickerServer:
             self._metrics_http.server_close()
 
 
-async def serve(config: Config) -> None:
-    picker = PickerServer(config)
+def discovery_for(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Discovery:
+    """Where endpoints come from: InferencePools, the config file at `config_path` (reloaded on
+    change, with the same flag overrides), or the fixed list in `config`."""
+    if config.discovery.kubernetes is not None:
+        return KubernetesDiscovery(config.discovery.kubernetes)
+    if config_path is not None:
+        return StaticDiscovery(config_path, overrides=overrides)
+    return FixedDiscovery(config.endpoints)
+
+
+async def serve(config: Config, discovery: Discovery) -> None:
+    picker = PickerServer(config, discovery=discovery)
     await picker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -199,7 +257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+    """The config the flags and file describe, and the flag overrides (for reloads)."""
     overrides: dict[str, Any] = {}
     flags = {
         "host": "server.host",
@@ -223,7 +282,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             )
         except ConfigError as exc:
             raise ConfigError(f"--endpoints {exc.key}", exc.problem) from exc
-        config = Config(config.server, config.routing, config.discovery, endpoints)
+        config = dataclasses.replace(config, endpoints=endpoints)
     try:
         validate_strategy_name(config.routing.strategy)
     except ValueError as exc:
@@ -238,7 +297,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "endpoints",
             "no endpoints: give --endpoints, an 'endpoints' list, or discovery.kubernetes",
         )
-    return config
+    return config, overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,15 +305,18 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = config_from_args(args)
+        config, overrides = config_from_args(args)
     except ConfigError as exc:
         print(f"extproc: config error: {exc}", file=sys.stderr)
         return 2
     check_protobuf_backend()
+    # --endpoints fixes the set; otherwise the config file's list is followed as it changes.
+    path = None if args.endpoints else args.config
+    discovery = discovery_for(config, config_path=path, overrides=overrides)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, discovery))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, discovery))
     return 0

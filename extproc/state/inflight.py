@@ -6,6 +6,9 @@ are fresh even between metric scrapes. One event loop owns an instance: no locks
 
 from __future__ import annotations
 
+import bisect
+import time
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -18,14 +21,33 @@ class Load:
 _IDLE = Load()
 
 
+# Picks are remembered this long: far longer than a scrape interval, so "picked since the last
+# scrape" is exact whenever the metrics are fresh enough to be trusted at all.
+_PICK_MEMORY_SECONDS = 5.0
+
+
 class InFlight:
     def __init__(self) -> None:
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
+        self._picks: dict[str, deque[float]] = {}
 
-    def start(self, address: str, tokens: int = 0) -> None:
+    def start(self, address: str, tokens: int = 0, *, now: float | None = None) -> None:
         self._requests[address] = self._requests.get(address, 0) + 1
         self._tokens[address] = self._tokens.get(address, 0) + tokens
+        now = time.monotonic() if now is None else now
+        picks = self._picks.setdefault(address, deque())
+        picks.append(now)
+        while picks[0] < now - _PICK_MEMORY_SECONDS:
+            picks.popleft()
+
+    def started_since(self, address: str, since: float) -> int:
+        """Requests picked for `address` at or after monotonic time `since` (up to 5 s back):
+        what its scraped queue cannot show yet."""
+        picks = self._picks.get(address)
+        if not picks or picks[-1] < since:
+            return 0
+        return len(picks) - bisect.bisect_left(picks, since)
 
     def finish(self, address: str, tokens: int = 0) -> None:
         left = self._requests.get(address, 0) - 1

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-
-from extproc.config import EndpointConfig
-from extproc.state.snapshot import Endpoint, Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -51,67 +48,48 @@ async def read_models(
     return ModelsReading(address, ids)
 
 
-def build_snapshot(
-    endpoints: Sequence[EndpointConfig],
-    readings: Sequence[ModelsReading],
-    version: int,
-    previous: Snapshot,
-) -> Snapshot:
-    by_address = {r.address: r for r in readings}
-    before = {e.address: e.models for e in previous.endpoints}
-    built = []
-    for config in endpoints:
-        reading = by_address.get(config.address)
-        if reading is not None and reading.ok:
-            learned = reading.models
-        else:
-            # A server that stops answering keeps what it served: its model is still known
-            # (503, retry later), not unknown (404).
-            learned = before.get(config.address, frozenset())
-        built.append(
-            Endpoint(
-                address=config.address,
-                models=frozenset(config.models) | learned,
-                ready=bool(reading and reading.ok),
-                problem=reading.problem if reading else "not read yet",
-            )
-        )
-    return Snapshot.of(built, version)
-
-
 class ModelDiscovery:
-    """Polls every endpoint's /v1/models and publishes a fresh snapshot after each round."""
+    """Reads every endpoint's /v1/models concurrently; hands the readings to `on_readings`."""
 
     def __init__(
         self,
-        store: SnapshotStore,
-        endpoints: Sequence[EndpointConfig],
+        on_readings: Callable[[Sequence[ModelsReading]], None],
         *,
         interval: float,
         timeout: float,
     ) -> None:
-        self._store = store
-        self._endpoints = tuple(endpoints)
+        self._on_readings = on_readings
+        self._addresses: tuple[str, ...] = ()
         self._interval = interval
         self._timeout = timeout
-        self._version = 0
+        self._ready: dict[str, bool] = {}
 
-    async def refresh(self, session: aiohttp.ClientSession) -> Snapshot:
-        readings = await asyncio.gather(
-            *(read_models(session, e.address, timeout_s=self._timeout) for e in self._endpoints)
+    def set_endpoints(self, addresses: Iterable[str]) -> None:
+        self._addresses = tuple(addresses)
+
+    async def refresh(self, session: aiohttp.ClientSession) -> list[ModelsReading]:
+        readings = list(
+            await asyncio.gather(
+                *(read_models(session, a, timeout_s=self._timeout) for a in self._addresses)
+            )
         )
-        self._version += 1
-        current = self._store.current
-        previous = {e.address: e for e in current.endpoints}
-        snapshot = build_snapshot(self._endpoints, readings, self._version, current)
-        for endpoint in snapshot.endpoints:
-            before = previous.get(endpoint.address)
-            if before is None or before.ready != endpoint.ready:
+        for reading in readings:
+            if self._ready.get(reading.address) != reading.ok:
                 log.info(
                     "endpoint %s is %s%s",
-                    endpoint.address,
-                    "ready" if endpoint.ready else "not ready",
-                    f" ({endpoint.problem})" if endpoint.problem else "",
+                    reading.address,
+                    "ready" if reading.ok else "not ready",
+                    f" ({reading.problem})" if reading.problem else "",
                 )
-        self._store.replace(snapshot)
-        return snapshot
+                self._ready[reading.address] = reading.ok
+        self._on_readings(readings)
+        return readings
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Rounds every `interval` until cancelled (the first round is the caller's)."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh(session)
+            except Exception:  # a bug here must not end discovery for good
+                log.exception("model discovery round failed")

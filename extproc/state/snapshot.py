@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from extproc.state.stats import EndpointStats, ScrapeHealth
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -20,6 +22,9 @@ class Endpoint:
     ready: bool = False
     # Why it is not ready, for logs and the debug view.
     problem: str = ""
+    # Live load from the metrics collector: the last good scrape, and how scrapes have gone.
+    stats: EndpointStats | None = None
+    health: ScrapeHealth | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import envoy_runner
 from extproc.config import BodyMode, FailureMode
+from tests.fakes import vllm_metrics
 
 EXTPROC = Path(sys.executable).with_name("extproc")
 MODEL_A = "model-a"
@@ -136,6 +137,8 @@ class Fleet:
 
     def _handler(self, backend: Backend) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.StreamResponse:
+            if request.path == "/metrics":  # the picker's collector, not a request to record
+                return web.Response(text=vllm_metrics(backend.model), content_type="text/plain")
             body = await request.read()
             backend.received.append(
                 Received(request.method, request.path, dict(request.headers), body)
