@@ -145,7 +145,10 @@ class CollectorConfig:
     enabled: bool = _key(True, "Scrape the endpoints' metrics (off: only in-flight counts).")
     interval_seconds: float = _key(0.05, "Time between scrape rounds.", minimum=0.005)
     timeout_seconds: float = _key(
-        0.04, "Timeout of one scrape; keep it under the interval.", minimum=0.001
+        0.25,
+        "Timeout of one scrape. It may exceed the interval (a slow scrape lands in a later "
+        "round); a tight one turns the picker's own busy moments into endpoint failures.",
+        minimum=0.001,
     )
     staleness_seconds: float = _key(
         2.0, "A last good scrape older than this makes an endpoint's load stale.", minimum=0.01

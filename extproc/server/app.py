@@ -83,6 +83,8 @@ class PickerServer:
                 on_round=self.pool.set_metrics,
                 interval=collector.interval_seconds,
                 timeout=collector.timeout_seconds,
+                staleness_seconds=collector.staleness_seconds,
+                unready_after_failures=collector.unready_after_failures,
                 metrics=CollectorMetrics(self.metrics.registry),
             )
             if collector.enabled
