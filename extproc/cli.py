@@ -14,6 +14,10 @@ from collections.abc import Sequence
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("extproc.server.app", "run the endpoint picker (ext_proc gRPC, health, metrics)"),
+    "collector": (
+        "extproc.server.collector_app",
+        "run the shared state collector that many picker replicas follow",
+    ),
     "envoy": ("extproc.envoy_runner", "run the real Envoy binary on the bundled config"),
     "sim": ("extproc.sim.cli", "run a simulated vLLM fleet"),
     "bench": ("extproc.bench.cli", "run a benchmark and write its report"),

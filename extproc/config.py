@@ -156,6 +156,11 @@ class CollectorConfig:
     unready_after_failures: int = _key(
         3, "Consecutive failed scrapes after which an endpoint is not ready.", minimum=1
     )
+    source: str = _key(
+        "",
+        "`host:port` of a shared `extproc collector` to follow instead of scraping; while its "
+        "stream is down the picker scrapes by itself.",
+    )
     stale_policy: StalePolicy = _key(
         "saturated",
         "What a stale endpoint is to the scheduler: `saturated` (used only if nothing fresher "
@@ -164,11 +169,24 @@ class CollectorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KvEventsConfig:
+    """vLLM KV-cache events: the precise prefix index (docs/kv_events.md)."""
+
+    enabled: bool = _key(
+        False,
+        "Follow every endpoint's KV-cache events (`endpoints[].kv_events`, a pod annotation, "
+        "or the server's `/kv_event_sources`).",
+    )
+    max_entries: int = _key(4_000_000, "Cap on (block, endpoint) entries in the index.", minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
+    kv_events: KvEventsConfig = field(default_factory=KvEventsConfig)
     endpoints: tuple[EndpointConfig, ...] = field(
         default=(), metadata={"doc": "Static list of model servers (or `--endpoints`)."}
     )

@@ -12,11 +12,11 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-import aiohttp
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
@@ -30,19 +30,18 @@ from extproc.pipeline import Pipeline
 from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
 from extproc.server.health import Health
 from extproc.server.stream import StreamHandler
-from extproc.state.collector import CollectorMetrics, MetricsCollector
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
 from extproc.state.discovery.static import FixedDiscovery, StaticDiscovery
 from extproc.state.inflight import InFlight
-from extproc.state.models import ModelDiscovery, ModelsReading
+from extproc.state.models import ModelsReading
 from extproc.state.pool import PoolState
+from extproc.state.prefix_index import PrefixIndex
+from extproc.state.shared import SharedStateClient
+from extproc.state.side import StateSide
 from extproc.state.snapshot import SnapshotStore
 
 log = logging.getLogger("extproc")
-
-# How long start-up waits for discovery's first endpoint set (a Kubernetes list) before serving.
-_FIRST_ENDPOINTS_SECONDS = 30.0
 
 
 class _ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -61,7 +60,7 @@ class _ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: igno
 
 class PickerServer:
     """The picker: ext_proc and health gRPC servers, metrics, and the state side that feeds the
-    snapshot (endpoint discovery, /v1/models readings, the metrics collector)."""
+    snapshot (discovery, /v1/models readings, metrics, KV events) or a shared collector's stream."""
 
     def __init__(self, config: Config, *, discovery: Discovery | None = None) -> None:
         self.config = config
@@ -69,33 +68,36 @@ class PickerServer:
         self.store = SnapshotStore()
         self.pool = PoolState(self.store)
         self.inflight = InFlight()
-        self.pipeline = Pipeline(config, self.store, self.inflight, Strategies(), self.metrics)
-        self.health = Health()
-        self._discovery = discovery or discovery_for(config)
-        self._models = ModelDiscovery(
-            self._on_models,
-            interval=config.discovery.models_refresh_seconds,
-            timeout=config.discovery.request_timeout_seconds,
-        )
-        collector = config.collector
-        self.collector = (
-            MetricsCollector(
-                on_round=self.pool.set_metrics,
-                interval=collector.interval_seconds,
-                timeout=collector.timeout_seconds,
-                staleness_seconds=collector.staleness_seconds,
-                unready_after_failures=collector.unready_after_failures,
-                metrics=CollectorMetrics(self.metrics.registry),
-            )
-            if collector.enabled
+        self.index = (
+            PrefixIndex(max_entries=config.kv_events.max_entries)
+            if config.kv_events.enabled
             else None
         )
-        self._first_endpoints = asyncio.Event()
+        self.pipeline = Pipeline(config, self.store, self.inflight, Strategies(), self.metrics)
+        self.health = Health()
+        self.state = StateSide(
+            config,
+            discovery or discovery_for(config),
+            self.metrics.registry,
+            on_endpoints=self.pool.set_endpoints,
+            on_models=self._on_models,
+            on_metrics=self.pool.set_metrics,
+            index=self.index,
+        )
+        self.shared = (
+            SharedStateClient(
+                config.collector.source,
+                self.index if self.index is not None else PrefixIndex(),
+                on_update=self.pool.set_metrics,
+                on_connected=lambda up: self.state.set_local(not up),
+                name=socket.gethostname(),
+            )
+            if config.collector.source
+            else None
+        )
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._side_tasks: set[asyncio.Task[Any]] = set()  # held so they are not collected
+        self._shared_task: asyncio.Task[None] | None = None
         self._metrics_http: Any = None
         self.grpc_port = 0
         self.health_port = 0
@@ -122,17 +124,10 @@ class PickerServer:
         await self.health.start()
         await self._health_grpc.start()
 
-        # One connection per endpoint for the scrapes (see the collector's notes on pooling).
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        self._tasks.append(asyncio.create_task(self._discovery.run(self._on_endpoints)))
         # Learn the endpoints before taking traffic, so the first requests are not all 503s.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first_endpoints.wait(), _FIRST_ENDPOINTS_SECONDS)
-        await self._models.refresh(self._session)
-        self._tasks.append(asyncio.create_task(self._models.run(self._session)))
-        if self.collector is not None:
-            await self.collector.refresh_once(self._session)
-            self._tasks.append(asyncio.create_task(self.collector.run(self._session)))
+        await self.state.start()
+        if self.shared is not None:
+            self._shared_task = asyncio.create_task(self.shared.run())
 
         self._metrics_http, _ = start_http_server(
             server.metrics_port, addr=server.host, registry=self.metrics.registry
@@ -152,21 +147,6 @@ class PickerServer:
             len(snapshot.endpoints),
         )
 
-    def _on_endpoints(self, endpoints: tuple[EndpointConfig, ...]) -> None:
-        """Discovery changed the endpoint set: every state source follows it."""
-        addresses = [e.address for e in endpoints]
-        log.info("endpoints: %s", ", ".join(addresses) or "none")
-        self.pool.set_endpoints(endpoints)
-        self._models.set_endpoints(addresses)
-        if self.collector is not None:
-            self.collector.set_endpoints(addresses)
-        if self._first_endpoints.is_set() and self._session is not None:
-            # New endpoints become ready as soon as their models are read, not a round later.
-            task = asyncio.create_task(self._models.refresh(self._session))
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
-        self._first_endpoints.set()
-
     def _on_models(self, readings: Sequence[ModelsReading]) -> None:
         self.pool.set_models(readings)
         endpoints = self.store.current.endpoints
@@ -176,22 +156,18 @@ class PickerServer:
 
     async def refresh_models(self) -> None:
         """Read every endpoint's /v1/models now (tests; normally a loop does it)."""
-        assert self._session is not None
-        await self._models.refresh(self._session)
+        await self.state.refresh_models()
 
     async def stop(self) -> None:
         """Drain: report not ready, let open streams finish within the grace period, close."""
         await self.health.draining()
         if self._grpc is not None:
             await self._grpc.stop(self.config.server.shutdown_grace_seconds)
-        tasks = [*self._tasks, *self._side_tasks]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        if self._shared_task is not None:
+            self._shared_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._session is not None:
-            await self._session.close()
+                await self._shared_task
+        await self.state.stop()
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._metrics_http is not None:

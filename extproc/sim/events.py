@@ -110,6 +110,8 @@ class KVEventPublisher:
         self._rank = rank
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
+        self._drop = 0  # fault: batches still to lose on the wire
+        self._drop_replayable = True
         self._pub = ctx.socket(zmq.constants.PUB)
         self._pub.set_hwm(hwm)
         self._pub.setsockopt(zmq.constants.LINGER, 0)
@@ -128,12 +130,26 @@ class KVEventPublisher:
     def next_seq(self) -> int:
         return self._seq
 
+    def drop_next(self, count: int = 1, *, replayable: bool = True) -> None:
+        """Fault for subscriber tests: lose the next `count` batches on the wire, so
+        subscribers see a sequence gap. With `replayable=False` they are missing from the replay
+        buffer too, as if it had rolled over before the subscriber asked."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        self._drop = count
+        self._drop_replayable = replayable
+
     def publish(self, events: list[CacheEvent]) -> None:
         if not events:
             return
         payload = encode_batch(events, self.fmt, ts=time.time(), rank=self._rank)
         seq = self._seq
         self._seq += 1
+        if self._drop > 0:
+            self._drop -= 1
+            if self._drop_replayable:
+                self._buffer.append((seq, payload))
+            return
         with contextlib.suppress(zmq.error.Again):
             self._pub.send_multipart(
                 (self._topic, seq.to_bytes(8, "big"), payload), flags=zmq.constants.NOBLOCK

@@ -179,6 +179,26 @@ class ServerHandle:
         """Event ids (64-bit block hashes) of every block a request could hit right now."""
         return self._server.engine.pool.cached_event_ids()
 
+    # -- KV-event faults and probes, for event-subscriber tests ---------------------------------
+
+    @property
+    def kv_events_published(self) -> int:
+        """Batches the current publisher has sent (its next seq); 0 without events or while dead."""
+        publisher = self._server.publisher
+        return publisher.next_seq if publisher else 0
+
+    def drop_kv_event_batches(self, count: int = 1, *, replayable: bool = True) -> None:
+        """Lose the next `count` event batches on the wire (and from replay unless `replayable`)."""
+        if self._server.publisher is None:
+            raise RuntimeError("this server publishes no KV events now")
+        self._server.publisher.drop_next(count, replayable=replayable)
+
+    def reset_prefix_cache(self) -> None:
+        """vLLM's `/reset_prefix_cache`: forget every cached hash, publish AllBlocksCleared now."""
+        self._server.engine.pool.clear()
+        if self._server.publisher is not None:
+            self._server.publisher.publish(self._server.engine.take_cache_events())
+
     def finished(self, request_id: str) -> FinishedRequest | None:
         """Exact simulated timings of a recently finished request (its response's `id`)."""
         for record in reversed(self._server.engine.recent):

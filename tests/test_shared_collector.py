@@ -1,0 +1,125 @@
+"""`extproc collector` feeding a picker: stats and the KV-event index arrive over the stream;
+when the collector goes away the picker scrapes and subscribes by itself, and goes back to the
+stream when the collector returns. Real simulator (with KV events), real gRPC, real ZMQ."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from extproc.config import (
+    CollectorConfig,
+    Config,
+    DiscoveryConfig,
+    EndpointConfig,
+    KvEventsConfig,
+    ServerConfig,
+)
+from extproc.server.app import PickerServer
+from extproc.server.collector_app import CollectorServer
+from extproc.sim import SimConfig, SimFleet
+from extproc.state.discovery.static import FixedDiscovery
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[SimFleet]:
+    async with SimFleet(SimConfig(pods=2, speed=50, kv_events=True)) as fleet:
+        yield fleet
+
+
+def _config(fleet: SimFleet, source: str = "") -> Config:
+    return Config(
+        server=ServerConfig(host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0),
+        discovery=DiscoveryConfig(models_refresh_seconds=300),
+        collector=CollectorConfig(interval_seconds=0.05, source=source),
+        kv_events=KvEventsConfig(enabled=True),
+        endpoints=tuple(EndpointConfig(url.removeprefix("http://")) for url in fleet.urls),
+    )
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def _collector(fleet: SimFleet, port: int = 0) -> CollectorServer:
+    config = _config(fleet)
+    server = CollectorServer(config, FixedDiscovery(config.endpoints), port=port, metrics_port=0)
+    await server.start()
+    return server
+
+
+async def _send_prompts(fleet: SimFleet, count: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        for i in range(count):
+            body = {
+                "model": MODEL,
+                "prompt": f"shared system prompt {i % 2} " * 40,
+                "max_tokens": 2,
+            }
+            async with http.post(f"{fleet.urls[i % 2]}/v1/completions", json=body) as response:
+                assert response.status == 200
+
+
+def _blocks(fleet: SimFleet) -> dict[str, set[int]]:
+    return {
+        url.removeprefix("http://"): set(server.cached_block_ids())
+        for url, server in zip(fleet.urls, fleet.servers, strict=True)
+    }
+
+
+async def test_a_picker_follows_the_collector_and_falls_back(fleet: SimFleet) -> None:
+    collector = await _collector(fleet)
+    port = collector.port
+    picker = PickerServer(_config(fleet, source=f"127.0.0.1:{port}"))
+    await picker.start()
+    index = picker.index
+    assert index is not None
+    try:
+        await _until(lambda: collector.service.watchers == 1, "the picker watching")
+        await _until(lambda: not picker.state.local, "the picker following the stream")
+        # The picker's own subscribers stand down while the stream feeds it.
+        await _until(
+            lambda: (
+                picker.state.subscribers is not None and not picker.state.subscribers.statuses()
+            ),
+            "local subscribers stopped",
+        )
+        await _send_prompts(fleet, 6)
+        truth = _blocks(fleet)
+        assert any(truth.values())
+        await _until(
+            lambda: {a: set(index.blocks_of(a)) for a in truth} == truth,
+            "the picker's index equal to the simulated caches, via the collector",
+        )
+        assert all(e.stats is not None for e in picker.store.current.endpoints)
+
+        await collector.stop()
+        await _until(lambda: picker.state.local, "the picker scraping by itself")
+        await _send_prompts(fleet, 4)
+        truth = _blocks(fleet)
+        # Its own subscribers start clean and learn from the new events; what they guarantee
+        # is no block credited that a server lacks.
+        await _until(
+            lambda: all(set(index.blocks_of(a)) <= truth[a] for a in truth),
+            "no block credited that a server lacks",
+        )
+
+        collector = await _collector(fleet, port=port)
+        await _until(lambda: not picker.state.local, "the picker back on the stream")
+        truth = _blocks(fleet)
+        await _until(
+            lambda: all(set(index.blocks_of(a)) <= truth[a] for a in truth),
+            "the full state replaced the picker's index",
+        )
+    finally:
+        await picker.stop()
+        await collector.stop()
