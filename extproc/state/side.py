@@ -45,6 +45,9 @@ class StateSide:
         self._config = config
         self._discovery = discovery
         self._on_endpoints = on_endpoints
+        self._on_metrics = on_metrics
+        # Each endpoint's KV capacity (vllm:cache_config_info) sizes its share of the index.
+        self._gpu_blocks: dict[str, int] = {}
         self._models = ModelDiscovery(
             on_models,
             interval=config.discovery.models_refresh_seconds,
@@ -53,7 +56,7 @@ class StateSide:
         collector = config.collector
         self.collector = (
             MetricsCollector(
-                on_round=on_metrics,
+                on_round=self._metrics_round,
                 interval=collector.interval_seconds,
                 timeout=collector.timeout_seconds,
                 staleness_seconds=collector.staleness_seconds,
@@ -152,11 +155,29 @@ class StateSide:
         if self.subscribers is None:
             return
         wanted = (
-            [KVEventEndpoint(e.address, publisher=e.kv_events) for e in self._endpoints]
+            [
+                KVEventEndpoint(
+                    e.address,
+                    publisher=e.kv_events,
+                    num_gpu_blocks=self._gpu_blocks.get(e.address),
+                )
+                for e in self._endpoints
+            ]
             if self._local
             else []
         )
         await self.subscribers.set_endpoints(wanted)
+
+    def _metrics_round(self, collected: CollectedState) -> None:
+        self._on_metrics(collected)
+        blocks = {
+            address: reading.stats.num_gpu_blocks
+            for address, reading in collected.endpoints.items()
+            if reading.stats is not None and reading.stats.num_gpu_blocks
+        }
+        if blocks != self._gpu_blocks and self.subscribers is not None:
+            self._gpu_blocks = blocks
+            self._spawn(self._follow_kv_events())
 
     def _spawn(self, coroutine: Coroutine[Any, Any, object]) -> None:
         task = asyncio.create_task(coroutine)
