@@ -25,6 +25,9 @@ class Candidate:
     picked_since_scrape: int = 0
     # Its metrics are stale (or missing while the collector runs): treat it as saturated.
     saturated: bool = False
+    # Leading blocks of the request's prompt this endpoint holds in its KV cache (precise index
+    # from KV events, or the approximate one learned from our own routing).
+    prefix_blocks: int = 0
 
     @property
     def stats(self) -> EndpointStats | None:
@@ -44,9 +47,19 @@ class Candidate:
 @dataclass(frozen=True, slots=True)
 class SchedulingRequest:
     model: str | None
-    # A cheap size estimate; later issues replace it with real token blocks.
+    # Tokens in the prompt (exact when tokenized, else an estimate from its size).
     prompt_tokens: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
+    # vLLM-exact chained block hashes (64-bit event ids) of the prompt's full blocks, in order;
+    # empty when the prompt was not tokenized.
+    block_hashes: tuple[int, ...] = ()
+    block_size: int = 16
+    max_tokens: int | None = None
+    # The LoRA adapter the request names (its `model`), when that is an adapter.
+    lora: str | None = None
+    session_id: str | None = None
+    # Negative: sheddable under saturation (the field's InferenceObjective priority).
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
