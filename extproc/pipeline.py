@@ -85,7 +85,9 @@ class Pipeline:
     def max_body_bytes(self) -> int:
         return self._config.server.max_body_bytes
 
-    def route(self, head: RequestHead, body: bytes | None) -> Routed | LocalAnswer | OpenAIError:
+    async def route(
+        self, head: RequestHead, body: bytes | None
+    ) -> Routed | LocalAnswer | OpenAIError:
         """Decide where one request goes. `body` is None for a request without one."""
         started = time.perf_counter()
         strategy = self._strategy(head.headers)

@@ -51,6 +51,7 @@ _UPSTREAM_ADDRESS = "upstream.address"
 _OWN_NAMESPACE = "extproc"
 _REQUEST_ID = "request-id"
 _NONE = ProcessingMode.NONE
+_REQUEST_PHASES = frozenset({"request_headers", "request_body", "request_trailers"})
 
 
 @dataclass(slots=True)
@@ -103,8 +104,12 @@ class StreamHandler:
                 if message.observability_mode:
                     self._observe(state, message)
                     continue
-                for response in self._on_message(state, message):
-                    yield response
+                if message.WhichOneof("request") in _REQUEST_PHASES:
+                    async for response in self._request_phase(state, message):
+                        yield response
+                else:
+                    for response in self._response_phase(state, message):
+                        yield response
         except _Immediate as stop:
             # Envoy ends the request on an ImmediateResponse: nothing more to read or send.
             yield stop.response
@@ -112,21 +117,33 @@ class StreamHandler:
             self._metrics.streams.dec()
             self._end_of_stream(state)
 
-    def _on_message(
+    async def _request_phase(
+        self, state: _Stream, message: ProcessingRequest
+    ) -> AsyncIterator[ProcessingResponse]:
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            async for response in self._request_headers(state, message):
+                yield response
+        elif kind == "request_body":
+            body = message.request_body
+            async for response in self._request_body(
+                state, body.body, end_of_stream=body.end_of_stream
+            ):
+                yield response
+        else:
+            # Trailers end the body too (a body whose last chunk did not say so).
+            if state.routed is None and state.head is not None:
+                async for response in self._request_body(
+                    state, b"", end_of_stream=True, trailers=True
+                ):
+                    yield response
+            yield reply.REQUEST_TRAILERS
+
+    def _response_phase(
         self, state: _Stream, message: ProcessingRequest
     ) -> Iterator[ProcessingResponse]:
         kind = message.WhichOneof("request")
-        if kind == "request_headers":
-            yield from self._request_headers(state, message)
-        elif kind == "request_body":
-            body = message.request_body
-            yield from self._request_body(state, body.body, end_of_stream=body.end_of_stream)
-        elif kind == "request_trailers":
-            # Trailers end the body too (a body whose last chunk did not say so).
-            if state.routed is None and state.head is not None:
-                yield from self._request_body(state, b"", end_of_stream=True, trailers=True)
-            yield reply.REQUEST_TRAILERS
-        elif kind == "response_headers":
+        if kind == "response_headers":
             yield from self._response_headers(state, message)
         elif kind == "response_body":
             body = message.response_body
@@ -142,13 +159,13 @@ class StreamHandler:
             yield reply.RESPONSE_TRAILERS
             self._finish(state)
 
-    def _request_headers(
+    async def _request_headers(
         self, state: _Stream, message: ProcessingRequest
-    ) -> Iterator[ProcessingResponse]:
+    ) -> AsyncIterator[ProcessingResponse]:
         headers = message.request_headers
         state.head = _read_head(headers, _subset(message))
         if headers.end_of_stream:
-            yield self._decide(state, None, in_headers=True)
+            yield await self._decide(state, None, in_headers=True)
             return
         length = state.head.headers.get("content-length", "")
         if length.isdigit() and int(length) > self._pipeline.max_body_bytes:
@@ -156,13 +173,14 @@ class StreamHandler:
         if state.request_mode != _FULL_DUPLEX:
             yield reply.CONTINUE_REQUEST_HEADERS
 
-    def _request_body(
+    async def _request_body(
         self, state: _Stream, chunk: bytes, *, end_of_stream: bool, trailers: bool = False
-    ) -> Iterator[ProcessingResponse]:
+    ) -> AsyncIterator[ProcessingResponse]:
         if state.head is None or state.routed is not None:
             # Nothing to decide (body after a decision): let it pass unchanged.
             if state.request_mode == _FULL_DUPLEX:
-                yield from reply.streamed_request_body(chunk, end_of_stream=end_of_stream)
+                for response in reply.streamed_request_body(chunk, end_of_stream=end_of_stream):
+                    yield response
             else:
                 yield reply.CONTINUE_REQUEST_BODY
             return
@@ -178,17 +196,18 @@ class StreamHandler:
         body = b"".join(state.parts) if len(state.parts) != 1 else state.parts[0]
         state.parts = []
         full_duplex = state.request_mode == _FULL_DUPLEX
-        yield self._decide(state, body, in_headers=full_duplex)
+        yield await self._decide(state, body, in_headers=full_duplex)
         if full_duplex:
             # The held body goes back unchanged; with trailers still to come it is not the end.
-            yield from reply.streamed_request_body(body, end_of_stream=not trailers)
+            for response in reply.streamed_request_body(body, end_of_stream=not trailers):
+                yield response
 
-    def _decide(
+    async def _decide(
         self, state: _Stream, body: bytes | None, *, in_headers: bool
     ) -> ProcessingResponse:
         assert state.head is not None
         try:
-            outcome = self._pipeline.route(state.head, body)
+            outcome = await self._pipeline.route(state.head, body)
         except Exception:
             log.exception("routing failed for %s %s", state.head.method, state.head.path)
             self._metrics.stream_errors.labels("pick_failed").inc()
