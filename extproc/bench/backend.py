@@ -39,7 +39,18 @@ def _app(model: str) -> web.Application:
             await asyncio.sleep(float(delay_ms) / 1000)
         return web.Response(body=_COMPLETION, content_type="application/json")
 
+    # The picker's collector reads vLLM's metrics; an idle server's page is all it needs here.
+    labels = f'engine="0",model_name="{model}"'
+    page = "".join(
+        f"vllm:{name}{{{labels}}} 0.0\n"
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    )
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/plain")
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", complete)
     app.router.add_post("/v1/chat/completions", complete)
