@@ -7,6 +7,7 @@ classes generate the configuration reference in `docs/`.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import types
@@ -14,6 +15,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
@@ -21,6 +23,8 @@ import yaml
 BodyMode = Literal["streamed", "buffered"]
 FailureMode = Literal["FailClose", "FailOpen"]
 StalePolicy = Literal["saturated", "drop"]
+HashAlgoName = Literal["sha256", "sha256_cbor"]
+PrefixIndexMode = Literal["auto", "precise", "approximate"]
 
 
 class ConfigError(ValueError):
@@ -34,7 +38,12 @@ class ConfigError(ValueError):
 
 def _key(default: Any, doc: str, *, minimum: float | None = None) -> Any:
     """A config key: its default, the sentence the reference prints, and a lower bound."""
-    return field(default=default, metadata={"doc": doc, "min": minimum})
+    metadata = {"doc": doc, "min": minimum}
+    if isinstance(default, Mapping):
+        # Mappings are unhashable, so dataclasses want a factory; every instance gets its own.
+        frozen = dict(default)
+        return field(default_factory=lambda: MappingProxyType(frozen), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +190,57 @@ class KvEventsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixConfig:
+    """Prompt tokens and vLLM's block hashes, for prefix-aware scheduling (docs/prefix.md)."""
+
+    tokenizers: Mapping[str, str] = _key(
+        MappingProxyType({}),
+        "Model name -> tokenizer: `cl100k_base`, `tiktoken:PATH`, `hf:PATH` (tokenizer.json or "
+        "its directory, with tokenizer_config.json's chat template), `remote` (the endpoint's "
+        "/tokenize), `bytes:N` (an estimate).",
+    )
+    default_tokenizer: str = _key("cl100k_base", "Tokenizer for models not listed above.")
+    block_size: int = _key(16, "vLLM's --block-size on the fleet.", minimum=1)
+    hash_algo: HashAlgoName = _key("sha256", "vLLM's --prefix-caching-hash-algo on the fleet.")
+    hash_seed: str = _key(
+        "vllm-none-hash", "The fleet's PYTHONHASHSEED, or vLLM's fixed default seed."
+    )
+    index: PrefixIndexMode = _key(
+        "auto",
+        "`precise` (KV events), `approximate` (learned from our own routing) or `auto` "
+        "(precise when kv_events.enabled).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingConfig:
+    """Admission, explanations and configured profiles (docs/scheduling.md)."""
+
+    explain: bool = _key(
+        False,
+        "Log each decision's per-endpoint scores and send them upstream in `x-extproc-scores`.",
+    )
+    saturation_queue: float = _key(
+        5.0, "An endpoint with this many waiting requests is saturated.", minimum=0.01
+    )
+    saturation_kv: float = _key(
+        0.8, "An endpoint with this KV-cache usage is saturated.", minimum=0.01
+    )
+    endpoint_picker_config: Mapping[str, Any] = _key(
+        MappingProxyType({}),
+        "An EndpointPickerConfig (plugins, schedulingProfiles): each profile becomes a strategy.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     kv_events: KvEventsConfig = field(default_factory=KvEventsConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     endpoints: tuple[EndpointConfig, ...] = field(
         default=(), metadata={"doc": "Static list of model servers (or `--endpoints`)."}
     )
@@ -218,7 +272,12 @@ def _section(lines: list[str], name: str, section: Any, doc: str, suffix: str = 
     nested = []
     for key in dataclasses.fields(section):
         hint = hints[key.name]
-        default = "required" if key.default is dataclasses.MISSING else f"`{key.default!r}`"
+        if key.default is not dataclasses.MISSING:
+            default = f"`{key.default!r}`"
+        elif key.default_factory is not dataclasses.MISSING:
+            default = f"`{dict(key.default_factory())!r}`"
+        else:
+            default = "required"
         inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
         if inner:
             nested.append((f"{name}.{key.name}", inner[0]))
@@ -297,6 +356,18 @@ def _convert(hint: Any, value: Any, path: str, bound: float | None = None) -> An
                 path, f"expected one of {', '.join(map(str, allowed))}, got {_show(value)}"
             )
         return value
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {_show(value)}")
+        value_hint = typing.get_args(hint)[1]
+        converted = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(path, f"keys must be strings, got {_show(key)}")
+            converted[key] = (
+                item if value_hint is Any else _convert(value_hint, item, f"{path}.{key}")
+            )
+        return MappingProxyType(converted)
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if isinstance(value, str) and item_hint is str:

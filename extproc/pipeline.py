@@ -1,6 +1,7 @@
 """The request's whole path through the picker, top to bottom.
 
-    parse the body  ->  choose the strategy  ->  candidates  ->  schedule  ->  targets
+    parse the body  ->  choose the strategy  ->  candidates  ->  tokens and block hashes
+      ->  prefix matches  ->  admission  ->  schedule  ->  targets
     ... the model server answers ...  ->  usage  ->  release the in-flight count
 
 `extproc.server.stream` feeds this from the ext_proc stream and turns its answers into Envoy
@@ -9,21 +10,29 @@ messages; every step is a call into the module named after it. Nothing here does
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from extproc.config import Config
 from extproc.metrics import PickerMetrics
+from extproc.prefix.approx_index import ApproxPrefixIndex
+from extproc.prefix.blocks import PromptBlocks
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
 from extproc.request.openai import Api, ParsedRequest, api_of, parse_request
 from extproc.request.usage import Usage
-from extproc.scheduling.candidates import NoCandidates, candidates_for
+from extproc.scheduling.admission import LeastBad, SaturationThresholds, Shed, admit
+from extproc.scheduling.candidates import NoCandidates, candidates_for, with_prefix_matches
+from extproc.scheduling.cost import CostLearner
+from extproc.scheduling.explain import explain, explain_admission
+from extproc.scheduling.framework import Profile
 from extproc.scheduling.strategies import Strategies
-from extproc.scheduling.types import SchedulingRequest
+from extproc.scheduling.types import Ranked, SchedulingRequest
 from extproc.state.inflight import InFlight
 from extproc.state.snapshot import SnapshotStore
 
@@ -49,6 +58,8 @@ class Routed:
     strategy: str
     targets: tuple[str, ...]
     scores: Mapping[str, float]
+    tokens: int = 0  # prompt tokens counted in flight for the pick
+    explanation: str | None = None  # per-endpoint scores, when scheduling.explain is on
 
     @property
     def primary(self) -> str:
@@ -64,6 +75,14 @@ class LocalAnswer:
     content_type: str = "application/json"
 
 
+class PrefixMatcher(Protocol):
+    """The precise index (KV events) or the approximate one (our own routing)."""
+
+    def lookup(
+        self, hashes: Sequence[int], endpoints: Collection[str] | None = None
+    ) -> dict[str, int]: ...
+
+
 class Pipeline:
     """Built once at start-up with everything it needs; one per event loop."""
 
@@ -74,12 +93,25 @@ class Pipeline:
         inflight: InFlight,
         strategies: Strategies,
         metrics: PickerMetrics,
+        *,
+        blocks: PromptBlocks | None = None,
+        matcher: PrefixMatcher | None = None,
+        learned: ApproxPrefixIndex | None = None,
+        cost: CostLearner | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._inflight = inflight
         self._strategies = strategies
         self._metrics = metrics
+        self._blocks = blocks
+        self._matcher = matcher
+        # The approximate index learns from our own decisions (when it is the matcher).
+        self._learned = learned
+        self._cost = cost
+        self._thresholds = SaturationThresholds(
+            queue=config.scheduling.saturation_queue, kv=config.scheduling.saturation_kv
+        )
 
     @property
     def max_body_bytes(self) -> int:
@@ -119,25 +151,74 @@ class Pipeline:
                 errors.no_ready_endpoint(what, self._config.routing.retry_after_seconds)
             )
 
+        profile = self._strategies.get(strategy)
         scheduling_request = SchedulingRequest(
             model=request.model,
             prompt_tokens=request.prompt.approx_chars() // 4,
             headers=head.headers,
+            max_tokens=request.max_tokens,
+            session_id=head.headers.get("x-session-id"),
+            block_size=self._config.prefix.block_size,
         )
-        ranked = self._strategies.get(strategy).schedule(scheduling_request, candidates)
+        if self._blocks is not None and request.model is not None and needs_blocks(profile):
+            tokens = await self._blocks.blocks(
+                request,
+                lora=None,
+                cache_salt=_cache_salt(request),
+                endpoint_for_remote=candidates[0].address,
+            )
+            scheduling_request = dataclasses.replace(
+                scheduling_request,
+                prompt_tokens=tokens.token_count,
+                block_hashes=tokens.block_hashes,
+            )
+            if self._matcher is not None and tokens.block_hashes:
+                candidates = with_prefix_matches(candidates, tokens.block_hashes, self._matcher)
+
+        cost_model = self._cost.current() if self._cost is not None else None
+        admission = admit(
+            scheduling_request, candidates, thresholds=self._thresholds, cost_model=cost_model
+        )
+        if isinstance(admission, Shed):
+            self._metrics.requests.labels(strategy, admission.outcome).inc()
+            return self._refused(
+                errors.shed(admission.reason, self._config.routing.retry_after_seconds)
+            )
+        if isinstance(admission, LeastBad):
+            ranked = Ranked(admission.order, {})
+        else:
+            ranked = profile.schedule(scheduling_request, candidates)
         if not ranked.order:
             return self._refused(errors.no_ready_endpoint("this request", 1))
         targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
+        if self._learned is not None and scheduling_request.block_hashes:
+            self._learned.record(targets[0], scheduling_request.block_hashes)
         self._inflight.start(targets[0], scheduling_request.prompt_tokens)
         self._metrics.inflight.labels(targets[0]).inc()
-        self._metrics.requests.labels(strategy, "routed").inc()
+        self._metrics.requests.labels(strategy, admission.outcome).inc()
         self._metrics.pick_seconds.labels(strategy).observe(time.perf_counter() - started)
-        return Routed(request, strategy, targets, ranked.scores)
+        explanation = None
+        if self._config.scheduling.explain:
+            explanation = (
+                explain_admission(admission)
+                if isinstance(admission, LeastBad)
+                else explain(
+                    profile, candidates, ranked, request=scheduling_request, cost_model=cost_model
+                )
+            )
+            log.info("decision %s %s: %s", strategy, targets[0], explanation)
+        return Routed(
+            request,
+            strategy,
+            targets,
+            ranked.scores,
+            tokens=scheduling_request.prompt_tokens,
+            explanation=explanation,
+        )
 
     def finish(self, routed: Routed, *, served: str | None, usage: Usage | None) -> None:
         """The response has ended (or the stream broke): release the in-flight count."""
-        tokens = routed.request.prompt.approx_chars() // 4
-        self._inflight.finish(routed.primary, tokens)
+        self._inflight.finish(routed.primary, routed.tokens)
         self._metrics.inflight.labels(routed.primary).dec()
         where = served or routed.primary
         self._metrics.served.labels(where).inc()
@@ -147,6 +228,8 @@ class Pipeline:
             self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
             self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
             self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
+            if self._cost is not None and usage.prompt_tokens:
+                self._cost.observe_prompt(usage.prompt_tokens)
 
     def _strategy(self, headers: Mapping[str, str]) -> str | OpenAIError:
         for name in self._config.routing.strategy_headers:
@@ -170,3 +253,16 @@ class Pipeline:
         self._metrics.rejections.labels(str(error.status), error.code).inc()
         log.info("refused request: %d %s: %s", error.status, error.code, error.message)
         return error
+
+
+def needs_blocks(profile: Profile) -> bool:
+    """Only prefix- and cost-aware profiles need the prompt's blocks: others skip tokenizing."""
+    return any(w.scorer.name in _BLOCK_SCORERS for w in profile.scorers)
+
+
+_BLOCK_SCORERS = frozenset({"prefix-cache-scorer", "cost-scorer"})
+
+
+def _cache_salt(request: ParsedRequest) -> str | None:
+    salt = request.payload.get("cache_salt")
+    return salt if isinstance(salt, str) and salt else None

@@ -20,6 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     scrape.add_argument("--quick", action="store_true", help="short phases (about 30 s)")
     scrape.add_argument("--output", type=Path, default=Path("reports"))
+    from extproc.bench.routing import add_arguments as add_routing_arguments
+
+    routing = sub.add_parser(
+        "routing",
+        help="routing quality on a simulated fleet: our strategies, Envoy's, and the peers'",
+    )
+    add_routing_arguments(routing)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         print(scrape_report.table())
         print(f"\nreport written to {write_scrape_report(scrape_report, scrape_options.output)}")
         return 0
+    if args.bench == "routing":
+        from extproc.bench.routing import run as run_routing
+
+        return run_routing(args)
     raise AssertionError(args.bench)
 
 

@@ -78,6 +78,16 @@ def no_ready_endpoint(what: str, retry_after: int) -> OpenAIError:
     )
 
 
+def shed(reason: str, retry_after: int) -> OpenAIError:
+    return OpenAIError(
+        429,
+        f"The pool is saturated and this request is sheddable: {reason}.",
+        "rate_limit_exceeded",
+        "request_shed",
+        headers=(("retry-after", str(retry_after)), ("x-llm-d-request-dropped-reason", reason)),
+    )
+
+
 def internal_error() -> OpenAIError:
     return OpenAIError(
         500,

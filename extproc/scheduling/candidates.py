@@ -3,8 +3,10 @@ with metrics fresh enough to trust (or marked saturated, as the collector config
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import dataclasses
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from extproc.config import CollectorConfig
 from extproc.scheduling.types import Candidate
@@ -64,3 +66,20 @@ def _candidate(
         picked_since_scrape=inflight.started_since(endpoint.address, read_at),
         saturated=state == "stale",
     )
+
+
+class _Lookup(Protocol):
+    def lookup(
+        self, hashes: Sequence[int], endpoints: Collection[str] | None = None
+    ) -> dict[str, int]: ...
+
+
+def with_prefix_matches(
+    candidates: Sequence[Candidate], block_hashes: Sequence[int], index: _Lookup
+) -> list[Candidate]:
+    """Each candidate with the number of the prompt's leading blocks it holds."""
+    matches = index.lookup(block_hashes, [c.address for c in candidates])
+    return [
+        dataclasses.replace(c, prefix_blocks=matches[c.address]) if c.address in matches else c
+        for c in candidates
+    ]

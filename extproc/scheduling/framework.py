@@ -12,6 +12,13 @@ from extproc.scheduling.types import Candidate, Filter, Picker, Ranked, Scheduli
 class WeightedScorer:
     scorer: Scorer
     weight: float
+    # The plugin's instance name from config (two queue scorers may differ in parameters);
+    # empty: the scorer's type name.
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.label or self.scorer.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +33,14 @@ class Profile:
             candidates = f.filter(request, candidates)
             if not candidates:
                 return Ranked((), {})
+        addresses = [c.address for c in candidates]
         totals = [0.0] * len(candidates)
+        breakdown: dict[str, dict[str, float]] = {}
         for weighted in self.scorers:
-            for i, score in enumerate(weighted.scorer.score(request, candidates)):
+            scores = weighted.scorer.score(request, candidates)
+            for i, score in enumerate(scores):
                 totals[i] += weighted.weight * score
+            # Kept for explanations; a dict per scorer costs far less than the scoring itself.
+            breakdown[weighted.key] = dict(zip(addresses, scores, strict=True))
         order = tuple(self.picker.rank(candidates, totals))
-        return Ranked(order, {c.address: totals[i] for i, c in enumerate(candidates)})
+        return Ranked(order, dict(zip(addresses, totals, strict=True)), breakdown)

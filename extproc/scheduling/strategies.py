@@ -1,35 +1,61 @@
 """Strategy names, as users write them in config and in the `x-routing-strategy` header.
 
-A name is either a plain strategy (`round-robin`) or a weighted blend of scorer-backed ones
-(`least-request:2,prefix-cache:3`). Each resolves to a `Profile`, built once and reused, so a
-strategy that keeps state (round-robin's cursor) keeps it across requests.
+A name is a plain strategy (`round-robin`), a weighted blend of scorer-backed ones
+(`prefix-cache:3,least-kv-cache:2,least-request:2`), or a profile from the picker's
+`EndpointPickerConfig` (`profiles.py`). Each resolves to a `Profile`, built once and reused, so
+a strategy that keeps state (round-robin's cursor) keeps it across requests.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from types import MappingProxyType
 
+from extproc.scheduling.cost import CostModel, CostScorer
 from extproc.scheduling.filters import PreferUnsaturated
 from extproc.scheduling.framework import Profile, WeightedScorer
 from extproc.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker
-from extproc.scheduling.scorers import LeastRequestScorer
+from extproc.scheduling.scorers import (
+    InFlightTokensScorer,
+    KvCacheUtilizationScorer,
+    LeastRequestScorer,
+    LoraAffinityScorer,
+    PrefixCacheScorer,
+    QueueScorer,
+    RunningRequestsScorer,
+    SessionAffinityScorer,
+)
 from extproc.scheduling.types import Scorer
 
-# Strategies that are a single scorer, and so can be blended with weights.
-_SCORERS: dict[str, Callable[[], Scorer]] = {
-    "least-request": LeastRequestScorer,
-}
+CostModelSource = Callable[[], CostModel]
+
+# Strategies that are a single scorer, and so can be blended with weights. Each factory gets
+# the cost model's source (only `cost` reads it).
+_SCORERS: Mapping[str, Callable[[CostModelSource], Scorer]] = MappingProxyType(
+    {
+        "least-request": lambda _: LeastRequestScorer(),
+        "least-queue": lambda _: QueueScorer(),
+        "least-kv-cache": lambda _: KvCacheUtilizationScorer(),
+        "least-running": lambda _: RunningRequestsScorer(),
+        "least-tokens": lambda _: InFlightTokensScorer(),
+        "prefix-cache": lambda _: PrefixCacheScorer(),
+        "lora-affinity": lambda _: LoraAffinityScorer(),
+        "session-affinity": lambda _: SessionAffinityScorer(),
+        "cost": CostScorer,
+    }
+)
 _PLAIN = ("random", "round-robin")
 
 
 def known_strategies() -> list[str]:
+    """The built-in names (configured profiles come on top, see `Strategies.names`)."""
     return [*_PLAIN, *_SCORERS]
 
 
 def parse_blend(name: str) -> list[tuple[str, float]]:
     """Split `a:3,b:2` into [(a, 3.0), (b, 2.0)]; raise ValueError naming what is wrong."""
-    parts = []
+    parts: list[tuple[str, float]] = []
     for item in name.split(","):
         scorer, sep, weight_text = item.strip().partition(":")
         if scorer not in _SCORERS:
@@ -43,14 +69,18 @@ def parse_blend(name: str) -> list[tuple[str, float]]:
             raise ValueError(
                 f"weight of '{scorer}' must be a number, got '{weight_text}'"
             ) from None
-        if weight <= 0:
+        # `not weight > 0` also refuses nan; inf would swamp every other term.
+        if not 0 < weight < float("inf"):
             raise ValueError(f"weight of '{scorer}' must be positive, got {weight_text}")
+        if any(scorer == seen for seen, _ in parts):
+            raise ValueError(f"'{scorer}' is listed twice")
         parts.append((scorer, weight))
     return parts
 
 
-def validate_strategy_name(name: str) -> None:
-    if name not in _PLAIN:
+def validate_strategy_name(name: str, *, configured: Collection[str] = ()) -> None:
+    """Raise ValueError unless `name` is built in, a valid blend, or a configured profile."""
+    if name not in _PLAIN and name not in configured:
         parse_blend(name)
 
 
@@ -59,15 +89,32 @@ _MAX_CACHED = 256
 
 
 class Strategies:
-    """Builds and caches one Profile per strategy name seen (up to a bound)."""
+    """Builds and caches one Profile per strategy name seen (up to a bound).
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    `profiles` are named profiles from the picker's EndpointPickerConfig; a configured name
+    shadows a built-in one. `cost_model` is where the `cost` scorer reads the current model
+    (`CostLearner.current`); without one it uses the priors.
+    """
+
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        *,
+        profiles: Mapping[str, Profile] | None = None,
+        cost_model: CostModelSource | None = None,
+    ) -> None:
         self._rng = rng or random.Random()
+        self._configured = dict(profiles or {})
+        self._cost_model: CostModelSource = cost_model or CostModel
         self._profiles: dict[str, Profile] = {}
+
+    def names(self) -> list[str]:
+        builtin = known_strategies()
+        return [*builtin, *(n for n in self._configured if n not in builtin)]
 
     def get(self, name: str) -> Profile:
         """The profile for `name`; raises ValueError for an unknown or malformed name."""
-        profile = self._profiles.get(name)
+        profile = self._configured.get(name) or self._profiles.get(name)
         if profile is None:
             profile = self._build(name)
             if len(self._profiles) < _MAX_CACHED:
@@ -80,5 +127,7 @@ class Strategies:
             return Profile(name, filters, (), RandomPicker(self._rng))
         if name == "round-robin":
             return Profile(name, filters, (), RoundRobinPicker())
-        scorers = tuple(WeightedScorer(_SCORERS[s](), w) for s, w in parse_blend(name))
+        scorers = tuple(
+            WeightedScorer(_SCORERS[s](self._cost_model), w) for s, w in parse_blend(name)
+        )
         return Profile(name, filters, scorers, MaxScorePicker(self._rng))

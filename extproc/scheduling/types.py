@@ -68,6 +68,9 @@ class Ranked:
 
     order: tuple[Candidate, ...]
     scores: Mapping[str, float]
+    # Per scorer (its label in the profile), each endpoint's unweighted score in [0, 1]: what
+    # `explain.py` shows. Empty for profiles without scorers.
+    breakdown: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 class Filter(Protocol):

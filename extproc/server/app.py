@@ -27,6 +27,10 @@ from prometheus_client import start_http_server
 from extproc.config import Config, ConfigError, EndpointConfig, load_config
 from extproc.metrics import PickerMetrics
 from extproc.pipeline import Pipeline
+from extproc.prefix.approx_index import ApproxPrefixIndex
+from extproc.prefix.blocks import BlocksSettings, PromptBlocks
+from extproc.scheduling.cost import CostLearner
+from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
 from extproc.server.health import Health
 from extproc.server.stream import StreamHandler
@@ -39,7 +43,7 @@ from extproc.state.pool import PoolState
 from extproc.state.prefix_index import PrefixIndex
 from extproc.state.shared import SharedStateClient
 from extproc.state.side import StateSide
-from extproc.state.snapshot import SnapshotStore
+from extproc.state.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger("extproc")
 
@@ -73,7 +77,23 @@ class PickerServer:
             if config.kv_events.enabled
             else None
         )
-        self.pipeline = Pipeline(config, self.store, self.inflight, Strategies(), self.metrics)
+        self.cost = CostLearner()
+        self.blocks = PromptBlocks(blocks_settings(config))
+        precise = self.index is not None and config.prefix.index != "approximate"
+        self.learned = None if precise else ApproxPrefixIndex()
+        self.strategies = strategies_for(config, self.cost)
+        self.pipeline = Pipeline(
+            config,
+            self.store,
+            self.inflight,
+            self.strategies,
+            self.metrics,
+            blocks=self.blocks,
+            matcher=self.index if precise else self.learned,
+            learned=self.learned,
+            cost=self.cost,
+        )
+        self.pool.on_publish(self._on_snapshot)
         self.health = Health()
         self.state = StateSide(
             config,
@@ -147,6 +167,18 @@ class PickerServer:
             len(snapshot.endpoints),
         )
 
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        """Every new snapshot: the cost model learns; the learned index follows capacities."""
+        self.cost.update(snapshot)
+        if self.learned is not None:
+            known = {e.address for e in snapshot.endpoints}
+            for endpoint in self.learned.endpoints():
+                if endpoint not in known:
+                    self.learned.drop_endpoint(endpoint)
+            for e in snapshot.endpoints:
+                if e.stats is not None and e.stats.num_gpu_blocks:
+                    self.learned.set_capacity(e.address, e.stats.num_gpu_blocks)
+
     def _on_models(self, readings: Sequence[ModelsReading]) -> None:
         self.pool.set_models(readings)
         endpoints = self.store.current.endpoints
@@ -168,11 +200,37 @@ class PickerServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._shared_task
         await self.state.stop()
+        await self.blocks.aclose()
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+
+
+def blocks_settings(config: Config) -> BlocksSettings:
+    prefix = config.prefix
+    return BlocksSettings(
+        tokenizers=dict(prefix.tokenizers),
+        default_tokenizer=prefix.default_tokenizer,
+        block_size=prefix.block_size,
+        hash_algo=prefix.hash_algo,
+        hash_seed=prefix.hash_seed,
+    )
+
+
+def strategies_for(config: Config, cost: CostLearner | None = None) -> Strategies:
+    """Built-in strategies plus the profiles of the configured EndpointPickerConfig."""
+    raw = config.scheduling.endpoint_picker_config
+    try:
+        profiles = (
+            parse_endpoint_picker_config(raw, cost_model=cost.current if cost is not None else None)
+            if raw
+            else {}
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"scheduling.endpoint_picker_config.{exc.key}", exc.problem) from exc
+    return Strategies(profiles=profiles, cost_model=cost.current if cost is not None else None)
 
 
 def discovery_for(
@@ -262,7 +320,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
             raise ConfigError(f"--endpoints {exc.key}", exc.problem) from exc
         config = dataclasses.replace(config, endpoints=endpoints)
     try:
-        validate_strategy_name(config.routing.strategy)
+        configured = strategies_for(config).names()
+        validate_strategy_name(config.routing.strategy, configured=configured)
     except ValueError as exc:
         raise ConfigError("routing.strategy", str(exc)) from exc
     if config.discovery.kubernetes is not None and config.endpoints:

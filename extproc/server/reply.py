@@ -20,6 +20,8 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 DESTINATION = "x-gateway-destination-endpoint"
+# Per-endpoint scores of the decision, upstream only, when scheduling.explain is on.
+SCORES = "x-extproc-scores"
 LB_NAMESPACE = "envoy.lb"
 OWN_NAMESPACE = "extproc"
 REQUEST_ID = "request-id"
@@ -37,13 +39,19 @@ REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse())
 RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 
 
-def _routing(targets: str, request_id: str) -> tuple[CommonResponse, Struct]:
+def _routing(
+    targets: str, request_id: str, explanation: str | None
+) -> tuple[CommonResponse, Struct]:
+    headers = [(DESTINATION, targets)]
+    if explanation is not None:
+        headers.append((SCORES, explanation))
     mutation = HeaderMutation(
         set_headers=[
             HeaderValueOption(
-                header=HeaderValue(key=DESTINATION, raw_value=targets.encode()),
+                header=HeaderValue(key=key, raw_value=value.encode()),
                 append_action=_OVERWRITE,
             )
+            for key, value in headers
         ]
     )
     metadata = Struct()
@@ -53,17 +61,21 @@ def _routing(targets: str, request_id: str) -> tuple[CommonResponse, Struct]:
     return CommonResponse(header_mutation=mutation, clear_route_cache=True), metadata
 
 
-def route_in_headers(targets: str, *, request_id: str) -> ProcessingResponse:
+def route_in_headers(
+    targets: str, *, request_id: str, explanation: str | None = None
+) -> ProcessingResponse:
     """The answer to the request headers: destination header, envoy.lb metadata, new route."""
-    common, metadata = _routing(targets, request_id)
+    common, metadata = _routing(targets, request_id, explanation)
     return ProcessingResponse(
         request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
     )
 
 
-def route_in_body(targets: str, *, request_id: str) -> ProcessingResponse:
+def route_in_body(
+    targets: str, *, request_id: str, explanation: str | None = None
+) -> ProcessingResponse:
     """The same answer given on the body, for BUFFERED mode where headers were answered first."""
-    common, metadata = _routing(targets, request_id)
+    common, metadata = _routing(targets, request_id, explanation)
     return ProcessingResponse(request_body=BodyResponse(response=common), dynamic_metadata=metadata)
 
 

@@ -229,9 +229,12 @@ class StreamHandler:
             outcome.strategy,
             targets,
         )
+        explanation = outcome.explanation
         if in_headers:
-            return reply.route_in_headers(targets, request_id=state.request_id)
-        return reply.route_in_body(targets, request_id=state.request_id)
+            return reply.route_in_headers(
+                targets, request_id=state.request_id, explanation=explanation
+            )
+        return reply.route_in_body(targets, request_id=state.request_id, explanation=explanation)
 
     def _refuse(self, error: OpenAIError) -> NoReturn:
         raise _Immediate(

@@ -9,7 +9,7 @@ far more often than this and is queried per block, not per endpoint).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 from extproc.config import EndpointConfig
@@ -25,6 +25,11 @@ class PoolState:
         self._models: dict[str, ModelsReading] = {}
         self._metrics: Mapping[str, EndpointReading] = MappingProxyType({})
         self._version = 0
+        self._listeners: list[Callable[[Snapshot], None]] = []
+
+    def on_publish(self, listener: Callable[[Snapshot], None]) -> None:
+        """Call `listener` with every new snapshot (learners that follow the pool)."""
+        self._listeners.append(listener)
 
     @property
     def endpoints(self) -> tuple[EndpointConfig, ...]:
@@ -69,4 +74,7 @@ class PoolState:
                     health=metrics.health if metrics else None,
                 )
             )
-        self._store.replace(Snapshot.of(built, self._version))
+        snapshot = Snapshot.of(built, self._version)
+        self._store.replace(snapshot)
+        for listener in self._listeners:
+            listener(snapshot)

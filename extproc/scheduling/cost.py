@@ -1,0 +1,340 @@
+"""The cost model: predict each endpoint's time to first token, pick the lowest.
+
+Three pieces, kept apart so the request path stays pure:
+
+- `CostLearner` (mutable, state side): fed every new snapshot, it learns per endpoint how fast
+  the engine computes tokens, how long a step takes and how often its prefix cache hits, from
+  the deltas of vLLM's counters between scrapes.
+- `CostModel` (frozen): the learner's current estimates plus the fixed parameters. Requests read
+  it through a zero-argument callable (`learner.current`), never the learner itself.
+- `CostScorer`: scores `fastest TTFT / this TTFT`, with a hot-spot guard that falls back to
+  load when the pool is badly imbalanced (the model can be wrong; a pile-up must not last).
+
+The equations are in docs/scheduling.md ("The cost model").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from extproc.scheduling.scorers import (
+    LORA_ACTIVE,
+    LORA_FREE_SLOT,
+    lora_affinity,
+    spread,
+)
+from extproc.scheduling.types import Candidate, SchedulingRequest
+from extproc.state.snapshot import Snapshot
+from extproc.state.stats import EndpointStats
+
+# Priors, used until an endpoint's own metrics say otherwise. An 8B model on one H100 computes
+# about 50k tokens/s when saturated, and a light decode step takes ~6 ms of linear layers plus
+# attention and CPU overhead (docs/reference vllm-interfaces.md, Vidur profiles).
+PRIOR_TOKENS_PER_SECOND = 50_000.0
+PRIOR_STEP_SECONDS = 0.008
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointCost:
+    """What the learner believes about one endpoint."""
+
+    # Tokens (prompt and decode alike) the engine computes per second when it has work queued.
+    tokens_per_second: float = PRIOR_TOKENS_PER_SECOND
+    # One engine step with a small batch: the floor under any token's latency.
+    step_seconds: float = PRIOR_STEP_SECONDS
+    # Share of prompt tokens its prefix cache served (d hits / d queries).
+    hit_rate: float = 0.0
+    # Windows learned from; 0 means these are the priors.
+    samples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CostParameters:
+    """Fixed knobs of the model (config: the cost scorer's `parameters`)."""
+
+    # Tokens per engine step (vLLM `max_num_batched_tokens`; 8192 on H100-class defaults).
+    chunk_tokens: int = 8192
+    # Prompt tokens of a typical queued request, until `CostLearner.observe_prompt` learns it.
+    mean_prompt_tokens: float = 1024.0
+    # Moving an adapter into the batch (free slot), and waiting for a slot when the batch holds
+    # `max_loras` other adapters: neither is in vLLM's metrics, so these are settings.
+    lora_load_seconds: float = 0.1
+    lora_slot_wait_seconds: float = 1.0
+    # Hot-spot guard, as SGLang's cache-aware router: when max load - min load exceeds
+    # `hot_spot_absolute` and max load > `hot_spot_ratio` x min load, rank by load instead.
+    hot_spot_absolute: float = 64.0
+    hot_spot_ratio: float = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One endpoint's predicted time to first token, in seconds, by term."""
+
+    queue_seconds: float
+    prefill_seconds: float
+    interference_seconds: float
+    lora_seconds: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.queue_seconds
+            + self.prefill_seconds
+            + self.interference_seconds
+            + self.lora_seconds
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """A frozen view of the learner: per-endpoint estimates, with the prior for the rest."""
+
+    estimates: Mapping[str, EndpointCost] = field(default_factory=dict)
+    parameters: CostParameters = CostParameters()
+    mean_prompt_tokens: float | None = None  # learned; None: parameters.mean_prompt_tokens
+    prior: EndpointCost = EndpointCost()
+
+    def estimate(self, address: str) -> EndpointCost:
+        return self.estimates.get(address, self.prior)
+
+    def predict(self, request: SchedulingRequest, candidate: Candidate) -> Prediction:
+        """TTFT = queue wait + our prefill + decode interference + adapter load."""
+        est = self.estimate(candidate.address)
+        p = self.parameters
+        rate = est.tokens_per_second
+        stats = candidate.stats
+        # Without stats (collector off) our own in-flight count is the only queue we know.
+        queue = candidate.queue if stats is not None else float(candidate.load.requests)
+        running = stats.running if stats is not None else 0.0
+        mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
+
+        # Each request ahead needs its own (uncached share of a typical) prefill and a step.
+        per_request = mean_prompt * (1.0 - est.hit_rate) / rate + est.step_seconds
+        queue_seconds = queue * per_request
+
+        cached = candidate.prefix_blocks * request.block_size
+        uncached = max(0, request.prompt_tokens - cached)
+        # Chunked prefill: running requests' decode tokens take their share of every step's
+        # token budget, so our prompt needs this many steps...
+        steps = max(1, math.ceil(uncached / max(1.0, p.chunk_tokens - running)))
+        prefill_seconds = uncached / rate + steps * est.step_seconds
+        # ...and each of those steps also computes one token per running request.
+        interference_seconds = steps * running / rate
+
+        lora_seconds = 0.0
+        if request.lora is not None:
+            affinity = lora_affinity(candidate, request.lora)
+            if affinity < LORA_ACTIVE:
+                lora_seconds = p.lora_load_seconds
+            if affinity < LORA_FREE_SLOT:
+                # No free slot (or the adapter is already deferred for one): wait for a slot.
+                lora_seconds += p.lora_slot_wait_seconds
+        return Prediction(queue_seconds, prefill_seconds, interference_seconds, lora_seconds)
+
+
+def load_of(candidate: Candidate) -> float:
+    """Requests at the endpoint (waiting, sent since the scrape, running); without stats, our
+    own in-flight count."""
+    stats = candidate.stats
+    if stats is None:
+        return float(candidate.load.requests)
+    return candidate.queue + stats.running
+
+
+def hot_spot(candidates: Sequence[Candidate], parameters: CostParameters) -> bool:
+    """The pool is imbalanced enough that the cost model must not be trusted alone."""
+    loads = [load_of(c) for c in candidates]
+    low, high = min(loads), max(loads)
+    return high - low > parameters.hot_spot_absolute and high > parameters.hot_spot_ratio * low
+
+
+class CostScorer:
+    """Scores `lowest predicted TTFT / this endpoint's predicted TTFT`: the fastest gets 1, one
+    twice as slow 0.5. A ratio, not a spread, so 100 ms vs 101 ms stays a near tie in blends.
+    With a max-score picker this picks the lowest predicted TTFT, ties at random."""
+
+    name = "cost-scorer"
+
+    def __init__(
+        self,
+        model: Callable[[], CostModel] | None = None,
+        parameters: CostParameters | None = None,
+    ) -> None:
+        self._model = model or CostModel
+        # Config may set parameters on the scorer; they override the model's.
+        self._parameters = parameters
+
+    def current(self) -> CostModel:
+        model = self._model()
+        if self._parameters is not None and model.parameters != self._parameters:
+            model = replace(model, parameters=self._parameters)
+        return model
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> Sequence[float]:
+        model = self.current()
+        if hot_spot(candidates, model.parameters):
+            return spread([load_of(c) for c in candidates])
+        ttfts = [model.predict(request, c).total for c in candidates]
+        best = min(ttfts)
+        # Every prediction holds at least one step (> 0); guard anyway against a zero prior.
+        return [best / t if t > 0 else 1.0 for t in ttfts]
+
+
+# --- learning -----------------------------------------------------------------------------
+
+# A window shorter than this is too noisy to learn from (scrapes come every 50 ms).
+_MIN_WINDOW_SECONDS = 0.5
+# Weight of a new window in the moving averages.
+_ALPHA = 0.2
+# Samples outside prior / 50 .. prior x 50 are counter glitches, not a GPU.
+_RATE_BOUNDS = (PRIOR_TOKENS_PER_SECOND / 50, PRIOR_TOKENS_PER_SECOND * 50)
+_STEP_BOUNDS = (0.0005, 1.0)
+
+
+@dataclass(slots=True)
+class _Window:
+    """Counters at the start of a window, and what held at every scrape inside it."""
+
+    start: EndpointStats
+    last_read_at: float
+    always_queued: bool
+    always_decoding: bool
+    running_sum: float
+    scrapes: int
+
+
+def _window(stats: EndpointStats) -> _Window:
+    return _Window(
+        start=stats,
+        last_read_at=stats.read_at,
+        always_queued=stats.waiting > 0,
+        always_decoding=stats.running > 0 and stats.waiting == 0,
+        running_sum=stats.running,
+        scrapes=1,
+    )
+
+
+def _ewma(old: float, sample: float) -> float:
+    # Always from the prior, never replacing it with one window: a single window can mislead.
+    return old + _ALPHA * (sample - old)
+
+
+class CostLearner:
+    """Learns `EndpointCost` per endpoint from successive snapshots. Call `update` from the
+    state side whenever a new snapshot is stored; requests read `current()`.
+
+    Per window of at least 0.5 s of one endpoint's scrapes:
+    - computed tokens = d prompt_tokens - d prefix_cache_hits + d generation_tokens;
+    - with requests waiting at every scrape, the engine had more work than it could take, so
+      computed tokens / dt is its throughput: averaged into `tokens_per_second`. In any other
+      window it is only a lower bound, raising the estimate when higher;
+    - with requests running and none waiting at every scrape, and decode tokens dominating,
+      each step produced one token per running request: step = dt x mean running / d generated;
+    - d hits / d queries is the prefix cache's hit rate.
+    A counter that goes down (a restarted server) starts a new window and keeps the estimates.
+    """
+
+    def __init__(self, parameters: CostParameters | None = None) -> None:
+        self._parameters = parameters or CostParameters()
+        self._windows: dict[str, _Window] = {}
+        self._estimates: dict[str, EndpointCost] = {}
+        self._mean_prompt: float | None = None
+        self._model = CostModel(parameters=self._parameters)
+
+    def current(self) -> CostModel:
+        """The latest frozen model (cheap: rebuilt on update, not per call)."""
+        return self._model
+
+    def observe_prompt(self, prompt_tokens: int) -> None:
+        """Optional: a finished request's prompt size (from its usage), to learn the typical
+        prompt of queued requests. Not needed on the decision path."""
+        if prompt_tokens <= 0:
+            return
+        old = self._mean_prompt or self._parameters.mean_prompt_tokens
+        self._mean_prompt = _ewma(old, float(prompt_tokens))
+        self._model = replace(self._model, mean_prompt_tokens=self._mean_prompt)
+
+    def update(self, snapshot: Snapshot) -> None:
+        present = set()
+        for endpoint in snapshot.endpoints:
+            present.add(endpoint.address)
+            if endpoint.stats is not None:
+                self._observe(endpoint.address, endpoint.stats)
+        for gone in self._windows.keys() - present:
+            del self._windows[gone]
+            self._estimates.pop(gone, None)
+        self._model = CostModel(
+            estimates=dict(self._estimates),
+            parameters=self._parameters,
+            mean_prompt_tokens=self._mean_prompt,
+        )
+
+    def _observe(self, address: str, stats: EndpointStats) -> None:
+        window = self._windows.get(address)
+        if window is None or stats.read_at < window.last_read_at or _reset(window.start, stats):
+            self._windows[address] = _window(stats)
+            return
+        if stats.read_at == window.last_read_at:
+            return  # the same scrape again (the snapshot changed for another reason)
+        window.last_read_at = stats.read_at
+        window.always_queued &= stats.waiting > 0
+        window.always_decoding &= stats.running > 0 and stats.waiting == 0
+        window.running_sum += stats.running
+        window.scrapes += 1
+        dt = stats.read_at - window.start.read_at
+        if dt < _MIN_WINDOW_SECONDS:
+            return
+        self._estimates[address] = self._learn(self._estimates.get(address), window, stats, dt)
+        self._windows[address] = _window(stats)
+
+    def _learn(
+        self, old: EndpointCost | None, window: _Window, end: EndpointStats, dt: float
+    ) -> EndpointCost:
+        est = old or EndpointCost()
+        start = window.start
+        hits = end.prefix_cache_hits - start.prefix_cache_hits
+        queries = end.prefix_cache_queries - start.prefix_cache_queries
+        generated = end.generation_tokens - start.generation_tokens
+        prefilled = max(0.0, end.prompt_tokens - start.prompt_tokens - hits)
+        computed = prefilled + generated
+        learned = False
+
+        rate = est.tokens_per_second
+        throughput = computed / dt
+        if computed > 0 and _RATE_BOUNDS[0] <= throughput <= _RATE_BOUNDS[1]:
+            if window.always_queued:
+                rate = _ewma(rate, throughput)
+                learned = True
+            elif throughput > rate:
+                # Not saturated, yet faster than we thought: the engine can do at least this.
+                rate = _ewma(rate, throughput)
+                learned = True
+
+        step = est.step_seconds
+        mean_running = window.running_sum / window.scrapes
+        if window.always_decoding and generated > 0 and prefilled <= 0.1 * generated:
+            sample = dt * mean_running / generated
+            if _STEP_BOUNDS[0] <= sample <= _STEP_BOUNDS[1]:
+                step = _ewma(step, sample)
+                learned = True
+
+        hit_rate = est.hit_rate
+        if queries > 0:
+            hit_rate = _ewma(hit_rate, min(1.0, max(0.0, hits / queries)))
+            learned = True
+
+        if not learned:
+            return est
+        return EndpointCost(rate, step, hit_rate, est.samples + 1)
+
+
+def _reset(start: EndpointStats, now: EndpointStats) -> bool:
+    """A counter went down: the server restarted (or its series were reset)."""
+    return (
+        now.prompt_tokens < start.prompt_tokens
+        or now.generation_tokens < start.generation_tokens
+        or now.prefix_cache_hits < start.prefix_cache_hits
+        or now.prefix_cache_queries < start.prefix_cache_queries
+    )

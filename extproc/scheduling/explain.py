@@ -1,0 +1,89 @@
+"""Why one decision went the way it did: each endpoint's per-scorer and total scores, as
+compact JSON for a debug response header or a log line (both off by default; the pipeline
+decides when to call this, and nothing here runs otherwise).
+
+    {"strategy":"cost","pick":"10.0.0.2:8000",
+     "weights":{"queue-scorer":2.0,"prefix-cache-scorer":3.0},
+     "endpoints":[{"address":"10.0.0.2:8000","total":4.5,
+                   "scores":{"queue-scorer":1.0,"prefix-cache-scorer":0.833},"ttft_ms":41.2},
+                  ...],
+     "filtered":["10.0.0.3:8000"]}
+
+`endpoints` is in the picker's order (the first is the pick, then the fallbacks); `filtered`
+lists candidates the profile's filters removed; `ttft_ms` appears when a cost model is given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from extproc.scheduling.admission import Admission, LeastBad
+from extproc.scheduling.cost import CostModel
+from extproc.scheduling.framework import Profile
+from extproc.scheduling.types import Candidate, Ranked, SchedulingRequest
+
+# A header carries a handful of endpoints comfortably; a 200-pod pool would not fit.
+DEFAULT_MAX_ENDPOINTS = 16
+
+
+def _r(value: float) -> float:
+    return round(value, 3)
+
+
+def explain(
+    profile: Profile,
+    candidates: Sequence[Candidate],
+    ranked: Ranked,
+    *,
+    request: SchedulingRequest | None = None,
+    cost_model: CostModel | None = None,
+    max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
+) -> str:
+    """One decision as compact JSON. `candidates` are those given to `profile.schedule`."""
+    kept = {c.address for c in ranked.order}
+    endpoints: list[dict[str, object]] = []
+    for c in ranked.order[:max_endpoints]:
+        entry: dict[str, object] = {
+            "address": c.address,
+            "total": _r(ranked.scores.get(c.address, 0.0)),
+            "scores": {
+                key: _r(by_address[c.address])
+                for key, by_address in ranked.breakdown.items()
+                if c.address in by_address
+            },
+        }
+        if cost_model is not None and request is not None:
+            entry["ttft_ms"] = round(cost_model.predict(request, c).total * 1000, 1)
+        endpoints.append(entry)
+    out: dict[str, object] = {
+        "strategy": profile.name,
+        "pick": ranked.order[0].address if ranked.order else None,
+        "weights": {w.key: w.weight for w in profile.scorers},
+        "endpoints": endpoints,
+    }
+    if len(ranked.order) > max_endpoints:
+        out["more"] = len(ranked.order) - max_endpoints
+    filtered = [c.address for c in candidates if c.address not in kept]
+    if filtered:
+        out["filtered"] = filtered[:max_endpoints]
+    return json.dumps(out, separators=(",", ":"))
+
+
+def explain_admission(admission: Admission, *, max_endpoints: int = DEFAULT_MAX_ENDPOINTS) -> str:
+    """An admission outcome as compact JSON (the least-bad order with predicted TTFTs)."""
+    out: dict[str, object] = {"admission": admission.outcome}
+    if not isinstance(admission, LeastBad):
+        if hasattr(admission, "reason"):
+            out["reason"] = admission.reason
+        return json.dumps(out, separators=(",", ":"))
+    out["reason"] = admission.reason
+    out["endpoints"] = [
+        {
+            "address": c.address,
+            "ttft_ms": round(admission.predicted_seconds.get(c.address, 0.0) * 1000, 1),
+            "stale": c.saturated,
+        }
+        for c in admission.order[:max_endpoints]
+    ]
+    return json.dumps(out, separators=(",", ":"))

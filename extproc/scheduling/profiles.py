@@ -1,0 +1,369 @@
+"""Profiles from YAML, in the shape of the field's `EndpointPickerConfig`, so users carry theirs
+over:
+
+    apiVersion: inference.networking.x-k8s.io/v1alpha1   # any version; not checked
+    kind: EndpointPickerConfig
+    plugins:
+    - type: queue-scorer
+    - type: prefix-cache-scorer
+      name: prefix                # optional; defaults to the type
+      parameters: {...}           # optional; checked per type
+    - type: max-score-picker
+    schedulingProfiles:
+    - name: default
+      plugins:
+      - pluginRef: queue-scorer
+        weight: 2                 # scorers only; default 1
+      - pluginRef: prefix
+        weight: 3
+      - pluginRef: max-score-picker
+
+Each scheduling profile becomes a `Profile`, usable by name as a strategy. Plugin instances are
+shared between the profiles that reference them, as in the field. Every error names its key
+(`plugins[2].parameters.threshold`) through `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, TypeAlias, cast
+
+from extproc.config import ConfigError
+from extproc.scheduling.cost import CostModel, CostParameters, CostScorer
+from extproc.scheduling.filters import (
+    LoraAffinityFilter,
+    LowKvCacheFilter,
+    LowQueueFilter,
+    PreferUnsaturated,
+)
+from extproc.scheduling.framework import Profile, WeightedScorer
+from extproc.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker
+from extproc.scheduling.scorers import (
+    InFlightTokensScorer,
+    KvCacheUtilizationScorer,
+    LeastRequestScorer,
+    LoraAffinityScorer,
+    PrefixCacheScorer,
+    QueueScorer,
+    RunningRequestsScorer,
+    SessionAffinityScorer,
+)
+from extproc.scheduling.types import Filter, Picker, Scorer
+
+KIND = "EndpointPickerConfig"
+
+Kind = Literal["filter", "scorer", "picker", "handler"]
+Plugin: TypeAlias = Filter | Scorer | Picker | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    rng: random.Random
+    cost_model: Callable[[], CostModel]
+
+
+class _Params:
+    """Reads one plugin's `parameters`, so a wrong key or value names itself."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {_show(data)}")
+        self._data: Mapping[object, object] = data
+        self._path = path
+        self._known: set[str] = set()
+
+    def number(
+        self,
+        key: str,
+        default: float,
+        *,
+        minimum: float = 0.0,
+        maximum: float = math.inf,
+        integer: bool = False,
+    ) -> float:
+        self._known.add(key)
+        if key not in self._data:
+            return default
+        value = self._data[key]
+        number = (
+            float(value)
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            else math.nan
+        )
+        # nan fails every comparison, so a non-number lands here too.
+        if not minimum <= number <= maximum or (integer and not number.is_integer()):
+            kind = "an integer" if integer else "a number"
+            upper = f" and <= {maximum:g}" if maximum < math.inf else ""
+            raise ConfigError(
+                f"{self._path}.{key}", f"expected {kind} >= {minimum:g}{upper}, got {_show(value)}"
+            )
+        return number
+
+    def ignored(self, *keys: str) -> None:
+        """Keys the field's plugin takes that mean nothing here (documented per type)."""
+        self._known.update(keys)
+
+    def check(self) -> None:
+        unknown = sorted(str(k) for k in self._data if k not in self._known)
+        if unknown:
+            raise ConfigError(
+                f"{self._path}.{unknown[0]}", _unknown_key_problem(unknown[0], self._known)
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PluginType:
+    kind: Kind
+    build: Callable[[_Params, _Context], Plugin]
+
+
+def _no_params(factory: Callable[[], Plugin]) -> Callable[[_Params, _Context], Plugin]:
+    return lambda _params, _ctx: factory()
+
+
+def _prefix_cache(params: _Params, ctx: _Context) -> Plugin:
+    # The field configures its prefix index on the scorer; ours is a data producer configured
+    # with the picker (prefix settings), which fills `Candidate.prefix_blocks`.
+    params.ignored("hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "mode")
+    return PrefixCacheScorer()
+
+
+def _cost(params: _Params, ctx: _Context) -> Plugin:
+    d = CostParameters()
+    parameters = CostParameters(
+        chunk_tokens=int(params.number("chunkTokens", d.chunk_tokens, minimum=1, integer=True)),
+        mean_prompt_tokens=params.number("meanPromptTokens", d.mean_prompt_tokens, minimum=1),
+        lora_load_seconds=params.number("loraLoadSeconds", d.lora_load_seconds),
+        lora_slot_wait_seconds=params.number("loraSlotWaitSeconds", d.lora_slot_wait_seconds),
+        hot_spot_absolute=params.number("hotSpotAbsolute", d.hot_spot_absolute),
+        hot_spot_ratio=params.number("hotSpotRatio", d.hot_spot_ratio, minimum=1),
+    )
+    return CostScorer(ctx.cost_model, parameters if parameters != d else None)
+
+
+def _low_queue(params: _Params, ctx: _Context) -> Plugin:
+    return LowQueueFilter(params.number("threshold", 5.0))
+
+
+def _low_kv(params: _Params, ctx: _Context) -> Plugin:
+    return LowKvCacheFilter(params.number("threshold", 0.8, maximum=1.0))
+
+
+def _picker(factory: Callable[[random.Random], Picker]) -> Callable[[_Params, _Context], Plugin]:
+    def build(params: _Params, ctx: _Context) -> Plugin:
+        # The field's pickers return several endpoints; ours rank all of them and the picker's
+        # `routing.fallbacks` says how many Envoy gets.
+        params.ignored("maxNumOfEndpoints")
+        return factory(ctx.rng)
+
+    return build
+
+
+# Every plugin type a config may name. Immutable: a registry, not state.
+PLUGIN_TYPES: Mapping[str, PluginType] = MappingProxyType(
+    {
+        "prefer-unsaturated-filter": PluginType("filter", _no_params(PreferUnsaturated)),
+        "lora-affinity-filter": PluginType("filter", _no_params(LoraAffinityFilter)),
+        "low-queue-filter": PluginType("filter", _low_queue),
+        "low-kv-cache-filter": PluginType("filter", _low_kv),
+        "queue-scorer": PluginType("scorer", _no_params(QueueScorer)),
+        "kv-cache-utilization-scorer": PluginType("scorer", _no_params(KvCacheUtilizationScorer)),
+        # The older name of the same scorer in the field's configs.
+        "kv-cache-scorer": PluginType("scorer", _no_params(KvCacheUtilizationScorer)),
+        "prefix-cache-scorer": PluginType("scorer", _prefix_cache),
+        "lora-affinity-scorer": PluginType("scorer", _no_params(LoraAffinityScorer)),
+        "running-requests-scorer": PluginType("scorer", _no_params(RunningRequestsScorer)),
+        "least-request-scorer": PluginType("scorer", _no_params(LeastRequestScorer)),
+        "in-flight-tokens-scorer": PluginType("scorer", _no_params(InFlightTokensScorer)),
+        "session-affinity-scorer": PluginType("scorer", _no_params(SessionAffinityScorer)),
+        "cost-scorer": PluginType("scorer", _cost),
+        "max-score-picker": PluginType("picker", _picker(MaxScorePicker)),
+        "random-picker": PluginType("picker", _picker(RandomPicker)),
+        "round-robin-picker": PluginType("picker", _picker(lambda _rng: RoundRobinPicker())),
+        # One profile per request is all we run; the field's configs list this handler.
+        "single-profile-handler": PluginType("handler", _no_params(lambda: None)),
+    }
+)
+
+# Top-level keys of the field's config that configure things outside scheduling profiles;
+# accepted so a config carries over, but not read (their counterparts are our own settings).
+_IGNORED_TOP = frozenset(
+    {"featureGates", "saturationDetector", "dataLayer", "flowControl", "parser", "requestHandler"}
+)
+_TOP = frozenset({"apiVersion", "kind", "plugins", "schedulingProfiles"}) | _IGNORED_TOP
+
+
+@dataclass(frozen=True, slots=True)
+class _Instance:
+    kind: Kind
+    plugin: Plugin
+
+
+def parse_endpoint_picker_config(
+    data: object,
+    *,
+    rng: random.Random | None = None,
+    cost_model: Callable[[], CostModel] | None = None,
+) -> dict[str, Profile]:
+    """Profiles by name from a parsed `EndpointPickerConfig` (YAML already loaded).
+
+    Raises `ConfigError(key, problem)` with the key relative to the config's top. Every profile
+    starts with `prefer-unsaturated-filter` (stale endpoints serve only when nothing fresher
+    can) unless it lists it itself; without a picker it uses `max-score-picker`.
+    """
+    ctx = _Context(rng or random.Random(), cost_model or CostModel)
+    top = _mapping(data, "")
+    _check_keys(top, "", _TOP)
+    kind = top.get("kind")
+    if kind is not None and kind != KIND:
+        raise ConfigError("kind", f"expected {KIND}, got {_show(kind)}")
+    if "apiVersion" in top:
+        _string(top["apiVersion"], "apiVersion")
+    instances = _plugins(top, ctx)
+
+    profiles_data = _list(top, "schedulingProfiles", "")
+    profiles: dict[str, Profile] = {}
+    for i, item in enumerate(profiles_data):
+        path = f"schedulingProfiles[{i}]"
+        spec = _mapping(item, path)
+        _check_keys(spec, path, {"name", "plugins"})
+        name = _string(_required(spec, "name", path), f"{path}.name")
+        if name in profiles:
+            raise ConfigError(f"{path}.name", f"profile '{name}' is defined twice")
+        profiles[name] = _profile(name, spec, path, instances, ctx)
+    return profiles
+
+
+def _plugins(top: Mapping[str, object], ctx: _Context) -> dict[str, _Instance]:
+    instances: dict[str, _Instance] = {}
+    for i, item in enumerate(_list(top, "plugins", "")):
+        path = f"plugins[{i}]"
+        spec = _mapping(item, path)
+        _check_keys(spec, path, {"type", "name", "parameters"})
+        type_name = _string(_required(spec, "type", path), f"{path}.type")
+        plugin_type = PLUGIN_TYPES.get(type_name)
+        if plugin_type is None:
+            raise ConfigError(
+                f"{path}.type",
+                f"unknown plugin type '{type_name}'{_did_you_mean(type_name, PLUGIN_TYPES)}",
+            )
+        name = _string(spec["name"], f"{path}.name") if "name" in spec else type_name
+        if name in instances:
+            raise ConfigError(f"{path}.name", f"plugin name '{name}' is used twice")
+        params = _Params(spec.get("parameters"), f"{path}.parameters")
+        plugin = plugin_type.build(params, ctx)
+        params.check()
+        instances[name] = _Instance(plugin_type.kind, plugin)
+    return instances
+
+
+def _profile(
+    name: str,
+    spec: Mapping[str, object],
+    path: str,
+    instances: Mapping[str, _Instance],
+    ctx: _Context,
+) -> Profile:
+    filters: list[Filter] = []
+    scorers: list[WeightedScorer] = []
+    picker: Picker | None = None
+    seen: set[str] = set()
+    for j, item in enumerate(_list(spec, "plugins", path)):
+        ref_path = f"{path}.plugins[{j}]"
+        ref = _mapping(item, ref_path)
+        _check_keys(ref, ref_path, {"pluginRef", "weight"})
+        plugin_name = _string(_required(ref, "pluginRef", ref_path), f"{ref_path}.pluginRef")
+        instance = instances.get(plugin_name)
+        if instance is None:
+            raise ConfigError(
+                f"{ref_path}.pluginRef",
+                f"no plugin named '{plugin_name}' in plugins"
+                + _did_you_mean(plugin_name, instances),
+            )
+        if plugin_name in seen:
+            raise ConfigError(f"{ref_path}.pluginRef", f"'{plugin_name}' is referenced twice")
+        seen.add(plugin_name)
+        if "weight" in ref and instance.kind != "scorer":
+            raise ConfigError(
+                f"{ref_path}.weight",
+                f"only scorers take a weight; '{plugin_name}' is a {instance.kind}",
+            )
+        if instance.kind == "scorer":
+            weight = _weight(ref.get("weight", 1), f"{ref_path}.weight")
+            # The kind tag says which Protocol the plugin was built as.
+            scorers.append(WeightedScorer(cast(Scorer, instance.plugin), weight, plugin_name))
+        elif instance.kind == "filter":
+            filters.append(cast(Filter, instance.plugin))
+        elif instance.kind == "picker":
+            if picker is not None:
+                raise ConfigError(f"{ref_path}.pluginRef", "a profile takes one picker")
+            picker = cast(Picker, instance.plugin)
+    if not any(isinstance(f, PreferUnsaturated) for f in filters):
+        filters.insert(0, PreferUnsaturated())
+    return Profile(name, tuple(filters), tuple(scorers), picker or MaxScorePicker(ctx.rng))
+
+
+# --- small readers, each raising ConfigError with the key ---------------------------------
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(name: str, known: Mapping[str, object]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}"
+
+
+def _unknown_key_problem(key: str, known: set[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    if close:
+        return f"unknown key (did you mean '{close[0]}'?)"
+    return f"unknown key (known: {', '.join(sorted(known)) or 'none'})"
+
+
+def _mapping(value: object, path: str) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {_show(value)}")
+    return value
+
+
+def _check_keys(data: Mapping[str, object], path: str, known: set[str] | frozenset[str]) -> None:
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(key, _unknown_key_problem(unknown[0], known))
+
+
+def _required(data: Mapping[str, object], key: str, path: str) -> object:
+    if key not in data:
+        raise ConfigError(f"{path}.{key}" if path else key, "required key is missing")
+    return data[key]
+
+
+def _list(data: Mapping[str, object], key: str, path: str) -> list[object]:
+    full = f"{path}.{key}" if path else key
+    value = _required(data, key, path)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(full, f"expected a non-empty list, got {_show(value)}")
+    return value
+
+
+def _string(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, f"expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _weight(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(path, f"expected a positive number, got {_show(value)}")
+    return float(value)

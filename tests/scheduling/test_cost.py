@@ -1,0 +1,306 @@
+"""The cost model: its equations, the scorer with its hot-spot guard, and the online learner
+on synthetic metric sequences."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+
+from extproc.scheduling.cost import (
+    PRIOR_STEP_SECONDS,
+    PRIOR_TOKENS_PER_SECOND,
+    CostLearner,
+    CostModel,
+    CostParameters,
+    CostScorer,
+    EndpointCost,
+    hot_spot,
+)
+from extproc.scheduling.strategies import Strategies
+from extproc.scheduling.types import Candidate, SchedulingRequest
+from extproc.state.inflight import Load
+from extproc.state.snapshot import Endpoint, Snapshot
+from extproc.state.stats import EndpointStats, LoraState
+from tests.scheduling.build import addr, cand
+
+MODEL = CostModel()
+RATE = PRIOR_TOKENS_PER_SECOND
+STEP = PRIOR_STEP_SECONDS
+PER_QUEUED = 1024 / RATE + STEP  # a typical queued request, uncached
+
+
+def _req(tokens: int = 0, *, blocks: int = 0, lora: str | None = None) -> SchedulingRequest:
+    return SchedulingRequest(
+        model="m", prompt_tokens=tokens, block_hashes=tuple(range(blocks)), lora=lora
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "candidate", "expected"),
+    [
+        pytest.param(_req(), cand(0), STEP, id="idle-empty-prompt-one-step"),
+        pytest.param(_req(5000), cand(0), 5000 / RATE + STEP, id="idle-uncached"),
+        pytest.param(
+            _req(5000, blocks=100),
+            cand(0, prefix=100),
+            3400 / RATE + STEP,
+            id="prefix-cached-1600-tokens",
+        ),
+        pytest.param(
+            _req(1000, blocks=100),
+            cand(0, prefix=100),
+            STEP,
+            id="fully-cached-still-one-step",
+        ),
+        pytest.param(
+            _req(5000, blocks=100),
+            cand(0, waiting=2, running=10, prefix=100),
+            2 * PER_QUEUED + 3400 / RATE + STEP + 10 / RATE,
+            id="queue-prefill-interference",
+        ),
+        pytest.param(
+            _req(20000),
+            cand(0, running=192),
+            20000 / RATE + 3 * STEP + 3 * 192 / RATE,
+            id="chunked-three-steps",
+        ),
+        pytest.param(
+            _req(0), cand(0, waiting=1, picked=2), 3 * PER_QUEUED + STEP, id="picks-since-scrape"
+        ),
+        pytest.param(
+            _req(0), cand(0, requests=4, stats=False), 4 * PER_QUEUED + STEP, id="no-stats-inflight"
+        ),
+        pytest.param(
+            _req(0, lora="sql"),
+            cand(0, lora=LoraState(2, frozenset({"sql"}))),
+            STEP,
+            id="lora-active",
+        ),
+        pytest.param(
+            _req(0, lora="sql"),
+            cand(0, lora=LoraState(2, frozenset({"x"}))),
+            STEP + 0.1,
+            id="lora-free-slot-loads",
+        ),
+        pytest.param(
+            _req(0, lora="sql"),
+            cand(0, lora=LoraState(1, frozenset({"x"}), frozenset({"sql"}))),
+            STEP + 1.1,
+            id="lora-waiting-for-slot",
+        ),
+        pytest.param(
+            _req(0, lora="sql"),
+            cand(0, lora=LoraState(1, frozenset({"x"}))),
+            STEP + 1.1,
+            id="lora-full-must-load",
+        ),
+    ],
+)
+def test_predicted_ttft(request_: SchedulingRequest, candidate: Candidate, expected: float) -> None:
+    assert MODEL.predict(request_, candidate).total == pytest.approx(expected)
+
+
+def test_learned_estimates_and_hit_rate_change_the_prediction() -> None:
+    model = CostModel({addr(0): EndpointCost(10_000.0, 0.02, 0.5, samples=3)})
+    got = model.predict(_req(1000), cand(0, waiting=1)).total
+    assert got == pytest.approx((512 / 10_000 + 0.02) + (1000 / 10_000 + 0.02))
+    # Other endpoints keep the prior.
+    assert model.estimate(addr(1)) == EndpointCost()
+
+
+@pytest.mark.parametrize(
+    ("candidates", "winner"),
+    [
+        pytest.param([cand(0, waiting=3), cand(1)], 1, id="shorter-queue"),
+        pytest.param(
+            [cand(0, prefix=500), cand(1, waiting=1)], 0, id="long-prefix-beats-one-queued"
+        ),
+        pytest.param([cand(0, prefix=500, waiting=20), cand(1)], 1, id="long-queue-beats-prefix"),
+        pytest.param(
+            [
+                cand(0, lora=LoraState(1, frozenset({"x"}))),
+                cand(1, waiting=5, lora=LoraState(1, frozenset({"sql"}))),
+            ],
+            1,
+            id="adapter-active-with-queue-beats-must-load",
+        ),
+    ],
+)
+def test_cost_strategy_picks_lowest_ttft(candidates: list[Candidate], winner: int) -> None:
+    lora = "sql" if any(c.stats and c.stats.lora for c in candidates) else None
+    request = _req(8000, blocks=500, lora=lora)
+    ranked = Strategies().get("cost").schedule(request, candidates)
+    assert ranked.order[0].address == addr(winner)
+    assert max(ranked.scores.values()) == pytest.approx(1.0)
+
+
+def test_cost_scores_are_ratios_of_ttft() -> None:
+    scores = CostScorer().score(_req(0), [cand(0), cand(1, waiting=1)])
+    assert scores[0] == 1.0
+    assert scores[1] == pytest.approx(STEP / (PER_QUEUED + STEP))
+
+
+@pytest.mark.parametrize(
+    ("loads", "hot"),
+    [
+        pytest.param([0, 64], False, id="difference-at-threshold"),
+        pytest.param([0, 65], True, id="difference-over-threshold"),
+        pytest.param([100, 170], True, id="over-ratio"),
+        pytest.param([100, 149], False, id="under-ratio"),
+        pytest.param([200, 280], False, id="big-but-balanced"),
+    ],
+)
+def test_hot_spot_guard(loads: list[int], hot: bool) -> None:
+    candidates = [cand(i, waiting=n / 2, running=n / 2) for i, n in enumerate(loads)]
+    assert hot_spot(candidates, CostParameters()) is hot
+
+
+def test_hot_spot_falls_back_to_load() -> None:
+    # Endpoint 0 holds the whole prompt but 100 requests more than endpoint 1: the model would
+    # keep it (a huge prompt), the guard ranks by load instead.
+    request = _req(200_000, blocks=12_500)
+    candidates = [cand(0, prefix=12_500, running=100), cand(1)]
+    assert CostScorer().score(request, candidates) == [0.0, 1.0]
+    relaxed = CostParameters(hot_spot_absolute=1000)
+    assert CostScorer(parameters=relaxed).score(request, candidates)[0] == 1.0
+
+
+def test_scorer_reads_the_current_model_each_time() -> None:
+    models = [CostModel(), CostModel({addr(1): EndpointCost(tokens_per_second=1000.0)})]
+    scorer = CostScorer(lambda: models[0])
+    candidates = [cand(0), cand(1)]
+    assert scorer.score(_req(2000), candidates) == [1.0, 1.0]
+    models.reverse()
+    assert scorer.score(_req(2000), candidates)[1] < 0.1
+
+
+# --- the learner on synthetic metric sequences -------------------------------------------
+
+
+def _engine(
+    *,
+    seconds: float,
+    prefill_per_s: float = 0.0,
+    gen_per_s: float = 0.0,
+    hits_per_s: float = 0.0,
+    waiting: float = 0.0,
+    running: float = 0.0,
+    start: EndpointStats | None = None,
+    every: float = 0.05,
+) -> Iterator[EndpointStats]:
+    """Scrapes of one endpoint every 50 ms with steady rates (tokens/s)."""
+    s = start or EndpointStats(read_at=100.0)
+    for _ in range(round(seconds / every)):
+        s = EndpointStats(
+            read_at=s.read_at + every,
+            waiting=waiting,
+            running=running,
+            prompt_tokens=s.prompt_tokens + (prefill_per_s + hits_per_s) * every,
+            prefix_cache_hits=s.prefix_cache_hits + hits_per_s * every,
+            prefix_cache_queries=s.prefix_cache_queries + (prefill_per_s + hits_per_s) * every,
+            generation_tokens=s.generation_tokens + gen_per_s * every,
+        )
+        yield s
+
+
+def _feed(learner: CostLearner, scrapes: Iterator[EndpointStats], address: str = addr(0)) -> None:
+    for stats in scrapes:
+        learner.update(Snapshot.of([Endpoint(address, frozenset({"m"}), True, stats=stats)]))
+
+
+def test_learns_a_saturated_engines_throughput() -> None:
+    learner = CostLearner()
+    # An A100-class engine: 15k prefill + 5k decode tokens/s, always with a queue.
+    _feed(
+        learner, _engine(seconds=20, prefill_per_s=15_000, gen_per_s=5_000, waiting=8, running=64)
+    )
+    est = learner.current().estimate(addr(0))
+    assert est.tokens_per_second == pytest.approx(20_000, rel=0.02)
+    assert est.samples > 10
+
+
+def test_learns_step_time_from_decode_only_windows() -> None:
+    learner = CostLearner()
+    # 32 running, a 12 ms step: 32 / 0.012 tokens/s, no queue, no prefill.
+    _feed(learner, _engine(seconds=20, gen_per_s=32 / 0.012, running=32))
+    est = learner.current().estimate(addr(0))
+    assert est.step_seconds == pytest.approx(0.012, rel=0.02)
+    # Unsaturated and slower than the prior: throughput is not learned from it.
+    assert est.tokens_per_second == PRIOR_TOKENS_PER_SECOND
+
+
+def test_unsaturated_throughput_only_raises_the_estimate() -> None:
+    learner = CostLearner()
+    _feed(learner, _engine(seconds=20, prefill_per_s=90_000, running=4))
+    assert learner.current().estimate(addr(0)).tokens_per_second == pytest.approx(90_000, rel=0.02)
+
+
+def test_learns_the_hit_rate() -> None:
+    learner = CostLearner()
+    _feed(learner, _engine(seconds=20, prefill_per_s=1000, hits_per_s=3000, running=2))
+    assert learner.current().estimate(addr(0)).hit_rate == pytest.approx(0.75, rel=0.02)
+
+
+def test_idle_endpoint_keeps_the_prior() -> None:
+    learner = CostLearner()
+    _feed(learner, _engine(seconds=5))
+    assert learner.current().estimate(addr(0)) == EndpointCost()
+
+
+def test_a_restart_does_not_poison_the_estimates() -> None:
+    learner = CostLearner()
+    busy = list(_engine(seconds=10, prefill_per_s=20_000, waiting=3, running=8))
+    _feed(learner, iter(busy))
+    before = learner.current().estimate(addr(0)).tokens_per_second
+    # Counters back to zero (a restarted server), then the same engine again.
+    restarted = EndpointStats(read_at=busy[-1].read_at + 0.05)
+    _feed(learner, iter([restarted]))
+    assert learner.current().estimate(addr(0)).tokens_per_second == before
+    _feed(learner, _engine(seconds=10, prefill_per_s=20_000, waiting=3, running=8, start=restarted))
+    after = learner.current().estimate(addr(0)).tokens_per_second
+    assert after == pytest.approx(20_000, rel=0.02)
+
+
+def test_repeated_and_out_of_order_scrapes_are_ignored() -> None:
+    learner = CostLearner()
+    scrapes = list(_engine(seconds=3, prefill_per_s=20_000, waiting=3, running=8))
+    for s in scrapes:
+        _feed(learner, iter([s, s]))  # the same scrape seen twice (another endpoint changed)
+    est = learner.current().estimate(addr(0))
+    assert est.samples == 5  # 3 s in 0.5 s windows, after the first scrape opens one
+    _feed(learner, iter([scrapes[0]]))  # older than the window: starts a new window
+    assert learner.current().estimate(addr(0)) == est
+
+
+def test_glitch_samples_are_dropped() -> None:
+    learner = CostLearner()
+    _feed(learner, _engine(seconds=5, prefill_per_s=1e9, waiting=3))
+    assert learner.current().estimate(addr(0)).tokens_per_second == PRIOR_TOKENS_PER_SECOND
+
+
+def test_departed_endpoints_are_forgotten_and_prompts_learned() -> None:
+    learner = CostLearner()
+    _feed(learner, _engine(seconds=2, prefill_per_s=20_000, waiting=3))
+    assert addr(0) in learner.current().estimates
+    learner.update(Snapshot.of([]))
+    assert learner.current().estimates == {}
+    for _ in range(50):
+        learner.observe_prompt(4000)
+    learner.observe_prompt(0)  # no usage: ignored
+    mean = learner.current().mean_prompt_tokens
+    assert mean is not None and math.isclose(mean, 4000, rel_tol=0.01)
+
+
+def test_learner_feeds_the_cost_strategy() -> None:
+    learner = CostLearner()
+    # Endpoint 1 is a slow engine, learned; endpoint 0 keeps the fast prior.
+    _feed(learner, _engine(seconds=10, prefill_per_s=2_000, waiting=1), address=addr(1))
+    strategies = Strategies(cost_model=learner.current)
+    request = _req(4000)
+    candidates = [
+        Candidate(Endpoint(addr(0), frozenset({"m"}), True), Load(1)),
+        Candidate(Endpoint(addr(1), frozenset({"m"}), True), Load(0)),
+    ]
+    assert strategies.get("cost").schedule(request, candidates).order[0].address == addr(0)
