@@ -50,7 +50,7 @@ from extproc.sim.fleet import DEFAULT_MODEL
 from extproc.sim.profiles import get_profile
 
 # The strategies compared, in order. The first is the baseline the others are compared with.
-STRATEGIES: Final = ("round-robin", "least-request")
+STRATEGIES: Final = ("round-robin", "least-request", "prefix-cache", "cost")
 STRATEGY_HEADER: Final = "x-routing-strategy"
 PROFILE: Final = "h100-8b"
 DEFAULT_OUTPUT: Final = Path("reports/demo")
