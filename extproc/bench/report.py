@@ -200,8 +200,11 @@ def render_markdown(report: RoutingReport) -> str:
         "answer. hit rate: prefix-cache hits / queries in tokens, from the simulator's counters. "
         "oracle: the best hit rate any router could reach on the workload (infinite cache, "
         "perfect routing; `extproc.bench.workloads.oracle_hit_rate`). preempt: the fleet's "
-        "preemptions. outside p90: wall ms a request spent outside its engine (Envoy, picker or "
-        "router, HTTP, the simulator's tokenizing).",
+        "preemptions. outside p90: wall ms a request took beyond its engine time / speed: the "
+        "routing path (Envoy, picker or router), HTTP, the simulator's tokenizing, and the "
+        "simulator's event loop running behind simulated time under load. arrival skew (below): "
+        "the largest spread, on one server, of (simulated arrival - client send x speed); "
+        "it grows when the fleet process runs behind, which compresses arrivals.",
         "",
     ]
     for info in report.workloads:
