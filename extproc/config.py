@@ -95,9 +95,10 @@ class RoutingConfig:
     """How endpoints are chosen."""
 
     strategy: str = _key(
-        "least-request",
-        "Default strategy: `random`, `round-robin`, `least-request`, or a blend like "
-        "`least-request:2`.",
+        "prefix-cache",
+        "Default strategy (docs/scheduling.md): `prefix-cache` (prefix 3, queue 2, KV cache 2: "
+        "the best on `extproc bench routing`), `cost`, `least-request`, `round-robin`, "
+        "`random`, ... or a blend like `prefix-cache:3,least-kv-cache:2,least-request:2`.",
     )
     fallbacks: int = _key(
         2,

@@ -46,6 +46,12 @@ _SCORERS: Mapping[str, Callable[[CostModelSource], Scorer]] = MappingProxyType(
     }
 )
 _PLAIN = ("random", "round-robin")
+# Named alone, `prefix-cache` is the field's default profile (the reference picker's weights:
+# prefix 3, queue 2, KV cache 2): a prefix scorer alone sends every request that shares even the
+# chat template's first block to one pod. Inside a blend the name means the prefix scorer only.
+_DEFAULT_BLENDS: Mapping[str, str] = MappingProxyType(
+    {"prefix-cache": "prefix-cache:3,least-queue:2,least-kv-cache:2"}
+)
 
 
 def known_strategies() -> list[str]:
@@ -127,7 +133,8 @@ class Strategies:
             return Profile(name, filters, (), RandomPicker(self._rng))
         if name == "round-robin":
             return Profile(name, filters, (), RoundRobinPicker())
+        blend = _DEFAULT_BLENDS.get(name, name)
         scorers = tuple(
-            WeightedScorer(_SCORERS[s](self._cost_model), w) for s, w in parse_blend(name)
+            WeightedScorer(_SCORERS[s](self._cost_model), w) for s, w in parse_blend(blend)
         )
         return Profile(name, filters, scorers, MaxScorePicker(self._rng))

@@ -4,7 +4,7 @@ Written by the KV-event subscribers (`extproc.state.kv_events`) from the events 
 publishes; read by the scheduler through `lookup`, which is pure, synchronous and does no I/O.
 Writers and readers share one event loop, so nothing here takes a lock.
 
-    index = PrefixIndex(max_entries=4_000_000)
+    index = PrefixIndex(max_entries=2_000_000)
     index.add_endpoint("10.0.0.7:8000", capacity=29_001)  # num_gpu_blocks, when known
     index.store("10.0.0.7:8000", [h0, h1, h2])           # BlockStored (GPU tier)
     index.remove("10.0.0.7:8000", [h2])                  # BlockRemoved
@@ -37,8 +37,8 @@ import itertools
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-DEFAULT_MAX_ENTRIES = 4_000_000
-DEFAULT_ENDPOINT_CAPACITY = 1_000_000
+DEFAULT_MAX_ENTRIES = 2_000_000  # ~220 MB at ~110 B an entry (docs/kv_events.md)
+DEFAULT_ENDPOINT_CAPACITY = 500_000  # when num_gpu_blocks is unknown
 _EVICT_FRACTION = 64  # at a cap, forget 1/64 of the endpoint's entries in one pass
 
 

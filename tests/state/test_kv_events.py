@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -14,8 +13,8 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-import zmq
 import zmq.asyncio
+import zmq.constants
 from prometheus_client import CollectorRegistry
 
 from extproc.prefix.hashing import BlockHasher, event_id
@@ -197,10 +196,10 @@ class HandPublisher:
     """An XPUB (so the test knows when the subscriber listens) and a replay ROUTER."""
 
     def __init__(self, ctx: zmq.asyncio.Context) -> None:
-        self.pub = ctx.socket(zmq.XPUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.router = ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
+        self.pub = ctx.socket(zmq.constants.XPUB)
+        self.pub.setsockopt(zmq.constants.LINGER, 0)
+        self.router = ctx.socket(zmq.constants.ROUTER)
+        self.router.setsockopt(zmq.constants.LINGER, 0)
         host = "tcp://127.0.0.1"
         self.source = KVEventSource(
             f"{host}:{self.pub.bind_to_random_port(host)}",
@@ -276,6 +275,7 @@ class Hand:
 
 class _NoStatus:
     next_seq = None
+    exact = False
 
 
 _NONE: Any = _NoStatus()
@@ -300,6 +300,8 @@ async def hand() -> AsyncIterator[Hand]:
                              replay=pub.source.replay or "")]
         )  # fmt: skip
         await pub.subscribed()
+        # The start-up resync (a replay of the empty buffer) is done once the state is exact.
+        await eventually(lambda: (subs.status(h.address) or _NONE).exact)
         yield h
     finally:
         await subs.close()
@@ -606,29 +608,24 @@ async def test_unrecoverable_gap_resets_then_converges(
         assert not before & server.cached_block_ids()
 
 
-def _low_ports(count: int) -> int:
-    """A base port with `count` free ports above it, below Linux's ephemeral range: while a
-    publisher is down, a reconnecting SUB's own ephemeral source port could otherwise be the
-    publisher's port (TCP self-connect) and keep the restarted publisher from binding it."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 32_000 - count)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise AssertionError("no free low ports")
+def _bindable(endpoint: str | None) -> bool:
+    """Whether the port of `tcp://host:port` can be bound again (ZMQ closes sockets in its I/O
+    thread, so a killed publisher's port is released a moment after `kill` returns)."""
+    assert endpoint is not None
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
 
 
 async def test_restart_resets_and_resyncs(
     tokenizer: Tokenizer, http: aiohttp.ClientSession
 ) -> None:
-    config = _config(kv_events_port=_low_ports(4))
-    async with following(config, tokenizer, http, explicit=True) as f:
+    async with following(_config(), tokenizer, http, explicit=True) as f:
         servers = f.fleet.servers
         for server in servers:
             await f.listening(server)
@@ -636,6 +633,12 @@ async def test_restart_resets_and_resyncs(
         await f.converged()
         other = f.index.blocks_of(f.address(servers[1]))
         await servers[0].kill()
+        await eventually(
+            lambda: (
+                _bindable(servers[0].kv_events_endpoint)
+                and _bindable(servers[0].kv_replay_endpoint)
+            )
+        )
         await servers[0].revive()
         # The new process has an empty cache; its replay buffer is complete from seq 0.
         await eventually(
