@@ -115,15 +115,24 @@ class KVEventPublisher:
         self._pub = ctx.socket(zmq.constants.PUB)
         self._pub.set_hwm(hwm)
         self._pub.setsockopt(zmq.constants.LINGER, 0)
-        self.endpoint = _bind(self._pub, endpoint)
         self._replay: zmq.asyncio.Socket | None = None
         self.replay_endpoint: str | None = None
         self._task: asyncio.Task[None] | None = None
-        if replay_endpoint is not None:
-            self._replay = ctx.socket(zmq.constants.ROUTER)
-            self._replay.setsockopt(zmq.constants.LINGER, 0)
-            self._replay.setsockopt(zmq.constants.SNDHWM, 2 * (buffer_steps + 1))
-            self.replay_endpoint = _bind(self._replay, replay_endpoint)
+        try:
+            self.endpoint = _bind(self._pub, endpoint)
+            if replay_endpoint is not None:
+                self._replay = ctx.socket(zmq.constants.ROUTER)
+                self._replay.setsockopt(zmq.constants.LINGER, 0)
+                self._replay.setsockopt(zmq.constants.SNDHWM, 2 * (buffer_steps + 1))
+                self.replay_endpoint = _bind(self._replay, replay_endpoint)
+        except zmq.error.ZMQError:
+            # A port still held by the previous process (ZMQ closes asynchronously): close what
+            # was opened, or the context can never terminate.
+            self._pub.close()
+            if self._replay is not None:
+                self._replay.close()
+            raise
+        if self._replay is not None:
             self._task = asyncio.get_running_loop().create_task(self._serve_replay())
 
     @property
