@@ -27,24 +27,28 @@ import json
 import math
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.bench import loadgen
-from extproc.bench.overhead import free_ports, process, wait_for_port
+from extproc.bench.processes import (
+    Stopped,
+    free_port_range,
+    free_ports,
+    picker_ready_endpoints,
+    process,
+    stop_on_signal,
+    wait_for_port,
+)
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.sim.fleet import DEFAULT_MODEL
 from extproc.sim.profiles import get_profile
@@ -282,24 +286,6 @@ def _endpoints(ports: Ports, pods: int) -> tuple[str, ...]:
     return tuple(f"127.0.0.1:{ports.sim + i}" for i in range(pods))
 
 
-def _free_port_range(count: int, avoid: Sequence[int]) -> int:
-    """A first port P with P..P+count-1 all free (the simulator takes consecutive ports)."""
-    for _ in range(100):
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            base: int = first.getsockname()[1]
-            if base + count > 65535 or any(base <= p < base + count for p in avoid):
-                continue
-            try:
-                for port in range(base + 1, base + count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise DemoError(f"found no {count} consecutive free ports on 127.0.0.1")
-
-
 def _python_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "extproc.cli", *args]
 
@@ -348,24 +334,11 @@ def _wait_for_picker(
                 raise DemoError(f"the picker did not listen on :{ports.grpc} within 30 s") from None
     ready = -1.0
     while time.monotonic() < deadline:
-        ready = _picker_ready_endpoints(ports.metrics)
+        ready = picker_ready_endpoints(ports.metrics)
         if ready == pods:
             return
         time.sleep(0.2)
     raise DemoError(f"the picker sees {ready:g} of {pods} pods ready after 30 s")
-
-
-def _picker_ready_endpoints(metrics_port: int) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except (urllib.error.URLError, OSError):
-        return -1.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "extproc_endpoints" and sample.labels.get("state") == "ready":
-                return float(sample.value)
-    return -1.0
 
 
 @contextlib.contextmanager
@@ -504,7 +477,7 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> DemoReport:
     started = time.monotonic()
     grpc_port, health, metrics, envoy_port, admin = free_ports(5)
     ports = Ports(
-        sim=_free_port_range(options.pods, avoid=(grpc_port, health, metrics, envoy_port, admin)),
+        sim=free_port_range(options.pods, avoid=(grpc_port, health, metrics, envoy_port, admin)),
         grpc=grpc_port,
         health=health,
         metrics=metrics,
@@ -747,17 +720,6 @@ def write_report(report: DemoReport) -> tuple[Path, Path]:
 # --- the sub-command --------------------------------------------------------------------------
 
 
-class _Stopped(Exception):
-    """SIGTERM or SIGINT arrived; unwinding stops every child process."""
-
-
-def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
-    # Ignore further signals so a second Ctrl-C cannot cut the clean-up short.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    raise _Stopped(signum)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoOptions()
     parser.add_argument(
@@ -789,10 +751,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"extproc demo: {exc}", file=sys.stderr)
         return 2
-    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         report = run_demo(options)
-    except _Stopped as exc:
+    except Stopped as exc:
         signum = int(exc.args[0])
         print(
             f"extproc demo: stopped by {signal.Signals(signum).name}; "

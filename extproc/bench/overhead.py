@@ -14,15 +14,10 @@ The backends answer at once (`extproc.bench.backend`), so latency is the routing
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +26,7 @@ import yaml
 
 from extproc.bench import loadgen
 from extproc.bench.loadgen import Summary
+from extproc.bench.processes import cpu_seconds, free_ports, process, wait_for_port
 from extproc.envoy_runner import render_bootstrap, running_envoy
 
 MODEL = "bench-model"
@@ -122,60 +118,6 @@ class OverheadReport:
         if errors:
             rows += ["", "Errors by HTTP status (0 = connection failed): " + "; ".join(errors)]
         return "\n".join(rows)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@contextlib.contextmanager
-def process(
-    argv: Sequence[str], *, ready_line: str | None = None
-) -> Iterator[subprocess.Popen[str]]:
-    """Start a child process, optionally wait for a line on stdout, stop it by PID at the end."""
-    child = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        if ready_line is not None:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            if ready_line not in line:
-                raise RuntimeError(f"{argv[0]} did not start: {line!r}")
-        yield child
-    finally:
-        child.terminate()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
-def wait_for_port(port: int, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {within:.0f}s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bootstrap_with_direct_listener(

@@ -42,16 +42,21 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final, Literal
 
 import aiohttp
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.bench import workloads as wl
 from extproc.bench.loadgen import quantile
-from extproc.bench.overhead import cpu_seconds, wait_for_port
+from extproc.bench.processes import (
+    Stopped,
+    cpu_seconds,
+    free_port_range,
+    picker_ready_endpoints,
+    stop_on_signal,
+    wait_for_port,
+)
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import load_tokenizer
 from extproc.scheduling.strategies import known_strategies
@@ -263,24 +268,6 @@ class Ports:
     router_metrics: int
 
 
-def _free_port_range(count: int, avoid: set[int]) -> int:
-    """A first port P with P..P+count-1 free now (the simulator takes consecutive ports)."""
-    for _ in range(200):
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            base: int = first.getsockname()[1]
-            if base + count > 65535 or avoid & set(range(base, base + count)):
-                continue
-            try:
-                for port in range(base + 1, base + count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise RoutingBenchError(f"found no {count} consecutive free ports on 127.0.0.1")
-
-
 def _allocate_ports(pods: int) -> Ports:
     singles: list[int] = []
     with contextlib.ExitStack() as stack:
@@ -288,8 +275,8 @@ def _allocate_ports(pods: int) -> Ports:
             s = stack.enter_context(socket.socket())
             s.bind(("127.0.0.1", 0))
             singles.append(s.getsockname()[1])
-    sim = _free_port_range(pods, set(singles))
-    kv = _free_port_range(2 * pods, {*singles, *range(sim, sim + pods)})
+    sim = free_port_range(pods, set(singles))
+    kv = free_port_range(2 * pods, {*singles, *range(sim, sim + pods)})
     return Ports(sim, kv, *singles)
 
 
@@ -398,26 +385,13 @@ def _picker_argv(options: RoutingOptions, ports: Ports, *, config: Path) -> list
     ]
 
 
-def _picker_ready_endpoints(metrics_port: int) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except (urllib.error.URLError, OSError):
-        return -1.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "extproc_endpoints" and sample.labels.get("state") == "ready":
-                return float(sample.value)
-    return -1.0
-
-
 def _wait_picker(child: subprocess.Popen[str], ports: Ports, pods: int, log: Path) -> None:
     """Until the picker listens and sees every pod ready (it reads /v1/models at start-up)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if child.poll() is not None:
             raise RoutingBenchError(f"the picker exited with code {child.returncode}; see {log}")
-        if _picker_ready_endpoints(ports.metrics) == pods:
+        if picker_ready_endpoints(ports.metrics) == pods:
             wait_for_port(ports.grpc, within=5)
             return
         time.sleep(0.1)
@@ -952,16 +926,6 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
 # --- the sub-command --------------------------------------------------------------------------
 
 
-class _Stopped(Exception):
-    """SIGTERM or SIGINT arrived; unwinding stops every child process."""
-
-
-def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-    raise _Stopped(signum)
-
-
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip() and part != "none")
 
@@ -1048,10 +1012,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"extproc bench routing: {exc}", file=sys.stderr)
         return 2
-    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         report = run_routing(options)
-    except _Stopped as exc:
+    except Stopped as exc:
         signum = int(exc.args[0])
         print(
             f"\nextproc bench routing: stopped by {signal.Signals(signum).name}; "

@@ -1,0 +1,115 @@
+"""Child processes for the demo and the benchmarks: free loopback ports, start and stop by PID,
+readiness, CPU accounting, and a clean stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def free_port_range(count: int, avoid: Collection[int] = ()) -> int:
+    """A first port P with P..P+count-1 free now (the simulator takes consecutive ports)."""
+    for _ in range(200):
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            base: int = first.getsockname()[1]
+            if base + count > 65535 or any(base <= p < base + count for p in avoid):
+                continue
+            try:
+                for port in range(base + 1, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise OSError(f"found no {count} consecutive free ports on 127.0.0.1")
+
+
+@contextlib.contextmanager
+def process(
+    argv: Sequence[str], *, ready_line: str | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """Start a child process, optionally wait for a line on stdout, stop it by PID at the end."""
+    child = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        if ready_line is not None:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if ready_line not in line:
+                raise RuntimeError(f"{argv[0]} did not start: {line!r}")
+        yield child
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def wait_for_port(port: int, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {within:.0f}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def picker_ready_endpoints(metrics_port: int) -> float:
+    """The picker's `extproc_endpoints{state="ready"}`, or -1 while it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return -1.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "extproc_endpoints" and sample.labels.get("state") == "ready":
+                return float(sample.value)
+    return -1.0
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived; unwinding stops every child process."""
+
+
+def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    # Ignore further signals so a second Ctrl-C cannot cut the clean-up short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
