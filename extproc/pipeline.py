@@ -22,6 +22,7 @@ from extproc.config import Config
 from extproc.metrics import PickerMetrics
 from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import PromptBlocks
+from extproc.prefix.hashing import LoraKey
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
 from extproc.request.openai import Api, ParsedRequest, api_of, parse_request
@@ -152,6 +153,7 @@ class Pipeline:
             )
 
         profile = self._strategies.get(strategy)
+        adapter = self._store.current.adapter(request.model) if request.model else None
         scheduling_request = SchedulingRequest(
             model=request.model,
             prompt_tokens=request.prompt.approx_chars() // 4,
@@ -159,13 +161,16 @@ class Pipeline:
             max_tokens=request.max_tokens,
             session_id=head.headers.get("x-session-id"),
             block_size=self._config.prefix.block_size,
+            lora=request.model if adapter is not None else None,
         )
         if self._blocks is not None and request.model is not None and needs_blocks(profile):
             tokens = await self._blocks.blocks(
                 request,
-                lora=None,
+                # An adapter's blocks are hashed with vLLM's LoRA extra key (name and path).
+                lora=LoraKey(request.model, adapter[1]) if adapter is not None else None,
                 cache_salt=_cache_salt(request),
                 endpoint_for_remote=candidates[0].address,
+                base_model=adapter[0] if adapter is not None else None,
             )
             scheduling_request = dataclasses.replace(
                 scheduling_request,

@@ -10,7 +10,14 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.config import Config, DiscoveryConfig, EndpointConfig, RoutingConfig, ServerConfig
+from extproc.config import (
+    CollectorConfig,
+    Config,
+    DiscoveryConfig,
+    EndpointConfig,
+    RoutingConfig,
+    ServerConfig,
+)
 from extproc.server.app import PickerServer
 from tests import extproc_client as ep
 from tests.fakes import ModelServer
@@ -25,6 +32,9 @@ def _config(addresses: list[str], **routing: Any) -> Config:
         ),
         routing=RoutingConfig(**routing),
         discovery=DiscoveryConfig(models_refresh_seconds=0.2),
+        # The stream protocol is under test here; the collector has its own tests, and a loaded
+        # machine must not make slow scrapes of the test servers look like failing endpoints.
+        collector=CollectorConfig(enabled=False),
         endpoints=tuple(EndpointConfig(a) for a in addresses),
     )
 

@@ -23,6 +23,7 @@ from extproc.config import (
     SchedulingConfig,
     ServerConfig,
 )
+from extproc.prefix.hashing import LoraKey
 from extproc.server.app import PickerServer
 from extproc.sim import SimConfig, SimFleet
 from tests import extproc_client as ep
@@ -160,7 +161,37 @@ async def _hashes(picker: PickerServer, body: dict[str, Any]) -> tuple[int, ...]
 
     parsed = parse_request("/v1/chat/completions", json.dumps(body).encode())
     assert isinstance(parsed, ParsedRequest)
+    adapter = picker.store.current.adapter(parsed.model or "")
     tokens = await picker.blocks.blocks(
-        parsed, lora=None, cache_salt=None, endpoint_for_remote=None
+        parsed,
+        lora=LoraKey(parsed.model or "", adapter[1]) if adapter else None,
+        cache_salt=None,
+        endpoint_for_remote=None,
     )
     return tokens.block_hashes
+
+
+async def test_an_adapters_prompt_is_found_where_that_adapter_cached_it(
+    picker_for: Any,
+) -> None:
+    # The adapter's blocks carry vLLM's LoRA extra key (name and path from /v1/models): hashed
+    # without it, the picker would find no pod holding them.
+    adapter = ("sql-lora", "/adapters/sql-lora")
+    config = SimConfig(
+        pods=3, speed=50, kv_events=True, enable_lora=True, max_cpu_loras=2,
+        lora_modules=(adapter,),
+    )  # fmt: skip
+    async with SimFleet(config) as fleet:
+        picker = await picker_for(_config(fleet, precise=True))
+        index = picker.index
+        assert index is not None
+        async with aiohttp.ClientSession() as http:
+            for i, url in enumerate(fleet.urls):
+                body = {**_prompt(f"schema number {i}"), "model": adapter[0]}
+                address = url.removeprefix("http://")
+                await _serve(http, address, body)
+                hashes = await _hashes(picker, body)
+                await _until(
+                    lambda h=hashes, a=address: index.lookup(h).get(a, 0) > 0, "events seen"
+                )
+                assert (await _pick(picker, body, "prefix-cache"))[0] == address

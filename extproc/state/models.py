@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -22,6 +22,9 @@ class ModelsReading:
     address: str
     models: frozenset[str]
     problem: str = ""  # empty when the endpoint answered
+    # LoRA adapters among `models`: name -> (base model, adapter path). vLLM lists them with
+    # `parent` and `root`; the path enters the adapter's KV block hashes.
+    adapters: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -42,10 +45,13 @@ async def read_models(
     data = document.get("data") if isinstance(document, dict) else None
     if not isinstance(data, list):
         return ModelsReading(address, frozenset(), "/v1/models has no 'data' list")
-    ids = frozenset(
-        item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)
-    )
-    return ModelsReading(address, ids)
+    cards = [item for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)]
+    adapters = {
+        card["id"]: (card["parent"], card["root"] if isinstance(card.get("root"), str) else "")
+        for card in cards
+        if isinstance(card.get("parent"), str) and card["parent"]
+    }
+    return ModelsReading(address, frozenset(c["id"] for c in cards), adapters=adapters)
 
 
 class ModelDiscovery:

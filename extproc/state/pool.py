@@ -47,7 +47,7 @@ class PoolState:
             # A server that stops answering keeps what it served: its model is still known
             # (503, retry later), not unknown (404).
             kept = (
-                ModelsReading(reading.address, previous.models, reading.problem)
+                ModelsReading(reading.address, previous.models, reading.problem, previous.adapters)
                 if not reading.ok and previous is not None
                 else reading
             )
@@ -70,6 +70,7 @@ class PoolState:
                     models=frozenset(config.models) | (reading.models if reading else frozenset()),
                     ready=bool(reading and reading.ok),
                     problem=reading.problem if reading else "not read yet",
+                    adapters=reading.adapters if reading else {},
                     stats=metrics.stats if metrics else None,
                     health=metrics.health if metrics else None,
                 )

@@ -7,7 +7,7 @@ decision never sees half an update and never waits for one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from extproc.state.stats import EndpointStats, ScrapeHealth
@@ -22,6 +22,8 @@ class Endpoint:
     ready: bool = False
     # Why it is not ready, for logs and the debug view.
     problem: str = ""
+    # LoRA adapters it serves: name -> (base model, adapter path).
+    adapters: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     # Live load from the metrics collector: the last good scrape, and how scrapes have gone.
     stats: EndpointStats | None = None
     health: ScrapeHealth | None = None
@@ -32,6 +34,7 @@ class Snapshot:
     endpoints: tuple[Endpoint, ...] = ()
     version: int = 0
     _by_model: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict, repr=False)
+    _adapters: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, endpoints: Iterable[Endpoint], version: int = 0) -> Snapshot:
@@ -40,11 +43,16 @@ class Snapshot:
         for endpoint in endpoints:
             for model in endpoint.models:
                 by_model.setdefault(model, []).append(endpoint)
-        return cls(endpoints, version, {m: tuple(eps) for m, eps in by_model.items()})
+        adapters = {name: spec for e in endpoints for name, spec in e.adapters.items()}
+        return cls(endpoints, version, {m: tuple(eps) for m, eps in by_model.items()}, adapters)
 
     def serving(self, model: str) -> tuple[Endpoint, ...]:
         """Endpoints that serve `model`, ready or not."""
         return self._by_model.get(model, ())
+
+    def adapter(self, model: str) -> tuple[str, str] | None:
+        """(base model, adapter path) when `model` names a LoRA adapter some endpoint serves."""
+        return self._adapters.get(model)
 
     def models(self) -> list[str]:
         return sorted(self._by_model)
