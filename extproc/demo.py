@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -41,12 +40,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.bench import loadgen
 from extproc.bench.processes import (
-    Stopped,
     free_port_range,
     free_ports,
     picker_ready_endpoints,
     process,
-    stop_on_signal,
+    run_stoppable,
     wait_for_port,
 )
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
@@ -751,23 +749,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"extproc demo: {exc}", file=sys.stderr)
         return 2
-    previous = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        report = run_demo(options)
-    except Stopped as exc:
-        signum = int(exc.args[0])
-        print(
-            f"extproc demo: stopped by {signal.Signals(signum).name}; "
-            "every process it started is stopped",
-            file=sys.stderr,
-        )
-        return 128 + signum
-    except (DemoError, EnvoyError, OSError) as exc:
-        print(f"extproc demo: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    report = run_stoppable(
+        "extproc demo", lambda: run_demo(options), (DemoError, EnvoyError, OSError)
+    )
+    if isinstance(report, int):
+        return report
     markdown, data = write_report(report)
     print(render_text(report))
     print(f"\nReport: {markdown} and {data} ({report.seconds:.0f} s in all)")

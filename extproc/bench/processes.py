@@ -8,12 +8,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -113,3 +115,30 @@ def stop_on_signal(signum: int, frame: FrameType | None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
+
+
+T = TypeVar("T")
+
+
+def run_stoppable(
+    command: str, work: Callable[[], T], errors: tuple[type[BaseException], ...]
+) -> T | int:
+    """Run `work` with SIGINT/SIGTERM unwinding it cleanly (every child stopped). Returns its
+    result, or the exit code to leave with: 128 + signal when stopped, 1 on one of `errors`."""
+    previous = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return work()
+    except Stopped as exc:
+        signum = int(exc.args[0])
+        print(
+            f"\n{command}: stopped by {signal.Signals(signum).name}; "
+            "every process it started is stopped",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    except errors as exc:
+        print(f"\n{command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -32,7 +32,6 @@ import copy
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -50,11 +49,10 @@ import yaml
 from extproc.bench import workloads as wl
 from extproc.bench.loadgen import quantile
 from extproc.bench.processes import (
-    Stopped,
     cpu_seconds,
     free_port_range,
     picker_ready_endpoints,
-    stop_on_signal,
+    run_stoppable,
     wait_for_port,
 )
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
@@ -1012,23 +1010,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"extproc bench routing: {exc}", file=sys.stderr)
         return 2
-    previous = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        report = run_routing(options)
-    except Stopped as exc:
-        signum = int(exc.args[0])
-        print(
-            f"\nextproc bench routing: stopped by {signal.Signals(signum).name}; "
-            "every process it started is stopped",
-            file=sys.stderr,
-        )
-        return 128 + signum
-    except (RoutingBenchError, EnvoyError, OSError) as exc:
-        print(f"\nextproc bench routing: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    report = run_stoppable(
+        "extproc bench routing",
+        lambda: run_routing(options),
+        (RoutingBenchError, EnvoyError, OSError),
+    )
+    if isinstance(report, int):
+        return report
     paths = write_report(report)
     print(render_text(report))
     print(f"\nReport: {', '.join(str(p) for p in paths)} ({report.seconds:.0f} s in all)")

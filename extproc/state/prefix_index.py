@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 DEFAULT_MAX_ENTRIES = 2_000_000  # ~220 MB at ~110 B an entry (docs/kv_events.md)
 DEFAULT_ENDPOINT_CAPACITY = 500_000  # when num_gpu_blocks is unknown
@@ -49,22 +50,132 @@ class IndexSize:
     endpoints: int
 
 
-class PrefixIndex:
-    """Block hash -> endpoints holding it (GPU tier), bounded. Not thread-safe: one event loop."""
+V = TypeVar("V")
+
+
+class SlottedIndex(Generic[V]):
+    """The core the precise and the learned prefix index share: block hash -> bitmask of endpoint
+    slots, one insertion-ordered dict per endpoint (its blocks, oldest first, with a value of
+    the subclass's choosing), the prefix lookup over the masks, and eviction in chunks."""
 
     __slots__ = (
         "_all",
         "_capacity",
         "_default_capacity",
-        "_entries",
         "_free_slots",
         "_held",
-        "_max_entries",
         "_names",
         "_owners",
         "_slots",
         "evicted",
     )
+
+    def __init__(self, *, default_capacity: int) -> None:
+        if default_capacity < 1:
+            raise ValueError("caps must be positive")
+        self._default_capacity = default_capacity
+        self._owners: dict[int, int] = {}
+        self._slots: dict[str, int] = {}
+        self._names: list[str] = []  # slot -> endpoint ("" for a free slot)
+        self._held: list[dict[int, V]] = []  # slot -> its blocks, oldest first
+        self._capacity: list[int] = []
+        self._free_slots: list[int] = []
+        self._all = 0  # mask of every registered slot
+        self.evicted = 0  # entries forgotten at a cap since start (monotonic, for metrics)
+
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(self._slots)
+
+    def lookup(
+        self, hashes: Sequence[int], endpoints: Collection[str] | None = None
+    ) -> dict[str, int]:
+        """For each endpoint, how many of the leading `hashes` (a prompt's chained block hashes,
+        in order) it holds: its longest cached prefix, stopping at its first miss. Endpoints
+        holding none are absent from the answer. `endpoints` narrows the search to candidates."""
+        if endpoints is None:
+            alive = self._all
+        else:
+            alive = 0
+            for name in endpoints:
+                slot = self._slots.get(name)
+                if slot is not None:
+                    alive |= 1 << slot
+        found: dict[str, int] = {}
+        owners = self._owners
+        depth = 0
+        for h in hashes:
+            if not alive:
+                return found
+            still = owners.get(h, 0) & alive
+            if still != alive and depth:
+                self._credit(found, alive & ~still, depth)
+            alive = still
+            depth += 1
+        if alive and depth:
+            self._credit(found, alive, depth)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def _slot(self, endpoint: str) -> int:
+        slot = self._slots.get(endpoint)
+        if slot is not None:
+            return slot
+        if self._free_slots:
+            # Reusing the lowest free slot keeps masks small (cached small ints up to 8 slots).
+            self._free_slots.sort(reverse=True)
+            slot = self._free_slots.pop()
+            self._names[slot] = endpoint
+            self._capacity[slot] = self._default_capacity
+        else:
+            slot = len(self._names)
+            self._names.append(endpoint)
+            self._held.append({})
+            self._capacity.append(self._default_capacity)
+        self._slots[endpoint] = slot
+        self._all |= 1 << slot
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        """Give back an emptied slot; the next new endpoint reuses it."""
+        self._names[slot] = ""
+        self._all &= ~(1 << slot)
+        self._free_slots.append(slot)
+
+    def _credit(self, found: dict[str, int], mask: int, depth: int) -> None:
+        names = self._names
+        while mask:
+            low = mask & -mask
+            found[names[low.bit_length() - 1]] = depth
+            mask ^= low
+
+    def _unown(self, h: int, bit: int) -> None:
+        rest = self._owners[h] & ~bit
+        if rest:
+            self._owners[h] = rest
+        else:
+            del self._owners[h]
+
+    def _forget_oldest(self, slot: int, count: int) -> int:
+        """Forget the slot's `count` oldest blocks; returns how many went."""
+        held = self._held[slot]
+        bit = 1 << slot
+        # Taking a chunk in one pass matters: each pass from the front of a dict also walks the
+        # holes earlier deletions left, so evicting one entry at a time would be O(n) each.
+        victims = list(itertools.islice(held, count))
+        for h in victims:
+            del held[h]
+            self._unown(h, bit)
+        self.evicted += len(victims)
+        return len(victims)
+
+
+class PrefixIndex(SlottedIndex[int]):
+    """Block hash -> endpoints holding it (GPU tier), bounded. Not thread-safe: one event loop.
+    Each endpoint's dict maps a hash to the copies it holds, in store order."""
+
+    __slots__ = ("_entries", "_max_entries")
 
     def __init__(
         self,
@@ -72,19 +183,11 @@ class PrefixIndex:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         default_capacity: int = DEFAULT_ENDPOINT_CAPACITY,
     ) -> None:
-        if max_entries < 1 or default_capacity < 1:
+        if max_entries < 1:
             raise ValueError("caps must be positive")
+        super().__init__(default_capacity=default_capacity)
         self._max_entries = max_entries
-        self._default_capacity = default_capacity
-        self._owners: dict[int, int] = {}
-        self._slots: dict[str, int] = {}
-        self._names: list[str] = []  # slot -> endpoint ("" for a free slot)
-        self._held: list[dict[int, int]] = []  # slot -> {hash: copies}, in store order
-        self._capacity: list[int] = []
-        self._free_slots: list[int] = []
-        self._all = 0  # mask of every registered slot
         self._entries = 0
-        self.evicted = 0  # entries forgotten at a cap since start (monotonic, for metrics)
 
     # -- endpoints -----------------------------------------------------------------------------
 
@@ -100,12 +203,7 @@ class PrefixIndex:
         if slot is None:
             return
         self._clear_slot(slot)
-        self._names[slot] = ""
-        self._all &= ~(1 << slot)
-        self._free_slots.append(slot)
-
-    def endpoints(self) -> tuple[str, ...]:
-        return tuple(self._slots)
+        self._free_slot(slot)
 
     # -- writes (from the event subscribers) ---------------------------------------------------
 
@@ -153,36 +251,7 @@ class PrefixIndex:
         slot = self._slots.get(endpoint)
         return 0 if slot is None else self._clear_slot(slot)
 
-    # -- reads (from the scheduler) ------------------------------------------------------------
-
-    def lookup(
-        self, hashes: Sequence[int], endpoints: Collection[str] | None = None
-    ) -> dict[str, int]:
-        """For each endpoint, how many of the leading `hashes` (a prompt's chained block hashes,
-        in order) it holds: its longest cached prefix, stopping at its first miss. Endpoints
-        holding none are absent from the answer. `endpoints` narrows the search to candidates."""
-        if endpoints is None:
-            alive = self._all
-        else:
-            alive = 0
-            for name in endpoints:
-                slot = self._slots.get(name)
-                if slot is not None:
-                    alive |= 1 << slot
-        found: dict[str, int] = {}
-        owners = self._owners
-        depth = 0
-        for h in hashes:
-            if not alive:
-                return found
-            still = owners.get(h, 0) & alive
-            if still != alive and depth:
-                self._credit(found, alive & ~still, depth)
-            alive = still
-            depth += 1
-        if alive and depth:
-            self._credit(found, alive, depth)
-        return found
+    # -- reads (tests, metrics; the scheduler calls `lookup`) ------------------------------
 
     def holds(self, endpoint: str, block_hash: int) -> bool:
         slot = self._slots.get(endpoint)
@@ -196,43 +265,7 @@ class PrefixIndex:
     def size(self) -> IndexSize:
         return IndexSize(len(self._owners), self._entries, len(self._slots))
 
-    def __len__(self) -> int:
-        return len(self._owners)
-
     # -- internals -----------------------------------------------------------------------------
-
-    def _slot(self, endpoint: str) -> int:
-        slot = self._slots.get(endpoint)
-        if slot is not None:
-            return slot
-        if self._free_slots:
-            # Reusing the lowest free slot keeps masks small (cached small ints up to 8 slots).
-            self._free_slots.sort(reverse=True)
-            slot = self._free_slots.pop()
-            self._names[slot] = endpoint
-            self._capacity[slot] = self._default_capacity
-        else:
-            slot = len(self._names)
-            self._names.append(endpoint)
-            self._held.append({})
-            self._capacity.append(self._default_capacity)
-        self._slots[endpoint] = slot
-        self._all |= 1 << slot
-        return slot
-
-    def _credit(self, found: dict[str, int], mask: int, depth: int) -> None:
-        names = self._names
-        while mask:
-            low = mask & -mask
-            found[names[low.bit_length() - 1]] = depth
-            mask ^= low
-
-    def _unown(self, h: int, bit: int) -> None:
-        rest = self._owners[h] & ~bit
-        if rest:
-            self._owners[h] = rest
-        else:
-            del self._owners[h]
 
     def _clear_slot(self, slot: int) -> int:
         held = self._held[slot]
@@ -247,15 +280,7 @@ class PrefixIndex:
     def _evict_oldest(self, slot: int, count: int) -> None:
         held = self._held[slot]
         count = min(len(held), max(count, len(held) // _EVICT_FRACTION, 1))
-        bit = 1 << slot
-        # Taking a chunk in one pass matters: each pass from the front of a dict also walks the
-        # holes earlier deletions left, so evicting one entry at a time would be O(n) each.
-        victims = list(itertools.islice(held, count))
-        for h in victims:
-            del held[h]
-            self._unown(h, bit)
-        self._entries -= len(victims)
-        self.evicted += len(victims)
+        self._entries -= self._forget_oldest(slot, count)
 
     def _enforce_endpoint_cap(self, slot: int) -> None:
         over = len(self._held[slot]) - self._capacity[slot]

@@ -307,9 +307,11 @@ def run_picker(
     ]  # fmt: skip
     if endpoints:
         argv += ["--endpoints", ",".join(endpoints)]
-    # A loaded test machine must not turn slow scrapes of the small test backends into
-    # "failing" endpoints: these tests are about the request path, not the collector.
-    config = {"collector": {"timeout_seconds": 2.0, "unready_after_failures": 10}, **(config or {})}
+    # A loaded test machine must not turn slow scrapes of the small test backends (they run in
+    # a thread of the test process) into failing or stale endpoints: these tests are about the
+    # request path, not the collector.
+    collector = {"timeout_seconds": 2.0, "unready_after_failures": 10, "staleness_seconds": 30.0}
+    config = {"collector": collector, **(config or {})}
     path = logs / f"picker-{grpc_port}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     argv += ["--config", str(path)]
