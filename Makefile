@@ -10,7 +10,13 @@ STAMP  := $(VENV)/.installed
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
+# Redis is Debian's real server: the shared-limit tests start their own on a free loopback port.
+REDIS_SERVER := $(shell command -v redis-server 2>/dev/null)
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo -n)
+
 $(STAMP): pyproject.toml
+	@test -n "$(REDIS_SERVER)" || $(SUDO) apt-get install -y -q redis-server \
+	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

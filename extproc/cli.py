@@ -18,6 +18,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "extproc.server.collector_app",
         "run the shared state collector that many picker replicas follow",
     ),
+    "controller": (
+        "extproc.controllers.cli",
+        "run the bundled controllers: autoscaler, lora, kvpool or all",
+    ),
     "envoy": ("extproc.envoy_runner", "run the real Envoy binary on the bundled config"),
     "sim": ("extproc.sim.cli", "run a simulated vLLM fleet"),
     "bench": ("extproc.bench.cli", "run a benchmark and write its report"),
