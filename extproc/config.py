@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import hashlib
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +26,9 @@ FailureMode = Literal["FailClose", "FailOpen"]
 StalePolicy = Literal["saturated", "drop"]
 HashAlgoName = Literal["sha256", "sha256_cbor"]
 PrefixIndexMode = Literal["auto", "precise", "approximate"]
+IdentitySource = Literal["api-key", "header", "default"]
+LimitsBackend = Literal["memory", "redis"]
+RedisFailureMode = Literal["open", "closed"]
 
 
 class ConfigError(ValueError):
@@ -227,10 +231,137 @@ class SchedulingConfig:
     saturation_kv: float = _key(
         0.8, "An endpoint with this KV-cache usage is saturated.", minimum=0.01
     )
+    saturation_requests: float = _key(
+        0.0,
+        "An endpoint with this many requests (running + waiting, with our picks since its last "
+        "scrape) is saturated; 0: not a criterion. The fair queue holds requests while every "
+        "endpoint is saturated, so this caps what each server is given at once.",
+        minimum=0,
+    )
     endpoint_picker_config: Mapping[str, Any] = _key(
         MappingProxyType({}),
         "An EndpointPickerConfig (plugins, schedulingProfiles): each profile becomes a strategy.",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """One tenant: how it is recognised and what it may do. A limit of 0 is no limit."""
+
+    api_keys: tuple[str, ...] = _key(
+        (),
+        'SHA-256 hex digests of its API keys (`printf %s "$KEY" | sha256sum`), never the '
+        "keys themselves.",
+    )
+    models: tuple[str, ...] = _key((), "Models (bases or adapters) it may use; empty: all.")
+    requests_per_minute: int = _key(0, "Requests per minute.", minimum=0)
+    tokens_per_minute: int = _key(
+        0,
+        "Tokens per minute: prompt tokens counted at the pick, completion tokens from the "
+        "response's usage.",
+        minimum=0,
+    )
+    max_concurrency: int = _key(0, "Requests in flight at once.", minimum=0)
+    priority: int = _key(
+        0, "Higher is served first from the fair queue; negative: shed when saturated."
+    )
+    weight: float = _key(
+        1.0, "Share of the pool under saturation, relative to others.", minimum=0.01
+    )
+    cache_isolation: bool = _key(
+        False,
+        "Give its requests a `cache_salt` derived from the tenant, so its KV blocks are never "
+        "shared with another tenant's.",
+    )
+
+    def __post_init__(self) -> None:
+        for i, digest in enumerate(self.api_keys):
+            if not is_key_digest(digest):
+                raise ConfigError(
+                    f"api_keys[{i}]",
+                    "expected a SHA-256 hex digest (64 lower-case hex characters); store "
+                    "digests of keys, never the keys",
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class TenancyConfig:
+    """Tenants, their limits, fair sharing and KV-cache isolation (docs/tenancy.md). This
+    section is reloaded when the config file changes."""
+
+    enabled: bool = _key(False, "Identify a tenant for every request and apply its policy.")
+    identity: tuple[IdentitySource, ...] = _key(
+        ("api-key", "header", "default"),
+        "Where the tenant comes from, first match wins: `api-key` (Authorization: Bearer), "
+        "`header` (set by an authenticator in front, e.g. Envoy's JWT filter), `default`.",
+    )
+    header: str = _key("x-tenant-id", "Header naming the tenant, for the `header` source.")
+    default_tenant: str = _key(
+        "", "Tenant of requests that name none; empty: such requests are refused with 401."
+    )
+    tenants: Mapping[str, TenantConfig] = _key(MappingProxyType({}), "Tenant name -> policy.")
+    api_keys_file: str = _key(
+        "",
+        "YAML file of tenant name -> list of API key SHA-256 digests, e.g. a mounted Kubernetes "
+        "Secret; added to `tenants[].api_keys` and reloaded when it changes.",
+    )
+    limits_backend: LimitsBackend = _key(
+        "memory",
+        "`memory` (this replica's own counts) or `redis` (one limit shared by every replica).",
+    )
+    redis_url: str = _key("redis://127.0.0.1:6379/0", "Redis for `limits_backend: redis`.")
+    redis_timeout_seconds: float = _key(
+        0.05, "Timeout of one Redis call; the picker waits on it per request.", minimum=0.001
+    )
+    redis_failure_mode: RedisFailureMode = _key(
+        "open",
+        "When Redis cannot be reached: `open` (enforce this replica's own limits) or `closed` "
+        "(refuse with 503).",
+    )
+    redis_retry_seconds: float = _key(
+        1.0,
+        "After a Redis failure, how long to use the failure mode before trying again.",
+        minimum=0.01,
+    )
+    lease_seconds: float = _key(
+        900.0,
+        "A concurrency slot held in Redis expires after this long, so a replica that dies "
+        "cannot hold its slots for good.",
+        minimum=1,
+    )
+    fair_sharing: bool = _key(
+        True,
+        "While every endpoint is saturated, hold requests in per-tenant queues served by "
+        "weighted fair queuing on tokens (priority first).",
+    )
+    queue_timeout_seconds: float = _key(
+        30.0, "A request held longer than this is refused with 429.", minimum=0.001
+    )
+    max_queued_per_tenant: int = _key(
+        1000, "Requests one tenant may have waiting; more are refused with 429.", minimum=1
+    )
+    cache_salt_key: str = _key(
+        "",
+        "Secret mixed into the derived `cache_salt` (a keyed hash of the tenant and any salt "
+        "the client sent); the same on every replica so the salt, and the cache, are stable.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.default_tenant and self.default_tenant not in self.tenants:
+            raise ConfigError("default_tenant", f"no tenant named {self.default_tenant!r}")
+        owners: dict[str, str] = {}
+        for name, tenant in self.tenants.items():
+            for digest in tenant.api_keys:
+                if owners.setdefault(digest, name) != name:
+                    raise ConfigError(
+                        f"tenants.{name}.api_keys",
+                        f"a key digest is also a key of tenant {owners[digest]!r}",
+                    )
+
+
+def is_key_digest(value: str) -> bool:
+    """A SHA-256 hex digest, as API keys are stored."""
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +373,7 @@ class Config:
     kv_events: KvEventsConfig = field(default_factory=KvEventsConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    tenancy: TenancyConfig = field(default_factory=TenancyConfig)
     endpoints: tuple[EndpointConfig, ...] = field(
         default=(), metadata={"doc": "Static list of model servers (or `--endpoints`)."}
     )
@@ -288,6 +420,17 @@ def _section(lines: list[str], name: str, section: Any, doc: str, suffix: str = 
         lines.append(f"| `{key.name}` | `{kind}` | {default} | {key.metadata.get('doc', '')} |")
     for nested_name, nested_section in nested:
         _section(lines, nested_name, nested_section, "")
+
+
+def file_fingerprint(path: str | Path) -> tuple[str, str]:
+    """A hash of a file's content (to see it change), or a marker and the reason it cannot be
+    read. Content, not mtime: a Kubernetes ConfigMap or Secret volume swaps a symlink, and a
+    rewrite within the mtime's granularity would go unseen."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        return f"unreadable:{exc.strerror}", f"cannot read {path}: {exc.strerror}"
+    return hashlib.sha256(content).hexdigest(), ""
 
 
 def load_config(

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Decisions take tens of microseconds; requests take seconds. Buckets cover both ends.
 _PICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+# Time in the fair queue: none at all, up to the queue timeout.
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class PickerMetrics:
@@ -69,5 +71,50 @@ class PickerMetrics:
             "extproc_stream_errors",
             "ext_proc streams that ended with an error.",
             ["reason"],
+            registry=r,
+        )
+        # Tenancy. The tenant label takes configured tenant names only ("-" for requests that
+        # named none), so its cardinality is the config's.
+        self.tenant_requests = Counter(
+            "extproc_tenant_requests",
+            "Requests per tenant, by outcome (routed, or the refusal's reason).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "extproc_tenant_tokens",
+            "Tokens per tenant: prompt (counted at the pick) and completion (from usage).",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.tenant_rejections = Counter(
+            "extproc_tenant_rejections",
+            "Requests refused per tenant, by reason.",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.tenant_queue_seconds = Histogram(
+            "extproc_tenant_queue_seconds",
+            "Time requests waited in the fair queue, per tenant.",
+            ["tenant"],
+            buckets=_QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.tenant_queue_depth = Gauge(
+            "extproc_tenant_queue_depth",
+            "Requests waiting in the fair queue, per tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.limiter_redis_up = Gauge(
+            "extproc_limiter_redis_up",
+            "1 while the shared (Redis) limiter answers, 0 while its failure mode applies.",
+            registry=r,
+        )
+        self.limiter_fallbacks = Counter(
+            "extproc_limiter_fallbacks",
+            "Limit decisions taken without Redis, by failure mode (open: local limits; "
+            "closed: refused).",
+            ["mode"],
             registry=r,
         )

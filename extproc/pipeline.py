@@ -1,8 +1,10 @@
 """The request's whole path through the picker, top to bottom.
 
-    parse the body  ->  choose the strategy  ->  candidates  ->  tokens and block hashes
-      ->  prefix matches  ->  admission  ->  schedule  ->  targets
-    ... the model server answers ...  ->  usage  ->  release the in-flight count
+    choose the strategy  ->  identify the tenant  ->  parse the body  ->  may it use the model
+      ->  candidates  ->  tokens and block hashes (with the tenant's cache salt)
+      ->  prefix matches  ->  the tenant's limits  ->  fair queue while saturated
+      ->  admission  ->  schedule  ->  targets
+    ... the model server answers ...  ->  usage  ->  release the in-flight count and the lease
 
 `extproc.server.stream` feeds this from the ext_proc stream and turns its answers into Envoy
 messages; every step is a call into the module named after it. Nothing here does I/O.
@@ -27,15 +29,26 @@ from extproc.request import errors
 from extproc.request.errors import OpenAIError
 from extproc.request.openai import Api, ParsedRequest, api_of, parse_request
 from extproc.request.usage import Usage
-from extproc.scheduling.admission import LeastBad, SaturationThresholds, Shed, admit
+from extproc.scheduling.admission import (
+    LeastBad,
+    SaturationThresholds,
+    Shed,
+    admit,
+    pool_saturated,
+)
 from extproc.scheduling.candidates import NoCandidates, candidates_for, with_prefix_matches
 from extproc.scheduling.cost import CostLearner
 from extproc.scheduling.explain import explain, explain_admission
 from extproc.scheduling.framework import Profile
 from extproc.scheduling.strategies import Strategies
-from extproc.scheduling.types import Ranked, SchedulingRequest
+from extproc.scheduling.types import Candidate, Ranked, SchedulingRequest
 from extproc.state.inflight import InFlight
 from extproc.state.snapshot import SnapshotStore
+from extproc.tenancy.fair_queue import FairQueue
+from extproc.tenancy.identity import Unidentified
+from extproc.tenancy.limits import Granted, Lease, Limited, retry_after_header
+from extproc.tenancy.policy import Tenant
+from extproc.tenancy.tenants import Tenancy, with_cache_salt
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,9 @@ class Routed:
     scores: Mapping[str, float]
     tokens: int = 0  # prompt tokens counted in flight for the pick
     explanation: str | None = None  # per-endpoint scores, when scheduling.explain is on
+    tenant: Tenant | None = None
+    lease: Lease | None = None  # the tenant's limits held until the response ends
+    body: bytes | None = None  # the body to send instead of the client's (a cache salt added)
 
     @property
     def primary(self) -> str:
@@ -99,6 +115,7 @@ class Pipeline:
         matcher: PrefixMatcher | None = None,
         learned: ApproxPrefixIndex | None = None,
         cost: CostLearner | None = None,
+        tenancy: Tenancy | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -111,7 +128,20 @@ class Pipeline:
         self._learned = learned
         self._cost = cost
         self._thresholds = SaturationThresholds(
-            queue=config.scheduling.saturation_queue, kv=config.scheduling.saturation_kv
+            queue=config.scheduling.saturation_queue,
+            kv=config.scheduling.saturation_kv,
+            requests=config.scheduling.saturation_requests,
+        )
+        self._tenancy = tenancy
+        self._fair = (
+            FairQueue(
+                has_room=self._has_room,
+                timeout=config.tenancy.queue_timeout_seconds,
+                max_per_tenant=config.tenancy.max_queued_per_tenant,
+                on_depth=lambda tenant, depth: metrics.tenant_queue_depth.labels(tenant).set(depth),
+            )
+            if tenancy is not None
+            else None
         )
 
     @property
@@ -126,34 +156,42 @@ class Pipeline:
         strategy = self._strategy(head.headers)
         if isinstance(strategy, OpenAIError):
             return self._refused(strategy)
+        tenant = None
+        if self._tenancy is not None:
+            identified = self._tenancy.identify(head.headers)
+            if isinstance(identified, Unidentified):
+                error = errors.unauthorized(identified.code, identified.reason)
+                return self._refused(error, tenant=None, reason=identified.code)
+            tenant = identified
         if body is None:
             if api_of(head.path) is Api.MODELS and head.method == "GET":
-                return self._model_list()
+                return self._model_list(tenant)
             request = ParsedRequest(api=api_of(head.path), model=None)
         else:
             parsed = parse_request(head.path, body)
             if isinstance(parsed, OpenAIError):
-                return self._refused(parsed)
+                return self._refused(parsed, tenant=tenant, reason=parsed.code)
             request = parsed
+        if tenant is not None and not tenant.may_use(request.model):
+            assert request.model is not None
+            error = errors.model_not_allowed(request.model)
+            return self._refused(error, tenant=tenant, reason="model_not_allowed")
 
-        candidates = candidates_for(
-            self._store.current,
-            self._inflight,
-            model=request.model,
-            subset=head.subset,
-            collector=self._config.collector,
-            now=time.monotonic(),
-        )
+        candidates = self._candidates(request.model, head.subset)
         if isinstance(candidates, NoCandidates):
             if candidates.unknown_model and request.model is not None:
-                return self._refused(errors.model_not_found(request.model))
+                return self._refused(errors.model_not_found(request.model), tenant=tenant)
             what = f"model '{request.model}'" if request.model else "this request"
             return self._refused(
-                errors.no_ready_endpoint(what, self._config.routing.retry_after_seconds)
+                errors.no_ready_endpoint(what, self._config.routing.retry_after_seconds),
+                tenant=tenant,
             )
 
         profile = self._strategies.get(strategy)
         adapter = self._store.current.adapter(request.model) if request.model else None
+        salt = _cache_salt(request)
+        if tenant is not None and self._tenancy is not None:
+            salt = self._tenancy.cache_salt(tenant, salt)
         scheduling_request = SchedulingRequest(
             model=request.model,
             prompt_tokens=request.prompt.approx_chars() // 4,
@@ -162,13 +200,14 @@ class Pipeline:
             session_id=head.headers.get("x-session-id"),
             block_size=self._config.prefix.block_size,
             lora=request.model if adapter is not None else None,
+            priority=tenant.priority if tenant is not None else 0,
         )
         if self._blocks is not None and request.model is not None and needs_blocks(profile):
             tokens = await self._blocks.blocks(
                 request,
                 # An adapter's blocks are hashed with vLLM's LoRA extra key (name and path).
                 lora=LoraKey(request.model, adapter[1]) if adapter is not None else None,
-                cache_salt=_cache_salt(request),
+                cache_salt=salt,
                 endpoint_for_remote=candidates[0].address,
                 base_model=adapter[0] if adapter is not None else None,
             )
@@ -180,21 +219,42 @@ class Pipeline:
             if self._matcher is not None and tokens.block_hashes:
                 candidates = with_prefix_matches(candidates, tokens.block_hashes, self._matcher)
 
+        lease = None
+        if tenant is not None:
+            held = await self._limits(tenant, scheduling_request.prompt_tokens)
+            if isinstance(held, OpenAIError):
+                return held
+            lease = held
+            waited = await self._fair_share(tenant, request.model, scheduling_request, candidates)
+            if isinstance(waited, OpenAIError):
+                self._give_back(lease, scheduling_request.prompt_tokens)
+                return waited
+            if waited is not None:
+                candidates = waited
+                if self._matcher is not None and scheduling_request.block_hashes:
+                    candidates = with_prefix_matches(
+                        candidates, scheduling_request.block_hashes, self._matcher
+                    )
+
         cost_model = self._cost.current() if self._cost is not None else None
         admission = admit(
             scheduling_request, candidates, thresholds=self._thresholds, cost_model=cost_model
         )
         if isinstance(admission, Shed):
             self._metrics.requests.labels(strategy, admission.outcome).inc()
+            self._give_back(lease, scheduling_request.prompt_tokens)
             return self._refused(
-                errors.shed(admission.reason, self._config.routing.retry_after_seconds)
+                errors.shed(admission.reason, self._config.routing.retry_after_seconds),
+                tenant=tenant,
+                reason="shed",
             )
         if isinstance(admission, LeastBad):
             ranked = Ranked(admission.order, {})
         else:
             ranked = profile.schedule(scheduling_request, candidates)
         if not ranked.order:
-            return self._refused(errors.no_ready_endpoint("this request", 1))
+            self._give_back(lease, scheduling_request.prompt_tokens)
+            return self._refused(errors.no_ready_endpoint("this request", 1), tenant=tenant)
         targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
         if self._learned is not None and scheduling_request.block_hashes:
             self._learned.record(targets[0], scheduling_request.block_hashes)
@@ -202,6 +262,11 @@ class Pipeline:
         self._metrics.inflight.labels(targets[0]).inc()
         self._metrics.requests.labels(strategy, admission.outcome).inc()
         self._metrics.pick_seconds.labels(strategy).observe(time.perf_counter() - started)
+        new_body = None
+        if tenant is not None:
+            self._served_tenant(tenant, scheduling_request.prompt_tokens)
+            if salt is not None and tenant.cache_isolation and request.api in _SALTED_APIS:
+                new_body = with_cache_salt(request.payload, salt)
         explanation = None
         if self._config.scheduling.explain:
             explanation = (
@@ -219,6 +284,9 @@ class Pipeline:
             ranked.scores,
             tokens=scheduling_request.prompt_tokens,
             explanation=explanation,
+            tenant=tenant,
+            lease=lease,
+            body=new_body,
         )
 
     def finish(self, routed: Routed, *, served: str | None, usage: Usage | None) -> None:
@@ -235,6 +303,103 @@ class Pipeline:
             self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
             if self._cost is not None and usage.prompt_tokens:
                 self._cost.observe_prompt(usage.prompt_tokens)
+        if routed.tenant is not None:
+            completion = usage.completion_tokens if usage is not None else 0
+            self._metrics.tenant_tokens.labels(routed.tenant.name, "completion").inc(completion)
+            if self._fair is not None:
+                self._fair.charge(routed.tenant, completion)
+            if routed.lease is not None and self._tenancy is not None:
+                self._tenancy.limiter.release(routed.lease, completion)
+        self.poke()
+
+    def poke(self) -> None:
+        """Room may have freed (a response ended, new metrics): the fair queue looks again."""
+        if self._fair is not None:
+            self._fair.poke()
+
+    async def aclose(self) -> None:
+        if self._fair is not None:
+            await self._fair.aclose()
+
+    def _candidates(
+        self, model: str | None, subset: frozenset[str] | None
+    ) -> list[Candidate] | NoCandidates:
+        return candidates_for(
+            self._store.current,
+            self._inflight,
+            model=model,
+            subset=subset,
+            collector=self._config.collector,
+            now=time.monotonic(),
+        )
+
+    async def _limits(self, tenant: Tenant, prompt_tokens: int) -> Lease | OpenAIError:
+        """Count the request against its tenant's limits, or refuse it (429, or 503)."""
+        assert self._tenancy is not None
+        verdict = await self._tenancy.limiter.acquire(tenant, prompt_tokens)
+        if isinstance(verdict, Granted):
+            return verdict.lease
+        if isinstance(verdict, Limited):
+            error = errors.rate_limited(
+                verdict.limit, verdict.value, retry_after_header(verdict.retry_after)
+            )
+            return self._refused(error, tenant=tenant, reason=verdict.limit)
+        error = errors.limiter_unavailable(verdict.reason, self._config.routing.retry_after_seconds)
+        return self._refused(error, tenant=tenant, reason="limiter_unavailable")
+
+    async def _fair_share(
+        self,
+        tenant: Tenant,
+        model: str | None,
+        request: SchedulingRequest,
+        candidates: Sequence[Candidate],
+    ) -> list[Candidate] | OpenAIError | None:
+        """Under saturation (or behind others already waiting), wait for the tenant's turn.
+
+        Returns None when the request did not wait, the candidates as they are now when it did,
+        or the refusal (sheddable, queue full, waited too long)."""
+        fair = self._fair
+        settings = self._config.tenancy if self._tenancy is None else self._tenancy.config
+        if fair is None or not settings.fair_sharing:
+            return None
+        if not fair.waiting(model) and not pool_saturated(candidates, self._thresholds):
+            return None
+        if tenant.sheddable:
+            return None  # admission sheds it: sheddable requests never queue
+        retry_after = self._config.routing.retry_after_seconds
+        began = time.monotonic()
+        outcome = await fair.wait(tenant, model, request.prompt_tokens)
+        waited = time.monotonic() - began
+        self._metrics.tenant_queue_seconds.labels(tenant.name).observe(waited)
+        if outcome == "full":
+            error = errors.queue_full(settings.max_queued_per_tenant, retry_after)
+            return self._refused(error, tenant=tenant, reason="queue_full")
+        if outcome == "timeout":
+            error = errors.queue_timeout(round(waited, 1), retry_after)
+            return self._refused(error, tenant=tenant, reason="queue_timeout")
+        candidates_now = self._candidates(model, None)
+        if isinstance(candidates_now, NoCandidates):
+            error = errors.no_ready_endpoint("this request", retry_after)
+            return self._refused(error, tenant=tenant)
+        return candidates_now
+
+    def _has_room(self, model: str | None) -> bool:
+        candidates = self._candidates(model, None)
+        return not isinstance(candidates, NoCandidates) and not pool_saturated(
+            candidates, self._thresholds
+        )
+
+    def _served_tenant(self, tenant: Tenant, prompt_tokens: int) -> None:
+        self._metrics.tenant_requests.labels(tenant.name, "routed").inc()
+        self._metrics.tenant_tokens.labels(tenant.name, "prompt").inc(prompt_tokens)
+        if self._fair is not None:
+            self._fair.charge(tenant, prompt_tokens)
+
+    def _give_back(self, lease: Lease | None, prompt_tokens: int) -> None:
+        """A request refused after its limits were counted: its slot and prompt tokens return
+        (its request stays counted: a refused request was still a request)."""
+        if lease is not None and self._tenancy is not None:
+            self._tenancy.limiter.release(lease, -prompt_tokens)
 
     def _strategy(self, headers: Mapping[str, str]) -> str | OpenAIError:
         for name in self._config.routing.strategy_headers:
@@ -248,15 +413,32 @@ class Pipeline:
             return value
         return self._config.routing.strategy
 
-    def _model_list(self) -> LocalAnswer:
+    def _model_list(self, tenant: Tenant | None) -> LocalAnswer:
         snapshot = self._store.current
-        ready_models = sorted({m for e in snapshot.endpoints if e.ready for m in e.models})
+        ready_models = sorted(
+            m
+            for m in {m for e in snapshot.endpoints if e.ready for m in e.models}
+            if tenant is None or tenant.may_use(m)
+        )
         data = [{"id": m, "object": "model", "owned_by": "extproc"} for m in ready_models]
         return LocalAnswer(200, json.dumps({"object": "list", "data": data}).encode())
 
-    def _refused(self, error: OpenAIError) -> OpenAIError:
+    def _refused(
+        self, error: OpenAIError, *, tenant: Tenant | None = None, reason: str = ""
+    ) -> OpenAIError:
         self._metrics.rejections.labels(str(error.status), error.code).inc()
-        log.info("refused request: %d %s: %s", error.status, error.code, error.message)
+        if self._tenancy is not None:
+            name = tenant.name if tenant is not None else "-"
+            why = reason or error.code
+            self._metrics.tenant_rejections.labels(name, why).inc()
+            self._metrics.tenant_requests.labels(name, why).inc()
+        log.info(
+            "refused request: %d %s tenant=%s: %s",
+            error.status,
+            error.code,
+            tenant.name if tenant is not None else "-",
+            error.message,
+        )
         return error
 
 
@@ -266,6 +448,8 @@ def needs_blocks(profile: Profile) -> bool:
 
 
 _BLOCK_SCORERS = frozenset({"prefix-cache-scorer", "cost-scorer"})
+# The APIs whose requests fill the KV cache, and so take a cache salt.
+_SALTED_APIS = frozenset({Api.COMPLETIONS, Api.CHAT})
 
 
 def _cache_salt(request: ParsedRequest) -> str | None:

@@ -95,3 +95,77 @@ def internal_error() -> OpenAIError:
         "internal_error",
         "picker_error",
     )
+
+
+def unauthorized(code: str, message: str) -> OpenAIError:
+    return OpenAIError(
+        401,
+        message,
+        "invalid_request_error",
+        code,
+        headers=(("www-authenticate", 'Bearer realm="extproc"'),),
+    )
+
+
+def model_not_allowed(model: str) -> OpenAIError:
+    return OpenAIError(
+        403,
+        f"This API key or tenant may not use the model '{model}'.",
+        "permission_error",
+        "model_not_allowed",
+        param="model",
+    )
+
+
+# OpenAI's rate-limit answers name the kind of limit in `type` and the limit in these headers.
+_LIMIT_KINDS = {
+    "requests_per_minute": ("requests", "x-ratelimit-limit-requests", "requests per minute"),
+    "tokens_per_minute": ("tokens", "x-ratelimit-limit-tokens", "tokens per minute"),
+    "max_concurrency": ("concurrency", "x-ratelimit-limit-concurrency", "requests in flight"),
+}
+
+
+def rate_limited(limit: str, value: int, retry_after: int) -> OpenAIError:
+    kind, header, words = _LIMIT_KINDS[limit]
+    return OpenAIError(
+        429,
+        f"Rate limit reached: {value} {words}. Retry after {retry_after} s.",
+        kind,
+        "rate_limit_exceeded",
+        headers=(
+            ("retry-after", str(retry_after)),
+            (header, str(value)),
+            ("x-extproc-limit", limit),
+        ),
+    )
+
+
+def queue_timeout(waited: float, retry_after: int) -> OpenAIError:
+    """The pool stayed saturated for longer than the fair queue's timeout."""
+    return OpenAIError(
+        429,
+        f"The pool is saturated: this request waited {waited:g} s for room and gave up.",
+        "rate_limit_exceeded",
+        "queue_timeout",
+        headers=(("retry-after", str(retry_after)),),
+    )
+
+
+def queue_full(limit: int, retry_after: int) -> OpenAIError:
+    return OpenAIError(
+        429,
+        f"The pool is saturated and {limit} requests of this tenant are already waiting.",
+        "rate_limit_exceeded",
+        "queue_full",
+        headers=(("retry-after", str(retry_after)),),
+    )
+
+
+def limiter_unavailable(reason: str, retry_after: int) -> OpenAIError:
+    return OpenAIError(
+        503,
+        f"Limits cannot be checked right now ({reason}); retry later.",
+        "service_unavailable",
+        "limiter_unavailable",
+        headers=(("retry-after", str(retry_after)),),
+    )

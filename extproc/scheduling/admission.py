@@ -9,8 +9,10 @@ Pure: from the candidates (after the candidates step) and the request's priority
 
 Saturation is the reference picker's rule: an endpoint is saturated when
 max(queue / queue_threshold, kv_usage / kv_threshold) >= 1, or when its metrics are stale;
-the pool is saturated when every candidate is. Waiting queues (hold the request until room
-frees) belong to tenancy's fair queue, not here.
+the pool is saturated when every candidate is. Optionally (`scheduling.saturation_requests`)
+an endpoint with that many requests on it is saturated too: vLLM's waiting queue stays empty
+until the KV cache is full, long after a growing batch has made every request slower. Waiting
+queues (hold the request until room frees) belong to tenancy's fair queue, not here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class SaturationThresholds:
 
     queue: float = 5.0
     kv: float = 0.8
+    requests: float = 0.0  # running + waiting; 0: not a criterion
 
 
 def saturation(candidate: Candidate, thresholds: SaturationThresholds) -> float:
@@ -38,9 +41,16 @@ def saturation(candidate: Candidate, thresholds: SaturationThresholds) -> float:
     if candidate.saturated:
         return float("inf")
     stats = candidate.stats
+    on_it = float(candidate.load.requests)
     if stats is None:
-        return 0.0
-    return max(candidate.queue / thresholds.queue, stats.kv_usage / thresholds.kv)
+        return on_it / thresholds.requests if thresholds.requests else 0.0
+    level = max(candidate.queue / thresholds.queue, stats.kv_usage / thresholds.kv)
+    if thresholds.requests:
+        # The endpoint's own count (all routers' requests) or ours, whichever is larger: ours is
+        # exact between scrapes, the endpoint's includes other replicas' requests.
+        on_it = max(on_it, stats.running + candidate.queue)
+        level = max(level, on_it / thresholds.requests)
+    return level
 
 
 def pool_saturated(candidates: Sequence[Candidate], thresholds: SaturationThresholds) -> bool:

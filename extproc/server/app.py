@@ -44,6 +44,10 @@ from extproc.state.prefix_index import PrefixIndex
 from extproc.state.shared import SharedStateClient
 from extproc.state.side import StateSide
 from extproc.state.snapshot import Snapshot, SnapshotStore
+from extproc.tenancy.limits import Limiter, LocalLimiter
+from extproc.tenancy.redis_limits import RedisLimiter
+from extproc.tenancy.reload import TenancyReloader, load_directory
+from extproc.tenancy.tenants import Tenancy
 
 log = logging.getLogger("extproc")
 
@@ -66,7 +70,14 @@ class PickerServer:
     """The picker: ext_proc and health gRPC servers, metrics, and the state side that feeds the
     snapshot (discovery, /v1/models readings, metrics, KV events) or a shared collector's stream."""
 
-    def __init__(self, config: Config, *, discovery: Discovery | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        discovery: Discovery | None = None,
+        config_path: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.metrics = PickerMetrics()
         self.store = SnapshotStore()
@@ -82,6 +93,17 @@ class PickerServer:
         precise = self.index is not None and config.prefix.index != "approximate"
         self.learned = None if precise else ApproxPrefixIndex()
         self.strategies = strategies_for(config, self.cost)
+        self.tenancy = tenancy_for(config, self.metrics)
+        self.reloader = (
+            TenancyReloader(
+                config.tenancy,
+                self.tenancy.reconfigure,
+                config_path=config_path,
+                overrides=overrides,
+            )
+            if self.tenancy is not None
+            else None
+        )
         self.pipeline = Pipeline(
             config,
             self.store,
@@ -92,6 +114,7 @@ class PickerServer:
             matcher=self.index if precise else self.learned,
             learned=self.learned,
             cost=self.cost,
+            tenancy=self.tenancy,
         )
         self.pool.on_publish(self._on_snapshot)
         self.health = Health()
@@ -118,6 +141,7 @@ class PickerServer:
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._shared_task: asyncio.Task[None] | None = None
+        self._reload_task: asyncio.Task[None] | None = None
         self._metrics_http: Any = None
         self.grpc_port = 0
         self.health_port = 0
@@ -148,6 +172,8 @@ class PickerServer:
         await self.state.start()
         if self.shared is not None:
             self._shared_task = asyncio.create_task(self.shared.run())
+        if self.reloader is not None:
+            self._reload_task = asyncio.create_task(self.reloader.run())
 
         self._metrics_http, _ = start_http_server(
             server.metrics_port, addr=server.host, registry=self.metrics.registry
@@ -168,8 +194,10 @@ class PickerServer:
         )
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
-        """Every new snapshot: the cost model learns; the learned index follows capacities."""
+        """Every new snapshot: the cost model learns; the learned index follows capacities; the
+        fair queue looks for room."""
         self.cost.update(snapshot)
+        self.pipeline.poke()
         if self.learned is not None:
             known = {e.address for e in snapshot.endpoints}
             for endpoint in self.learned.endpoints():
@@ -195,10 +223,14 @@ class PickerServer:
         await self.health.draining()
         if self._grpc is not None:
             await self._grpc.stop(self.config.server.shutdown_grace_seconds)
-        if self._shared_task is not None:
-            self._shared_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._shared_task
+        for task in (self._shared_task, self._reload_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.pipeline.aclose()
+        if self.tenancy is not None:
+            await self.tenancy.aclose()
         await self.state.stop()
         await self.blocks.aclose()
         if self._health_grpc is not None:
@@ -217,6 +249,26 @@ def blocks_settings(config: Config) -> BlocksSettings:
         hash_algo=prefix.hash_algo,
         hash_seed=prefix.hash_seed,
     )
+
+
+def tenancy_for(config: Config, metrics: PickerMetrics) -> Tenancy | None:
+    """Tenancy as configured (None when off): its directory, and a local or Redis limiter."""
+    settings = config.tenancy
+    if not settings.enabled:
+        return None
+    local = LocalLimiter()
+    limiter: Limiter = local
+    if settings.limits_backend == "redis":
+        limiter = RedisLimiter(
+            settings.redis_url,
+            metrics,
+            timeout=settings.redis_timeout_seconds,
+            failure_mode=settings.redis_failure_mode,
+            retry_seconds=settings.redis_retry_seconds,
+            lease_seconds=settings.lease_seconds,
+            local=local,
+        )
+    return Tenancy(settings, load_directory(settings), limiter)
 
 
 def strategies_for(config: Config, cost: CostLearner | None = None) -> Strategies:
@@ -248,8 +300,14 @@ def discovery_for(
     return FixedDiscovery(config.endpoints)
 
 
-async def serve(config: Config, discovery: Discovery) -> None:
-    picker = PickerServer(config, discovery=discovery)
+async def serve(
+    config: Config,
+    discovery: Discovery,
+    *,
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> None:
+    picker = PickerServer(config, discovery=discovery, config_path=config_path, overrides=overrides)
     await picker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -329,6 +387,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
             "discovery.kubernetes",
             "endpoints come from InferencePools or from a static list, not both",
         )
+    if config.tenancy.enabled:
+        load_directory(config.tenancy)  # the keys file must be readable and valid at start-up
     if not config.endpoints and config.discovery.kubernetes is None:
         raise ConfigError(
             "endpoints",
@@ -350,10 +410,11 @@ def run(args: argparse.Namespace) -> int:
     # --endpoints fixes the set; otherwise the config file's list is followed as it changes.
     path = None if args.endpoints else args.config
     discovery = discovery_for(config, config_path=path, overrides=overrides)
+    main = serve(config, discovery, config_path=args.config, overrides=overrides)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(config, discovery))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(config, discovery))
+        uvloop.run(main)
     return 0

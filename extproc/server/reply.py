@@ -40,11 +40,14 @@ RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 
 
 def _routing(
-    targets: str, request_id: str, explanation: str | None
+    targets: str, request_id: str, explanation: str | None, content_length: int | None = None
 ) -> tuple[CommonResponse, Struct]:
     headers = [(DESTINATION, targets)]
     if explanation is not None:
         headers.append((SCORES, explanation))
+    if content_length is not None:
+        # The body is rewritten (a cache salt added): its length changes with it.
+        headers.append(("content-length", str(content_length)))
     mutation = HeaderMutation(
         set_headers=[
             HeaderValueOption(
@@ -62,20 +65,28 @@ def _routing(
 
 
 def route_in_headers(
-    targets: str, *, request_id: str, explanation: str | None = None
+    targets: str,
+    *,
+    request_id: str,
+    explanation: str | None = None,
+    content_length: int | None = None,
 ) -> ProcessingResponse:
-    """The answer to the request headers: destination header, envoy.lb metadata, new route."""
-    common, metadata = _routing(targets, request_id, explanation)
+    """The answer to the request headers: destination header, envoy.lb metadata, new route.
+    `content_length` is the length of a rewritten body, which follows as streamed chunks."""
+    common, metadata = _routing(targets, request_id, explanation, content_length)
     return ProcessingResponse(
         request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
     )
 
 
 def route_in_body(
-    targets: str, *, request_id: str, explanation: str | None = None
+    targets: str, *, request_id: str, explanation: str | None = None, body: bytes | None = None
 ) -> ProcessingResponse:
-    """The same answer given on the body, for BUFFERED mode where headers were answered first."""
+    """The same answer given on the body, for BUFFERED mode where headers were answered first.
+    `body` replaces the buffered body (Envoy fixes its content-length)."""
     common, metadata = _routing(targets, request_id, explanation)
+    if body is not None:
+        common.body_mutation.body = body
     return ProcessingResponse(request_body=BodyResponse(response=common), dynamic_metadata=metadata)
 
 

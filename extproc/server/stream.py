@@ -198,8 +198,12 @@ class StreamHandler:
         full_duplex = state.request_mode == _FULL_DUPLEX
         yield await self._decide(state, body, in_headers=full_duplex)
         if full_duplex:
-            # The held body goes back unchanged; with trailers still to come it is not the end.
-            for response in reply.streamed_request_body(body, end_of_stream=not trailers):
+            # The held body goes back (unchanged unless the pipeline rewrote it); with trailers
+            # still to come it is not the end.
+            rewritten = state.routed.body if state.routed is not None else None
+            for response in reply.streamed_request_body(
+                body if rewritten is None else rewritten, end_of_stream=not trailers
+            ):
                 yield response
 
     async def _decide(
@@ -222,19 +226,25 @@ class StreamHandler:
         state.request_id = f"{self._prefix}-{next(self._names)}"
         targets = ",".join(outcome.targets)
         log.debug(
-            "routed %s %s model=%s strategy=%s to %s",
+            "routed %s %s model=%s tenant=%s strategy=%s to %s",
             state.head.method,
             state.head.path,
             outcome.request.model,
+            outcome.tenant.name if outcome.tenant is not None else "-",
             outcome.strategy,
             targets,
         )
         explanation = outcome.explanation
         if in_headers:
             return reply.route_in_headers(
-                targets, request_id=state.request_id, explanation=explanation
+                targets,
+                request_id=state.request_id,
+                explanation=explanation,
+                content_length=len(outcome.body) if outcome.body is not None else None,
             )
-        return reply.route_in_body(targets, request_id=state.request_id, explanation=explanation)
+        return reply.route_in_body(
+            targets, request_id=state.request_id, explanation=explanation, body=outcome.body
+        )
 
     def _refuse(self, error: OpenAIError) -> NoReturn:
         raise _Immediate(

@@ -20,13 +20,12 @@ error is logged once, naming the key, and the file is loaded again as soon as it
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from extproc.config import ConfigError, EndpointConfig, load_config
+from extproc.config import ConfigError, EndpointConfig, file_fingerprint, load_config
 from extproc.state.discovery import OnChange, ordered
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ class StaticDiscovery:
         delivered: tuple[EndpointConfig, ...] | None = None
         seen = ""  # fingerprint of the content last looked at, good or bad
         while True:
-            fingerprint, problem = self._fingerprint()
+            fingerprint, problem = file_fingerprint(self._path)
             if fingerprint != seen:
                 seen = fingerprint
                 log.debug("config file %s changed; loading it", self._path)
@@ -64,15 +63,6 @@ class StaticDiscovery:
                     delivered = endpoints
                     on_change(endpoints)
             await asyncio.sleep(self._interval)
-
-    def _fingerprint(self) -> tuple[str, str]:
-        """A hash of the file's content, or a marker of why it cannot be read."""
-        try:
-            content = self._path.read_bytes()
-        except OSError as exc:
-            problem = f"cannot read config file {self._path}: {exc.strerror}"
-            return f"unreadable:{exc.strerror}", problem
-        return hashlib.sha256(content).hexdigest(), ""
 
     def _load(self, problem: str) -> tuple[EndpointConfig, ...] | None:
         try:

@@ -1,0 +1,158 @@
+"""Fair sharing of a saturated pool: per-tenant queues served by weighted fair queuing on tokens.
+
+While every endpoint that could serve a request is saturated, the request waits here instead of
+piling onto a model server's queue, where it would wait in arrival order behind whoever sends
+most. Each tenant has a virtual token counter (the Virtual Token Counter of Sheng et al., "Fairness
+in Serving Large Language Models", OSDI '24): every token a tenant is served adds
+tokens / weight to its counter, and when room frees the waiting tenant with the lowest counter
+goes next. Higher priority goes before lower whatever the counters say (sheddable tenants, with
+negative priority, are refused before they get here).
+
+A tenant that starts waiting has its counter lifted to the lowest counter among those already
+waiting, so time spent idle is not banked as credit to flood with later. Requests admitted
+without waiting are charged too, so a tenant that had the pool to itself is behind the others
+when contention starts.
+
+"Room" is the pipeline's question (`has_room(model)`): this module only orders and wakes. It
+looks again whenever something may have freed room (`poke`: a response ended, new metrics
+arrived) and every `tick` seconds while anything waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from extproc.tenancy.policy import Tenant
+
+WaitOutcome = Literal["released", "timeout", "full"]
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    tenant: Tenant
+    model: str | None
+    tokens: int
+    future: asyncio.Future[None]
+    since: float = field(default_factory=time.monotonic)
+
+
+class FairQueue:
+    """One per event loop (per pipeline)."""
+
+    def __init__(
+        self,
+        *,
+        has_room: Callable[[str | None], bool],
+        timeout: float,
+        max_per_tenant: int,
+        tick: float = 0.01,
+        on_depth: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self._has_room = has_room
+        self._timeout = timeout
+        self._max_per_tenant = max_per_tenant
+        self._tick = tick
+        self._on_depth = on_depth or (lambda tenant, depth: None)
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._counters: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def waiting(self, model: str | None = None) -> int:
+        """Requests waiting (for `model`, or in all)."""
+        return sum(1 for q in self._queues.values() for w in q if model is None or w.model == model)
+
+    def counter(self, tenant: str) -> float:
+        return self._counters.get(tenant, 0.0)
+
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        """`tenant` was served `tokens` (prompt at the pick, completion at the end)."""
+        if tokens > 0:
+            self._counters[tenant.name] = self.counter(tenant.name) + tokens / tenant.weight
+
+    def poke(self) -> None:
+        """Room may have freed: look at the queues again now."""
+        if self._task is not None:
+            self._wake.set()
+
+    async def wait(self, tenant: Tenant, model: str | None, tokens: int) -> WaitOutcome:
+        """Wait until this request may go; it is charged `tokens` when released."""
+        queue = self._queues.setdefault(tenant.name, deque())
+        if len(queue) >= self._max_per_tenant:
+            return "full"
+        if not queue:
+            self._lift(tenant.name)
+        waiter = _Waiter(tenant, model, tokens, asyncio.get_running_loop().create_future())
+        queue.append(waiter)
+        self._on_depth(tenant.name, len(queue))
+        if self._task is None:
+            self._task = asyncio.create_task(self._dispatch())
+        self._wake.set()
+        try:
+            await asyncio.wait_for(waiter.future, self._timeout)
+        except TimeoutError:
+            return "timeout"
+        finally:
+            # Gone by timeout or by the client hanging up: no longer waiting.
+            if waiter in queue:
+                queue.remove(waiter)
+                self._on_depth(tenant.name, len(queue))
+        return "released"
+
+    def _lift(self, tenant: str) -> None:
+        backlogged = [self.counter(name) for name, q in self._queues.items() if q]
+        if backlogged:
+            self._counters[tenant] = max(self.counter(tenant), min(backlogged))
+
+    async def _dispatch(self) -> None:
+        try:
+            while any(self._queues.values()):
+                if self._release_next():
+                    # Let the released request make its pick (and count as in flight) before
+                    # asking about room again.
+                    await asyncio.sleep(0)
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._tick)
+        finally:
+            self._task = None
+
+    def _release_next(self) -> bool:
+        order = sorted(
+            (
+                (-q[0].tenant.priority, self.counter(name), q[0].since, name)
+                for name, q in self._queues.items()
+                if q
+            ),
+        )
+        room: dict[str | None, bool] = {}
+        for *_, name in order:
+            queue = self._queues[name]
+            while queue and queue[0].future.done():
+                queue.popleft()  # timed out or cancelled
+            if not queue:
+                continue
+            head = queue[0]
+            if head.model not in room:
+                room[head.model] = self._has_room(head.model)
+            if not room[head.model]:
+                continue
+            queue.popleft()
+            self._on_depth(name, len(queue))
+            self.charge(head.tenant, head.tokens)
+            head.future.set_result(None)
+            return True
+        return False
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
