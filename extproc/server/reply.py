@@ -82,9 +82,11 @@ def route_in_headers(
 def route_in_body(
     targets: str, *, request_id: str, explanation: str | None = None, body: bytes | None = None
 ) -> ProcessingResponse:
-    """The same answer given on the body, for BUFFERED mode where headers were answered first.
-    `body` replaces the buffered body (Envoy fixes its content-length)."""
-    common, metadata = _routing(targets, request_id, explanation)
+    """The same answer given on the body, for BUFFERED mode where headers were answered first
+    (Envoy still holds them, so the header mutation applies). `body` replaces the buffered body;
+    Envoy leaves content-length as the client sent it, so it is set here."""
+    content_length = len(body) if body is not None else None
+    common, metadata = _routing(targets, request_id, explanation, content_length)
     if body is not None:
         common.body_mutation.body = body
     return ProcessingResponse(request_body=BodyResponse(response=common), dynamic_metadata=metadata)
