@@ -63,6 +63,11 @@ class RequestHead:
     # The proxy's subset hint (endpoints we must pick from), None when it sent none.
     subset: frozenset[str] | None = None
 
+    @property
+    def request_id(self) -> str:
+        """Envoy's request id, to join our log lines with its access log."""
+        return self.headers.get("x-request-id", "")
+
 
 @dataclass(frozen=True, slots=True)
 class Routed:
@@ -155,13 +160,13 @@ class Pipeline:
         started = time.perf_counter()
         strategy = self._strategy(head.headers)
         if isinstance(strategy, OpenAIError):
-            return self._refused(strategy)
+            return self._refused(head, strategy)
         tenant = None
         if self._tenancy is not None:
             identified = self._tenancy.identify(head.headers)
             if isinstance(identified, Unidentified):
                 error = errors.unauthorized(identified.code, identified.reason)
-                return self._refused(error, tenant=None, reason=identified.code)
+                return self._refused(head, error, tenant=None, reason=identified.code)
             tenant = identified
         if body is None:
             if api_of(head.path) is Api.MODELS and head.method == "GET":
@@ -170,19 +175,20 @@ class Pipeline:
         else:
             parsed = parse_request(head.path, body)
             if isinstance(parsed, OpenAIError):
-                return self._refused(parsed, tenant=tenant, reason=parsed.code)
+                return self._refused(head, parsed, tenant=tenant, reason=parsed.code)
             request = parsed
         if tenant is not None and not tenant.may_use(request.model):
             assert request.model is not None
             error = errors.model_not_allowed(request.model)
-            return self._refused(error, tenant=tenant, reason="model_not_allowed")
+            return self._refused(head, error, tenant=tenant, reason="model_not_allowed")
 
         candidates = self._candidates(request.model, head.subset)
         if isinstance(candidates, NoCandidates):
             if candidates.unknown_model and request.model is not None:
-                return self._refused(errors.model_not_found(request.model), tenant=tenant)
+                return self._refused(head, errors.model_not_found(request.model), tenant=tenant)
             what = f"model '{request.model}'" if request.model else "this request"
             return self._refused(
+                head,
                 errors.no_ready_endpoint(what, self._config.routing.retry_after_seconds),
                 tenant=tenant,
             )
@@ -221,11 +227,13 @@ class Pipeline:
 
         lease = None
         if tenant is not None:
-            held = await self._limits(tenant, scheduling_request.prompt_tokens)
+            held = await self._limits(head, tenant, scheduling_request.prompt_tokens)
             if isinstance(held, OpenAIError):
                 return held
             lease = held
-            waited = await self._fair_share(tenant, request.model, scheduling_request, candidates)
+            waited = await self._fair_share(
+                head, tenant, request.model, scheduling_request, candidates
+            )
             if isinstance(waited, OpenAIError):
                 self._give_back(lease, scheduling_request.prompt_tokens)
                 return waited
@@ -244,6 +252,7 @@ class Pipeline:
             self._metrics.requests.labels(strategy, admission.outcome).inc()
             self._give_back(lease, scheduling_request.prompt_tokens)
             return self._refused(
+                head,
                 errors.shed(admission.reason, self._config.routing.retry_after_seconds),
                 tenant=tenant,
                 reason="shed",
@@ -254,7 +263,7 @@ class Pipeline:
             ranked = profile.schedule(scheduling_request, candidates)
         if not ranked.order:
             self._give_back(lease, scheduling_request.prompt_tokens)
-            return self._refused(errors.no_ready_endpoint("this request", 1), tenant=tenant)
+            return self._refused(head, errors.no_ready_endpoint("this request", 1), tenant=tenant)
         targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
         if self._learned is not None and scheduling_request.block_hashes:
             self._learned.record(targets[0], scheduling_request.block_hashes)
@@ -276,7 +285,13 @@ class Pipeline:
                     profile, candidates, ranked, request=scheduling_request, cost_model=cost_model
                 )
             )
-            log.info("decision %s %s: %s", strategy, targets[0], explanation)
+            log.info(
+                "decision %s %s: %s",
+                strategy,
+                targets[0],
+                explanation,
+                extra={"request_id": head.request_id, "endpoint": targets[0]},
+            )
         return Routed(
             request,
             strategy,
@@ -333,7 +348,9 @@ class Pipeline:
             now=time.monotonic(),
         )
 
-    async def _limits(self, tenant: Tenant, prompt_tokens: int) -> Lease | OpenAIError:
+    async def _limits(
+        self, head: RequestHead, tenant: Tenant, prompt_tokens: int
+    ) -> Lease | OpenAIError:
         """Count the request against its tenant's limits, or refuse it (429, or 503)."""
         assert self._tenancy is not None
         verdict = await self._tenancy.limiter.acquire(tenant, prompt_tokens)
@@ -343,12 +360,13 @@ class Pipeline:
             error = errors.rate_limited(
                 verdict.limit, verdict.value, retry_after_header(verdict.retry_after)
             )
-            return self._refused(error, tenant=tenant, reason=verdict.limit)
+            return self._refused(head, error, tenant=tenant, reason=verdict.limit)
         error = errors.limiter_unavailable(verdict.reason, self._config.routing.retry_after_seconds)
-        return self._refused(error, tenant=tenant, reason="limiter_unavailable")
+        return self._refused(head, error, tenant=tenant, reason="limiter_unavailable")
 
     async def _fair_share(
         self,
+        head: RequestHead,
         tenant: Tenant,
         model: str | None,
         request: SchedulingRequest,
@@ -373,14 +391,14 @@ class Pipeline:
         self._metrics.tenant_queue_seconds.labels(tenant.name).observe(waited)
         if outcome == "full":
             error = errors.queue_full(settings.max_queued_per_tenant, retry_after)
-            return self._refused(error, tenant=tenant, reason="queue_full")
+            return self._refused(head, error, tenant=tenant, reason="queue_full")
         if outcome == "timeout":
             error = errors.queue_timeout(round(waited, 1), retry_after)
-            return self._refused(error, tenant=tenant, reason="queue_timeout")
+            return self._refused(head, error, tenant=tenant, reason="queue_timeout")
         candidates_now = self._candidates(model, None)
         if isinstance(candidates_now, NoCandidates):
             error = errors.no_ready_endpoint("this request", retry_after)
-            return self._refused(error, tenant=tenant)
+            return self._refused(head, error, tenant=tenant)
         return candidates_now
 
     def _has_room(self, model: str | None) -> bool:
@@ -424,11 +442,16 @@ class Pipeline:
         return LocalAnswer(200, json.dumps({"object": "list", "data": data}).encode())
 
     def _refused(
-        self, error: OpenAIError, *, tenant: Tenant | None = None, reason: str = ""
+        self,
+        head: RequestHead,
+        error: OpenAIError,
+        *,
+        tenant: Tenant | None = None,
+        reason: str = "",
     ) -> OpenAIError:
         self._metrics.rejections.labels(str(error.status), error.code).inc()
+        name = tenant.name if tenant is not None else "-"
         if self._tenancy is not None:
-            name = tenant.name if tenant is not None else "-"
             why = reason or error.code
             self._metrics.tenant_rejections.labels(name, why).inc()
             self._metrics.tenant_requests.labels(name, why).inc()
@@ -436,8 +459,14 @@ class Pipeline:
             "refused request: %d %s tenant=%s: %s",
             error.status,
             error.code,
-            tenant.name if tenant is not None else "-",
+            name,
             error.message,
+            extra={
+                "request_id": head.request_id,
+                "tenant": name,
+                "status": error.status,
+                "code": error.code,
+            },
         )
         return error
 

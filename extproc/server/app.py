@@ -33,6 +33,7 @@ from extproc.scheduling.cost import CostLearner
 from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
 from extproc.server.health import Health
+from extproc.server.logs import configure_logging
 from extproc.server.stream import StreamHandler
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
@@ -349,6 +350,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="body mode to assume when Envoy does not announce one",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text for a terminal, json (one object per line, with request ids) for a pipeline",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
@@ -398,9 +405,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         config, overrides = config_from_args(args)
     except ConfigError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from extproc.config import Config, load_config
 from extproc.server.app import PickerServer
+from extproc.server.logs import JsonFormatter
 from extproc.tenancy.policy import key_digest
 from extproc.tenancy.salt import tenant_salt
 from tests import extproc_client as ep
@@ -287,3 +289,25 @@ async def test_a_sheddable_tenant_is_refused_under_saturation_not_queued(
     status, headers, error = ep.immediate(reply)
     assert (status, error["error"]["code"]) == (429, "request_shed")
     await _finish(first)
+
+
+async def test_refusals_are_logged_as_json_with_the_request_id_and_never_the_key(
+    model_servers: Any, start_picker: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await model_servers("model-a")
+    _, channel = await start_picker(_config([server.address], {}))
+    headers = {"authorization": "Bearer sk-leaked-guess-123", "x-request-id": "req-42"}
+    with caplog.at_level(logging.INFO, logger="extproc.pipeline"):
+        await _send(channel, PROMPT, headers)
+        await _send(
+            channel, {**PROMPT, "model": "model-a"}, {**_bearer("globex"), "x-request-id": "req-43"}
+        )
+    lines = [
+        json.loads(JsonFormatter().format(r)) for r in caplog.records if "refused" in r.message
+    ]
+    assert [(line["request_id"], line["status"], line["tenant"]) for line in lines] == [
+        ("req-42", 401, "-"),
+        ("req-43", 403, "globex"),
+    ]
+    assert "sk-leaked-guess-123" not in caplog.text and KEYS["globex"] not in caplog.text
+    assert "Hello there" not in caplog.text  # nor the prompt
