@@ -193,8 +193,8 @@ class Pipeline:
                 tenant=tenant,
             )
 
-        profile = self._strategies.get(strategy)
         adapter = self._store.current.adapter(request.model) if request.model else None
+        profile = self._strategies.get(strategy, adapter=adapter is not None)
         salt = _cache_salt(request)
         if tenant is not None and self._tenancy is not None:
             salt = self._tenancy.cache_salt(tenant, salt)

@@ -94,3 +94,24 @@ def test_inflight_counts_requests_and_tokens() -> None:
     inflight.finish("a", 5)
     inflight.finish("a", 5)  # an extra finish never goes negative
     assert inflight.load("a") == Load(0, 0) and inflight.total() == 0
+
+
+def test_an_adapters_request_prefers_where_the_adapter_is_active_under_any_strategy() -> None:
+    """Same load everywhere; only pod 1 has `sql` in its running batch (pod 2 has no free slot
+    for it). A built-in blend adds LoRA affinity for adapter requests, and only for them."""
+    from extproc.scheduling.types import SchedulingRequest
+    from extproc.state.stats import LoraState
+    from tests.scheduling.build import addr, cand
+
+    pods = [
+        cand(0, lora=LoraState(2, frozenset({"chat", "summarise"}))),
+        cand(1, lora=LoraState(2, frozenset({"sql"}))),
+        cand(2, lora=LoraState(1, frozenset({"chat"}))),
+    ]
+    strategies = Strategies()
+    adapter = SchedulingRequest(model="sql", lora="sql")
+    for name in ("least-request", "prefix-cache", "least-queue:1,least-kv-cache:1"):
+        ranked = strategies.get(name, adapter=True).schedule(adapter, pods)
+        assert ranked.order[0].address == addr(1), name
+        base = strategies.get(name)
+        assert all(w.scorer.name != "lora-affinity-scorer" for w in base.scorers)

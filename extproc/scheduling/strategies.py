@@ -54,6 +54,11 @@ _DEFAULT_BLENDS: Mapping[str, str] = MappingProxyType(
 )
 
 
+# The weight LoRA affinity gets when a strategy does not name it: the reference picker's scale
+# (active 1.0, free slot 0.8, waiting 0.6), beside queue and KV cache at 2 and prefix at 3.
+_LORA_WEIGHT = 1.0
+
+
 def known_strategies() -> list[str]:
     """The built-in names (configured profiles come on top, see `Strategies.names`)."""
     return [*_PLAIN, *_SCORERS]
@@ -112,29 +117,36 @@ class Strategies:
         self._rng = rng or random.Random()
         self._configured = dict(profiles or {})
         self._cost_model: CostModelSource = cost_model or CostModel
-        self._profiles: dict[str, Profile] = {}
+        self._profiles: dict[tuple[str, bool], Profile] = {}
 
     def names(self) -> list[str]:
         builtin = known_strategies()
         return [*builtin, *(n for n in self._configured if n not in builtin)]
 
-    def get(self, name: str) -> Profile:
-        """The profile for `name`; raises ValueError for an unknown or malformed name."""
-        profile = self._configured.get(name) or self._profiles.get(name)
+    def get(self, name: str, *, adapter: bool = False) -> Profile:
+        """The profile for `name`; raises ValueError for an unknown or malformed name.
+
+        With `adapter` (the request names a LoRA adapter), a built-in scorer-backed strategy
+        also prefers endpoints where the adapter is active; a configured profile is used as
+        written."""
+        profile = self._configured.get(name) or self._profiles.get((name, adapter))
         if profile is None:
-            profile = self._build(name)
+            profile = self._build(name, adapter)
             if len(self._profiles) < _MAX_CACHED:
-                self._profiles[name] = profile
+                self._profiles[(name, adapter)] = profile
         return profile
 
-    def _build(self, name: str) -> Profile:
+    def _build(self, name: str, adapter: bool) -> Profile:
         filters = (PreferUnsaturated(),)
         if name == "random":
             return Profile(name, filters, (), RandomPicker(self._rng))
         if name == "round-robin":
             return Profile(name, filters, (), RoundRobinPicker())
-        blend = _DEFAULT_BLENDS.get(name, name)
-        scorers = tuple(
-            WeightedScorer(_SCORERS[s](self._cost_model), w) for s, w in parse_blend(blend)
-        )
+        blend = parse_blend(_DEFAULT_BLENDS.get(name, name))
+        if adapter and all(s not in ("lora-affinity", "cost") for s, _ in blend):
+            # An adapter's request goes where the adapter is in the running batch, else where a
+            # slot is free, whatever the strategy: a cold adapter costs a load before any token.
+            # (The cost model prices adapter loads itself.)
+            blend.append(("lora-affinity", _LORA_WEIGHT))
+        scorers = tuple(WeightedScorer(_SCORERS[s](self._cost_model), w) for s, w in blend)
         return Profile(name, filters, scorers, MaxScorePicker(self._rng))
