@@ -53,6 +53,14 @@ from extproc.sim.profiles import get_profile
 
 # The strategies compared, in order. The first is the baseline the others are compared with.
 STRATEGIES: Final = ("round-robin", "least-request", "prefix-cache", "cost")
+# What each strategy does, in the words the report uses for a newcomer.
+STRATEGY_SUMMARIES: Final = {
+    "round-robin": "each pod in turn, blind to the prompt and to the load",
+    "least-request": "the pod with the fewest requests in flight from the picker",
+    "prefix-cache": "the pod that already caches the longest part of the prompt, weighed "
+    "against its queue and KV-cache use",
+    "cost": "the pod with the lowest predicted time to first token (cache, queue and batch)",
+}
 STRATEGY_HEADER: Final = "x-routing-strategy"
 PROFILE: Final = "h100-8b"
 DEFAULT_OUTPUT: Final = Path("reports/demo")
@@ -269,6 +277,8 @@ class DemoReport:
         data["options"]["output"] = str(self.options.output)
         data["strategies"] = list(STRATEGIES)
         data["endpoints"] = list(_endpoints(self.ports, self.options.pods))
+        data["routing"] = _routing(self.results)
+        data["in_short"] = _in_short(self.results)
         data["where_to_look_next"] = [
             f"{what.replace('`', '')}: {why}" for what, why in _next_steps(self.ports)
         ]
@@ -545,6 +555,12 @@ def _next_steps(ports: Ports) -> list[tuple[str, str]]:
         ("`docs/benchmarks.md`", "what we measured, and the commands that reproduce it"),
         ("`extproc bench overhead`", "the latency the picker adds, measured beside Envoy alone"),
         (
+            "`docs/deploy.md`",
+            "the same picture on Kubernetes: manifests/ with Envoy Gateway, Gateway API "
+            "InferencePools or a plain Envoy ingress, and a real vLLM fleet",
+        ),
+        ("`docs/observability.md`", "the Grafana dashboard and the metrics behind it"),
+        (
             "Prometheus",
             f"the picker's :{ports.metrics}/metrics (extproc_*) and each pod's "
             f":{ports.sim}/metrics (vllm:*), while they run",
@@ -631,6 +647,63 @@ def _wrap(text: str, indent: str) -> list[str]:
     )
 
 
+def _routing(results: Sequence[StrategyResult]) -> list[str]:
+    """One line per strategy: what it does and where its requests went."""
+    lines = []
+    for r in results:
+        busiest = max(r.per_pod, default=0) / r.sent if r.sent else 0.0
+        what = STRATEGY_SUMMARIES.get(r.strategy, "")
+        lines.append(
+            f"{r.strategy}: {what}; requests per pod {' / '.join(map(str, r.per_pod))}, "
+            f"the busiest pod took {100 * busiest:.0f}%"
+        )
+    return lines
+
+
+def _in_short(results: Sequence[StrategyResult]) -> list[str]:
+    """The verdict against the first strategy (round-robin), in plain sentences: who gave the
+    fastest first tokens, who reused the most cache, and why (or why not this time)."""
+    if len(results) < 2:
+        return []
+    base = results[0]
+    fastest = min(results[1:], key=lambda r: r.ttft_p90_sim_ms)
+    reuser = max(results[1:], key=lambda r: r.hit_rate)
+    lines = []
+    faster = fastest.ttft_p90_sim_ms < base.ttft_p90_sim_ms
+    if faster:
+        speedup = base.ttft_p90_sim_ms / fastest.ttft_p90_sim_ms
+        lines.append(
+            f"{fastest.strategy} gave the fastest first tokens: p90 "
+            f"{fastest.ttft_p90_sim_ms:.0f} ms against {base.ttft_p90_sim_ms:.0f} ms with "
+            f"{base.strategy}, {speedup:.1f}x sooner."
+        )
+    else:
+        lines.append(
+            f"No strategy beat {base.strategy}'s p90 time to first token "
+            f"({base.ttft_p90_sim_ms:.0f} ms) on this run; {fastest.strategy} came closest "
+            f"({fastest.ttft_p90_sim_ms:.0f} ms)."
+        )
+    lines.append(
+        f"{reuser.strategy} reused the most: {100 * reuser.hit_rate:.0f}% of prompt tokens were "
+        f"already cached on the pod it chose, against {100 * base.hit_rate:.0f}% with "
+        f"{base.strategy}."
+    )
+    if reuser.hit_rate > base.hit_rate:
+        if faster:
+            lines.append(
+                "Why: requests that share a system prompt went where that prompt was already "
+                "cached, so those pods skipped most of the prefill; spreading requests blindly "
+                "makes every pod compute every prompt."
+            )
+        else:
+            lines.append(
+                "Why no faster: at this load the pods are rarely busy, so a cached prompt saves "
+                "little time; the saving grows with load and prompt length (the full demo, "
+                "docs/benchmarks.md)."
+            )
+    return lines
+
+
 def render_text(report: DemoReport) -> str:
     speed = report.options.speed
     lines = ["extproc demo: one workload, routed by each strategy in turn, through the real Envoy"]
@@ -670,6 +743,14 @@ def render_text(report: DemoReport) -> str:
     if len(report.results) > 1:
         lines += ["", f"Compared with {report.results[0].strategy}"]
         lines += [f"  {line}" for line in _comparisons(report.results)]
+    lines += ["", "How requests were routed (the picker chose a pod per request, Envoy sent it)"]
+    for line in _routing(report.results):
+        lines += _wrap(line, "  ")
+    verdict = _in_short(report.results)
+    if verdict:
+        lines += ["", "In short"]
+        for line in verdict:
+            lines += _wrap(line, "  ")
     lines += ["", "Where to look next"]
     steps = [(what.replace("`", ""), why) for what, why in _next_steps(report.ports)]
     width = max(len(what) for what, _ in steps)
@@ -701,6 +782,11 @@ def render_markdown(report: DemoReport) -> str:
     if len(report.results) > 1:
         lines += ["", f"## Compared with {report.results[0].strategy}", ""]
         lines += [f"- {line}" for line in _comparisons(report.results)]
+    lines += ["", "## How requests were routed", ""]
+    lines += [f"- {line}" for line in _routing(report.results)]
+    verdict = _in_short(report.results)
+    if verdict:
+        lines += ["", "## In short", "", " ".join(verdict)]
     lines += ["", "## Where to look next", ""]
     lines += [f"- {what}: {why}" for what, why in _next_steps(report.ports)]
     return "\n".join(lines) + "\n"

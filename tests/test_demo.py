@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from extproc.demo import STRATEGIES
+from extproc.demo import STRATEGIES, STRATEGY_SUMMARIES, StrategyResult, _in_short
 
 pytestmark = pytest.mark.e2e
 
@@ -101,14 +101,85 @@ def test_printed_report_explains_itself(demo: DemoRun) -> None:
         assert f"{strategy}: TTFT p90" in text
 
 
+def test_report_says_how_requests_were_routed(demo: DemoRun) -> None:
+    assert set(STRATEGY_SUMMARIES) >= set(STRATEGIES)
+    routing = demo.report["routing"]
+    assert len(routing) == len(STRATEGIES)
+    for strategy, line in zip(STRATEGIES, routing, strict=True):
+        per_pod = " / ".join(map(str, _result(demo, strategy)["per_pod"]))
+        assert line.startswith(f"{strategy}: {STRATEGY_SUMMARIES[strategy]}")
+        assert per_pod in line
+    for text in (demo.stdout, demo.markdown):
+        assert "How requests were routed" in text
+        assert "busiest pod took" in text
+
+
+def test_report_ends_with_a_verdict_against_round_robin(demo: DemoRun) -> None:
+    verdict = demo.report["in_short"]
+    assert verdict and "round-robin" in verdict[0]
+    assert "reused the most" in verdict[1] and "round-robin" in verdict[1]
+    text = demo.stdout
+    # The verdict comes after the numbers and before the pointers, where a newcomer looks.
+    assert text.index("Results") < text.index("In short") < text.index("Where to look next")
+    assert "## In short" in demo.markdown
+
+
+def _result_for(strategy: str, *, p90: float, hit: float) -> StrategyResult:
+    return StrategyResult(
+        strategy=strategy,
+        sent=8,
+        ok=8,
+        errors=0,
+        per_pod=(2, 2, 2, 2),
+        ttft_p50_ms=p90 / 2,
+        ttft_p90_ms=p90,
+        ttft_p50_sim_ms=p90 / 2,
+        ttft_p90_sim_ms=p90,
+        output_tokens=800,
+        seconds=1.0,
+        output_tokens_per_s=800.0,
+        hit_rate=hit,
+        prompt_tokens_mean=1500.0,
+        first_error="",
+    )
+
+
+@pytest.mark.parametrize(
+    ("best_p90", "best_hit", "expected"),
+    [
+        (200.0, 0.8, ["gave the fastest first tokens", "5.0x sooner", "80%", "Why:"]),
+        (1500.0, 0.8, ["No strategy beat round-robin", "came closest", "Why no faster"]),
+        (1500.0, 0.1, ["No strategy beat round-robin", "reused the most: 10%"]),
+    ],
+    ids=["faster", "cache-not-faster", "nothing-better"],
+)
+def test_verdict_sentences(best_p90: float, best_hit: float, expected: list[str]) -> None:
+    results = [
+        _result_for("round-robin", p90=1000.0, hit=0.3),
+        _result_for("prefix-cache", p90=best_p90, hit=best_hit),
+    ]
+    text = " ".join(_in_short(results))
+    for phrase in expected:
+        assert phrase in text
+    assert ("Why" in text) == (best_hit > 0.3)
+
+
 def test_where_to_look_next(demo: DemoRun) -> None:
+    root = Path(__file__).resolve().parent.parent
     for text in (demo.stdout, demo.markdown):
         assert "Where to look next" in text
-        for pointer in ("README.md", "docs/architecture.md", "docs/benchmarks.md"):
+        for pointer in (
+            "README.md",
+            "docs/architecture.md",
+            "docs/benchmarks.md",
+            "docs/deploy.md",
+            "docs/observability.md",
+        ):
             assert pointer in text
+            assert (root / pointer).is_file(), f"the report points at a missing {pointer}"
         assert "extproc bench overhead" in text
         assert "/metrics" in text
-    assert len(demo.report["where_to_look_next"]) >= 5
+    assert len(demo.report["where_to_look_next"]) >= 7
 
 
 def test_bad_option_fails_with_a_message() -> None:
