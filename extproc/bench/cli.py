@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="routing quality on a simulated fleet: our strategies, Envoy's, and the peers'",
     )
     add_routing_arguments(routing)
+    from extproc.bench.tenants import add_arguments as add_tenants_arguments
+
+    tenants = sub.add_parser(
+        "tenants",
+        help="noisy neighbour: one tenant floods; TTFT and goodput with fair sharing on and off",
+    )
+    add_tenants_arguments(tenants)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         from extproc.bench.routing import run as run_routing
 
         return run_routing(args)
+    if args.bench == "tenants":
+        from extproc.bench.tenants import run as run_tenants
+
+        return run_tenants(args)
     raise AssertionError(args.bench)
 
 
