@@ -386,7 +386,7 @@ class Pipeline:
             return None  # admission sheds it: sheddable requests never queue
         retry_after = self._config.routing.retry_after_seconds
         began = time.monotonic()
-        outcome = await fair.wait(tenant, model, request.prompt_tokens)
+        outcome = await fair.wait(tenant, model)
         waited = time.monotonic() - began
         self._metrics.tenant_queue_seconds.labels(tenant.name).observe(waited)
         if outcome == "full":

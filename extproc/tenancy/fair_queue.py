@@ -37,9 +37,10 @@ WaitOutcome = Literal["released", "timeout", "full"]
 class _Waiter:
     tenant: Tenant
     model: str | None
-    tokens: int
     future: asyncio.Future[None]
     since: float = field(default_factory=time.monotonic)
+    # Set once the waiting request has resumed (released, timed out or cancelled).
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class FairQueue:
@@ -81,24 +82,29 @@ class FairQueue:
         if self._task is not None:
             self._wake.set()
 
-    async def wait(self, tenant: Tenant, model: str | None, tokens: int) -> WaitOutcome:
-        """Wait until this request may go; it is charged `tokens` when released."""
+    async def wait(self, tenant: Tenant, model: str | None) -> WaitOutcome:
+        """Wait until this request may go. The caller must count it in flight (and `charge`
+        its tokens) before its next await: the dispatcher asks about room again only then."""
         queue = self._queues.setdefault(tenant.name, deque())
         if len(queue) >= self._max_per_tenant:
             return "full"
         if not queue:
             self._lift(tenant.name)
-        waiter = _Waiter(tenant, model, tokens, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(tenant, model, loop.create_future())
         queue.append(waiter)
         self._on_depth(tenant.name, len(queue))
         if self._task is None:
             self._task = asyncio.create_task(self._dispatch())
         self._wake.set()
+        expiry = loop.call_later(self._timeout, _expire, waiter.future)
         try:
-            await asyncio.wait_for(waiter.future, self._timeout)
+            await waiter.future
         except TimeoutError:
             return "timeout"
         finally:
+            expiry.cancel()
+            waiter.resumed.set()
             # Gone by timeout or by the client hanging up: no longer waiting.
             if waiter in queue:
                 queue.remove(waiter)
@@ -113,10 +119,11 @@ class FairQueue:
     async def _dispatch(self) -> None:
         try:
             while any(self._queues.values()):
-                if self._release_next():
-                    # Let the released request make its pick (and count as in flight) before
-                    # asking about room again.
-                    await asyncio.sleep(0)
+                released = self._release_next()
+                if released is not None:
+                    # Ask about room again only once the released request has made its pick
+                    # and counts as in flight, or one freed slot would let two requests go.
+                    await released.resumed.wait()
                     continue
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -124,13 +131,13 @@ class FairQueue:
         finally:
             self._task = None
 
-    def _release_next(self) -> bool:
+    def _release_next(self) -> _Waiter | None:
+        # Priority, then the virtual counter; on a tie (a tenant just lifted to the lowest
+        # counter) the shorter queue first, so a newcomer is not put behind a flood's backlog.
         order = sorted(
-            (
-                (-q[0].tenant.priority, self.counter(name), q[0].since, name)
-                for name, q in self._queues.items()
-                if q
-            ),
+            (-q[0].tenant.priority, self.counter(name), len(q), q[0].since, name)
+            for name, q in self._queues.items()
+            if q
         )
         room: dict[str | None, bool] = {}
         for *_, name in order:
@@ -146,13 +153,17 @@ class FairQueue:
                 continue
             queue.popleft()
             self._on_depth(name, len(queue))
-            self.charge(head.tenant, head.tokens)
             head.future.set_result(None)
-            return True
-        return False
+            return head
+        return None
 
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

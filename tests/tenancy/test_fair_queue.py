@@ -40,8 +40,10 @@ async def _enqueue(
     queue: FairQueue, tenant: Tenant, tokens: int, order: list[str]
 ) -> asyncio.Task[None]:
     async def one() -> None:
-        outcome = await queue.wait(tenant, "m", tokens)
+        outcome = await queue.wait(tenant, "m")
         assert outcome == "released"
+        # As the pipeline does at the pick, before its next await.
+        queue.charge(tenant, tokens)
         order.append(tenant.name)
 
     task = asyncio.create_task(one())
@@ -116,19 +118,57 @@ async def test_idle_time_is_not_banked_as_credit() -> None:
 
 async def test_a_request_waits_at_most_the_timeout_and_a_full_queue_refuses() -> None:
     queue = FairQueue(has_room=lambda model: False, timeout=0.05, max_per_tenant=1)
-    first = asyncio.create_task(queue.wait(HEAVY, "m", 1))
+    first = asyncio.create_task(queue.wait(HEAVY, "m"))
     await asyncio.sleep(0)
-    assert await queue.wait(HEAVY, "m", 1) == "full"
+    assert await queue.wait(HEAVY, "m") == "full"
     assert await first == "timeout"
     assert queue.waiting() == 0
 
 
 async def test_only_the_model_with_room_is_released() -> None:
     queue = FairQueue(has_room=lambda model: model == "free", timeout=1, max_per_tenant=10)
-    blocked = asyncio.create_task(queue.wait(HEAVY, "full", 1))
+    blocked = asyncio.create_task(queue.wait(HEAVY, "full"))
     await asyncio.sleep(0)
-    assert await queue.wait(LIGHT, "free", 1) == "released"
+    assert await queue.wait(LIGHT, "free") == "released"
     assert queue.waiting("full") == 1
     blocked.cancel()
     await asyncio.gather(blocked, return_exceptions=True)
     await queue.aclose()
+
+
+async def test_one_freed_slot_releases_one_request() -> None:
+    """Room is asked again only after the released request counts itself in flight."""
+    in_flight = [1]
+    peak = [1]
+    queue = FairQueue(has_room=lambda model: in_flight[0] < 1, timeout=5, max_per_tenant=10)
+
+    async def request() -> None:
+        assert await queue.wait(HEAVY, "m") == "released"
+        in_flight[0] += 1  # the pick, before any await, as in the pipeline
+        peak[0] = max(peak[0], in_flight[0])
+
+    tasks = [asyncio.create_task(request()) for _ in range(5)]
+    await asyncio.sleep(0.02)
+    for released in range(1, 4):
+        in_flight[0] -= 1
+        queue.poke()
+        await asyncio.sleep(0.05)  # several dispatcher ticks
+        assert queue.waiting() == 5 - released
+        assert peak[0] == 1
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await queue.aclose()
+
+
+async def test_a_newcomer_tied_with_a_backlog_goes_first() -> None:
+    room = Room()
+    queue = FairQueue(has_room=room, timeout=5, max_per_tenant=100)
+    order: list[str] = []
+    tasks = [await _enqueue(queue, HEAVY, 100, order) for _ in range(5)]
+    tasks.append(await _enqueue(queue, LIGHT, 100, order))  # lifted to heavy's counter
+    await _drain(queue, room, order, 1)
+    assert order == ["light"]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
