@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="noisy neighbour: one tenant floods; TTFT and goodput with fair sharing on and off",
     )
     add_tenants_arguments(tenants)
+    from extproc.controllers.bench import add_arguments as add_autoscaling_arguments
+
+    autoscaling = sub.add_parser(
+        "autoscaling", help="autoscalers (KPA, APA, HPA) on a bursty diurnal trace, simulated"
+    )
+    add_autoscaling_arguments(autoscaling)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         from extproc.bench.tenants import run as run_tenants
 
         return run_tenants(args)
+    if args.bench == "autoscaling":
+        from extproc.controllers.bench import run as run_autoscaling
+
+        return run_autoscaling(args)
     raise AssertionError(args.bench)
 
 

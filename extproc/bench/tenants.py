@@ -17,13 +17,10 @@ three, so their p90 TTFT in (b) and (c) is compared with (a) request for request
 **Sizing.** A tenant's share is the pool's capacity divided by the number of tenants (all weight
 1). The capacity is measured at the start (`calibrate`): every simulated server is given exactly
 `saturation_requests` concurrent requests directly, closed loop, and the completions per second
-are counted. The servers run vLLM's scheduler with `max_num_seqs = saturation_requests + 1`, so
-"saturated" in the picker is the point where a server's batch is full and it is about to queue
+are counted. The servers run vLLM's scheduler with `max_num_seqs = saturation_requests`, so
+"saturated" in the picker is the point where a server's batch is full and it would queue
 requests itself (FIFO, whoever sent them): that is the queue a flood fills when nothing holds it
-back. The one extra slot absorbs a fair-queue quirk: when one slot frees, the queue releases two
-requests (it yields one event-loop turn after a release, but a request woken from
-`asyncio.wait_for` needs two to count itself in flight), and the second would otherwise wait in a
-server's FIFO queue, whoever it belongs to.
+back.
 
 **TTFT is measured at the client**: requests stream (`"stream": true`) and TTFT is the wall time
 from the send to the first SSE data event (the first token: completions have no role chunk).
@@ -115,9 +112,7 @@ class TenantsOptions:
     # Requests per simulated server that make it saturated in the picker: a full batch, so
     # saturation is something the engine feels (the calibration runs this many per server).
     saturation_requests: int = 8
-    # The servers' max_num_seqs; 0: saturation_requests + 1. One more than the picker's cap
-    # because the fair queue can release one request more than there is room for (module
-    # docstring); that request then starts at once instead of waiting in a server's FIFO.
+    # The servers' max_num_seqs; 0: saturation_requests (a full batch is the picker's cap).
     max_num_seqs: int = 0
     tenants: int = 4  # the noisy one and tenants - 1 well-behaved ones, all weight 1
     load: float = 0.5  # a tenant's normal rate, as a fraction of its share of the capacity
@@ -158,7 +153,7 @@ class TenantsOptions:
 
     @property
     def engine_slots(self) -> int:
-        return self.max_num_seqs or self.saturation_requests + 1
+        return self.max_num_seqs or self.saturation_requests
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -843,7 +838,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--saturation-requests",
         type=int,
         default=None,
-        help=f"per server; the servers' max_num_seqs is one more ({defaults.saturation_requests})",
+        help=f"per server, also the servers' max_num_seqs ({defaults.saturation_requests})",
     )
     parser.add_argument(
         "--load",

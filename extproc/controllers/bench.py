@@ -507,6 +507,12 @@ def verdict(results: Sequence[tuple[float, RunResult]], *, target: float) -> str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options, for `python -m extproc.controllers.bench` and `extproc bench autoscaling`."""
     trace_defaults, fleet_defaults = TraceConfig(), FleetConfig()
     parser.add_argument("--hours", type=float, default=trace_defaults.hours)
     parser.add_argument("--low-rate", type=float, default=trace_defaults.low_rate)
@@ -525,8 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--slo", type=float, default=1.0, help="p90 TTFT target, seconds")
     parser.add_argument("--out", type=Path, default=Path("reports/autoscaling"))
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     trace_config = TraceConfig(
         hours=args.hours, low_rate=args.low_rate, high_rate=args.high_rate, seed=args.seed
     )
