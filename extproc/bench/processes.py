@@ -106,6 +106,40 @@ def picker_ready_endpoints(metrics_port: int) -> float:
     return -1.0
 
 
+def picker_argv(
+    config: Path, endpoints: Sequence[str], *, grpc: int, health: int, metrics: int
+) -> list[str]:
+    """`extproc serve` on loopback with `config`, the endpoints and the three ports."""
+    return [
+        sys.executable,
+        *("-m", "extproc.cli", "serve", "--config", str(config), "--host", "127.0.0.1"),
+        *("--endpoints", ",".join(endpoints)),
+        *("--grpc-port", str(grpc), "--health-port", str(health)),
+        *("--metrics-port", str(metrics), "--log-level", "WARNING"),
+    ]
+
+
+def wait_picker(
+    child: subprocess.Popen[str],
+    *,
+    grpc: int,
+    metrics: int,
+    endpoints: int,
+    within: float = 30.0,
+) -> str | None:
+    """Until the picker listens and sees `endpoints` ready (it reads /v1/models at start-up).
+    None when it does; else why not, for the caller's error."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            return f"the picker exited with code {child.returncode}"
+        if picker_ready_endpoints(metrics) == endpoints:
+            wait_for_port(grpc, within=5)
+            return None
+        time.sleep(0.1)
+    return f"the picker did not see {endpoints} endpoints ready within {within:g} s"
+
+
 class Stopped(Exception):
     """SIGTERM or SIGINT arrived; unwinding stops every child process."""
 

@@ -51,9 +51,9 @@ from extproc.bench.loadgen import quantile
 from extproc.bench.processes import (
     cpu_seconds,
     free_port_range,
-    picker_ready_endpoints,
+    picker_argv,
     run_stoppable,
-    wait_for_port,
+    wait_picker,
 )
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import load_tokenizer
@@ -374,26 +374,19 @@ def _router_argv(competitor: Competitor, options: RoutingOptions, ports: Ports) 
 
 
 def _picker_argv(options: RoutingOptions, ports: Ports, *, config: Path) -> list[str]:
-    return [
-        sys.executable,
-        *("-m", "extproc.cli", "serve", "--config", str(config), "--host", "127.0.0.1"),
-        *("--endpoints", ",".join(_endpoints(ports, options.pods))),
-        *("--grpc-port", str(ports.grpc), "--health-port", str(ports.health)),
-        *("--metrics-port", str(ports.metrics), "--log-level", "WARNING"),
-    ]
+    return picker_argv(
+        config,
+        _endpoints(ports, options.pods),
+        grpc=ports.grpc,
+        health=ports.health,
+        metrics=ports.metrics,
+    )
 
 
 def _wait_picker(child: subprocess.Popen[str], ports: Ports, pods: int, log: Path) -> None:
-    """Until the picker listens and sees every pod ready (it reads /v1/models at start-up)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RoutingBenchError(f"the picker exited with code {child.returncode}; see {log}")
-        if picker_ready_endpoints(ports.metrics) == pods:
-            wait_for_port(ports.grpc, within=5)
-            return
-        time.sleep(0.1)
-    raise RoutingBenchError(f"the picker did not see {pods} pods ready within 30 s; see {log}")
+    problem = wait_picker(child, grpc=ports.grpc, metrics=ports.metrics, endpoints=pods)
+    if problem is not None:
+        raise RoutingBenchError(f"{problem}; see {log}")
 
 
 def _wait_router(child: subprocess.Popen[str], port: int, log: Path) -> None:

@@ -67,10 +67,10 @@ from extproc.bench.loadgen import quantile
 from extproc.bench.processes import (
     cpu_seconds,
     free_port_range,
-    picker_ready_endpoints,
+    picker_argv,
     process,
     run_stoppable,
-    wait_for_port,
+    wait_picker,
 )
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
@@ -530,29 +530,19 @@ def picker_config(options: TenantsOptions, *, fair_sharing: bool) -> dict[str, A
 
 
 def _picker_argv(options: TenantsOptions, ports: Ports, config: Path) -> list[str]:
-    return [
-        sys.executable,
-        *("-m", "extproc.cli", "serve", "--config", str(config), "--host", "127.0.0.1"),
-        *("--endpoints", ",".join(_endpoints(ports, options.pods))),
-        *("--grpc-port", str(ports.grpc), "--health-port", str(ports.health)),
-        *("--metrics-port", str(ports.metrics), "--log-level", "WARNING"),
-    ]
+    return picker_argv(
+        config,
+        _endpoints(ports, options.pods),
+        grpc=ports.grpc,
+        health=ports.health,
+        metrics=ports.metrics,
+    )
 
 
 def _wait_picker(child: subprocess.Popen[str], ports: Ports, pods: int, config: Path) -> None:
-    """Until the picker listens and sees every server ready."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise TenantsBenchError(
-                f"the picker exited with code {child.returncode}; "
-                f"run `extproc serve --config {config}` to see why"
-            )
-        if picker_ready_endpoints(ports.metrics) == pods:
-            wait_for_port(ports.grpc, within=5)
-            return
-        time.sleep(0.1)
-    raise TenantsBenchError(f"the picker did not see {pods} servers ready within 30 s")
+    problem = wait_picker(child, grpc=ports.grpc, metrics=ports.metrics, endpoints=pods)
+    if problem is not None:
+        raise TenantsBenchError(f"{problem}; run `extproc serve --config {config}` to see why")
 
 
 def queue_wait_means(metrics_port: int) -> dict[str, float]:
