@@ -231,9 +231,11 @@ class Pipeline:
             if isinstance(held, OpenAIError):
                 return held
             lease = held
+            queued_at = time.perf_counter()
             waited = await self._fair_share(
                 head, tenant, request.model, scheduling_request, candidates
             )
+            started += time.perf_counter() - queued_at  # the pick's cost, not the queue's
             if isinstance(waited, OpenAIError):
                 self._give_back(lease, scheduling_request.prompt_tokens)
                 return waited
