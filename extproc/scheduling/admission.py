@@ -37,7 +37,8 @@ class SaturationThresholds:
 
 def saturation(candidate: Candidate, thresholds: SaturationThresholds) -> float:
     """>= 1 means saturated. Stale metrics count as saturated (inf): we cannot tell. An endpoint
-    without stats while metrics are not collected is judged by nothing, so 0."""
+    without stats while metrics are not collected is judged by our own in-flight count alone
+    (when `requests` is set), else by nothing, so 0."""
     if candidate.saturated:
         return float("inf")
     stats = candidate.stats
