@@ -311,7 +311,11 @@ def run_picker(
     # a thread of the test process) into failing or stale endpoints: these tests are about the
     # request path, not the collector.
     collector = {"timeout_seconds": 2.0, "unready_after_failures": 10, "staleness_seconds": 30.0}
-    config = {"collector": collector, **(config or {})}
+    # For the same reason, admission stays out of the way: when scrapes lag, every pick since the
+    # last one counts as queued, five such picks per endpoint would make the pool "saturated",
+    # and least-bad routing would then override the strategy a test is checking.
+    scheduling = {"saturation_queue": 1000.0}
+    config = {"collector": collector, "scheduling": scheduling, **(config or {})}
     path = logs / f"picker-{grpc_port}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     argv += ["--config", str(path)]
