@@ -141,8 +141,6 @@ class Pipeline:
         self._fair = (
             FairQueue(
                 has_room=self._has_room,
-                timeout=config.tenancy.queue_timeout_seconds,
-                max_per_tenant=config.tenancy.max_queued_per_tenant,
                 on_depth=lambda tenant, depth: metrics.tenant_queue_depth.labels(tenant).set(depth),
             )
             if tenancy is not None
@@ -379,8 +377,10 @@ class Pipeline:
         Returns None when the request did not wait, the candidates as they are now when it did,
         or the refusal (sheddable, queue full, waited too long)."""
         fair = self._fair
-        settings = self._config.tenancy if self._tenancy is None else self._tenancy.config
-        if fair is None or not settings.fair_sharing:
+        if fair is None or self._tenancy is None:
+            return None
+        settings = self._tenancy.config  # the current policy, reloads included
+        if not settings.fair_sharing:
             return None
         if not fair.waiting(model) and not pool_saturated(candidates, self._thresholds):
             return None
@@ -388,7 +388,12 @@ class Pipeline:
             return None  # admission sheds it: sheddable requests never queue
         retry_after = self._config.routing.retry_after_seconds
         began = time.monotonic()
-        outcome = await fair.wait(tenant, model)
+        outcome = await fair.wait(
+            tenant,
+            model,
+            max_wait=settings.queue_timeout_seconds,
+            max_queued=settings.max_queued_per_tenant,
+        )
         waited = time.monotonic() - began
         self._metrics.tenant_queue_seconds.labels(tenant.name).observe(waited)
         if outcome == "full":

@@ -32,7 +32,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from extproc.bench.loadgen import quantile
 from extproc.bench.processes import (
     cpu_seconds,
     free_port_range,
+    free_ports,
     picker_argv,
     run_stoppable,
     wait_picker,
@@ -267,12 +267,7 @@ class Ports:
 
 
 def _allocate_ports(pods: int) -> Ports:
-    singles: list[int] = []
-    with contextlib.ExitStack() as stack:
-        for _ in range(10):
-            s = stack.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            singles.append(s.getsockname()[1])
+    singles = free_ports(10)
     sim = free_port_range(pods, set(singles))
     kv = free_port_range(2 * pods, {*singles, *range(sim, sim + pods)})
     return Ports(sim, kv, *singles)

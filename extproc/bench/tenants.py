@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -67,6 +66,7 @@ from extproc.bench.loadgen import quantile
 from extproc.bench.processes import (
     cpu_seconds,
     free_port_range,
+    free_ports,
     picker_argv,
     process,
     run_stoppable,
@@ -468,12 +468,7 @@ class Ports:
 
 
 def allocate_ports(pods: int) -> Ports:
-    singles: list[int] = []
-    with contextlib.ExitStack() as stack:
-        for _ in range(6):
-            s = stack.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            singles.append(s.getsockname()[1])
+    singles = free_ports(6)
     return Ports(free_port_range(pods, set(singles)), *singles)
 
 

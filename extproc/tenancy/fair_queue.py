@@ -50,14 +50,10 @@ class FairQueue:
         self,
         *,
         has_room: Callable[[str | None], bool],
-        timeout: float,
-        max_per_tenant: int,
         tick: float = 0.01,
         on_depth: Callable[[str, int], None] | None = None,
     ) -> None:
         self._has_room = has_room
-        self._timeout = timeout
-        self._max_per_tenant = max_per_tenant
         self._tick = tick
         self._on_depth = on_depth or (lambda tenant, depth: None)
         self._queues: dict[str, deque[_Waiter]] = {}
@@ -82,11 +78,15 @@ class FairQueue:
         if self._task is not None:
             self._wake.set()
 
-    async def wait(self, tenant: Tenant, model: str | None) -> WaitOutcome:
-        """Wait until this request may go. The caller must count it in flight (and `charge`
-        its tokens) before its next await: the dispatcher asks about room again only then."""
+    async def wait(
+        self, tenant: Tenant, model: str | None, *, max_wait: float, max_queued: int
+    ) -> WaitOutcome:
+        """Wait until this request may go: at most `max_wait` seconds, and not at all when the
+        tenant already has `max_queued` waiting (both per call: the policy may be reloaded).
+        The caller must count it in flight (and `charge` its tokens) before its next await: the
+        dispatcher asks about room again only then."""
         queue = self._queues.setdefault(tenant.name, deque())
-        if len(queue) >= self._max_per_tenant:
+        if len(queue) >= max_queued:
             return "full"
         if not queue:
             self._lift(tenant.name)
@@ -97,7 +97,7 @@ class FairQueue:
         if self._task is None:
             self._task = asyncio.create_task(self._dispatch())
         self._wake.set()
-        expiry = loop.call_later(self._timeout, _expire, waiter.future)
+        expiry = loop.call_later(max_wait, _expire, waiter.future)
         try:
             await waiter.future
         except TimeoutError:

@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from extproc.sim import SimConfig, SimFleet
 from extproc.tenancy.policy import key_digest
 from extproc.tenancy.salt import tenant_salt
+from tests.redis_server import RedisServer
 
 from .harness import MODEL_A, MODEL_B, Fleet, Picker, Stack, run_envoy, run_picker
 
@@ -217,3 +218,78 @@ async def test_tenants_share_no_kv_blocks_but_a_tenant_shares_its_own(
         header = {"content-type": "application/json"}
         assert await cached({**header, "x-tenant-id": "open-a"}) == 0
         assert await cached({**header, "x-tenant-id": "open-b"}) > 0
+
+
+# --- refusals of a saturated pool and of a missing Redis, through Envoy -------------------------
+
+
+async def test_a_saturated_pool_queues_sheds_and_times_out_through_envoy(
+    logs: Path, own_fleet: Fleet
+) -> None:
+    """One backend that takes one request at a time (`saturation_requests: 1`), held busy by a
+    stream the test keeps open: the next request waits in the fair queue and times out (429),
+    a sheddable tenant's is refused at once (429), and both come back as OpenAI errors."""
+    backend = own_fleet.start(MODEL_A)
+    tenancy = {
+        "enabled": True,
+        "identity": ["header"],
+        "queue_timeout_seconds": 0.3,
+        "tenants": {"steady": {}, "batch": {"priority": -1}},
+    }
+    config = {
+        "tenancy": tenancy,
+        "scheduling": {"saturation_requests": 1, "saturation_queue": 1000.0},
+    }
+    own_fleet.hold_streams()
+    with (
+        run_picker(logs, [backend.address], config=config) as picker,
+        run_envoy(
+            logs, extproc=picker.address, endpoints=[backend.address], picker=picker
+        ) as stack,
+    ):
+        async with aiohttp.ClientSession() as session:
+            held = {"model": MODEL_A, "prompt": "hold", "max_tokens": 4, "stream": True}
+            async with session.post(
+                f"{stack.url}/v1/completions",
+                data=json.dumps(held).encode(),
+                headers={"x-tenant-id": "steady", "content-type": "application/json"},
+            ) as streaming:
+                assert streaming.status == 200, stack.logs()
+                await streaming.content.readuntil(b"\n\n")  # the first chunk: it is in flight
+                body = {"model": MODEL_A, "prompt": "next", "max_tokens": 2}
+                for tenant, code in (("steady", "queue_timeout"), ("batch", "request_shed")):
+                    headers = {"x-tenant-id": tenant, "content-type": "application/json"}
+                    status, reply_headers, raw = await _post(session, stack, body, headers)
+                    assert status == 429, (raw, stack.logs())
+                    assert json.loads(raw)["error"]["code"] == code
+                    assert int(reply_headers["retry-after"]) >= 1
+                own_fleet.release_streams()
+                await streaming.read()
+            # The stream has ended: room again, and the same request is served.
+            headers = {"x-tenant-id": "steady", "content-type": "application/json"}
+            status, _, raw = await _post(session, stack, body, headers)
+            assert status == 200, (raw, stack.logs())
+
+
+async def test_redis_down_with_failing_closed_is_503_through_envoy(
+    logs: Path, addresses: list[str], redis_server: RedisServer
+) -> None:
+    tenancy = _tenancy(
+        limits_backend="redis", redis_url=redis_server.url, redis_failure_mode="closed"
+    )
+    with (
+        run_picker(logs, addresses, config={"tenancy": tenancy}) as picker,
+        run_envoy(logs, extproc=picker.address, endpoints=addresses, picker=picker) as stack,
+    ):
+        async with aiohttp.ClientSession() as session:
+            body = {"model": MODEL_A, "prompt": "hi", "max_tokens": 2}
+            status, _, raw = await _post(session, stack, body, _bearer("globex"))
+            assert status == 200, (raw, stack.logs())
+            redis_server.kill()
+            status, headers, raw = await _post(session, stack, body, _bearer("globex"))
+            assert status == 503, (raw, stack.logs())
+            assert json.loads(raw)["error"]["code"] == "limiter_unavailable"
+            assert "retry-after" in headers
+            # A tenant without limits never needs Redis.
+            status, _, raw = await _post(session, stack, body, _bearer("acme"))
+            assert status == 200, (raw, stack.logs())

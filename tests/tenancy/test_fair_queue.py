@@ -40,7 +40,7 @@ async def _enqueue(
     queue: FairQueue, tenant: Tenant, tokens: int, order: list[str]
 ) -> asyncio.Task[None]:
     async def one() -> None:
-        outcome = await queue.wait(tenant, "m")
+        outcome = await queue.wait(tenant, "m", max_wait=5, max_queued=100)
         assert outcome == "released"
         # As the pipeline does at the pick, before its next await.
         queue.charge(tenant, tokens)
@@ -53,7 +53,7 @@ async def _enqueue(
 
 async def test_the_tenant_served_fewer_tokens_goes_first() -> None:
     room = Room()
-    queue = FairQueue(has_room=room, timeout=5, max_per_tenant=100)
+    queue = FairQueue(has_room=room)
     order: list[str] = []
     tasks = [await _enqueue(queue, HEAVY, 1000, order) for _ in range(3)]
     tasks += [await _enqueue(queue, LIGHT, 1000, order) for _ in range(3)]
@@ -65,7 +65,7 @@ async def test_the_tenant_served_fewer_tokens_goes_first() -> None:
 
 async def test_equal_tenants_alternate() -> None:
     room = Room()
-    queue = FairQueue(has_room=room, timeout=5, max_per_tenant=100)
+    queue = FairQueue(has_room=room)
     queue.charge(HEAVY, 10_000)  # heavy had the pool to itself before contention
     order: list[str] = []
     tasks = [await _enqueue(queue, HEAVY, 1000, order) for _ in range(3)]
@@ -78,7 +78,7 @@ async def test_equal_tenants_alternate() -> None:
 
 async def test_weights_share_tokens_in_proportion() -> None:
     room = Room()
-    queue = FairQueue(has_room=room, timeout=5, max_per_tenant=100)
+    queue = FairQueue(has_room=room)
     gold, bronze = Tenant("gold", weight=3.0), Tenant("bronze", weight=1.0)
     order: list[str] = []
     tasks = [await _enqueue(queue, bronze, 100, order) for _ in range(8)]
@@ -93,7 +93,7 @@ async def test_weights_share_tokens_in_proportion() -> None:
 
 async def test_priority_goes_before_counters() -> None:
     room = Room()
-    queue = FairQueue(has_room=room, timeout=5, max_per_tenant=100)
+    queue = FairQueue(has_room=room)
     vip = Tenant("vip", priority=5)
     queue.charge(vip, 10**6)
     order: list[str] = []
@@ -105,7 +105,7 @@ async def test_priority_goes_before_counters() -> None:
 
 async def test_idle_time_is_not_banked_as_credit() -> None:
     room = Room()
-    queue = FairQueue(has_room=room, timeout=5, max_per_tenant=100)
+    queue = FairQueue(has_room=room)
     queue.charge(HEAVY, 5000)
     order: list[str] = []
     tasks = [await _enqueue(queue, HEAVY, 100, order) for _ in range(2)]
@@ -117,19 +117,19 @@ async def test_idle_time_is_not_banked_as_credit() -> None:
 
 
 async def test_a_request_waits_at_most_the_timeout_and_a_full_queue_refuses() -> None:
-    queue = FairQueue(has_room=lambda model: False, timeout=0.05, max_per_tenant=1)
-    first = asyncio.create_task(queue.wait(HEAVY, "m"))
+    queue = FairQueue(has_room=lambda model: False)
+    first = asyncio.create_task(queue.wait(HEAVY, "m", max_wait=0.05, max_queued=1))
     await asyncio.sleep(0)
-    assert await queue.wait(HEAVY, "m") == "full"
+    assert await queue.wait(HEAVY, "m", max_wait=0.05, max_queued=1) == "full"
     assert await first == "timeout"
     assert queue.waiting() == 0
 
 
 async def test_only_the_model_with_room_is_released() -> None:
-    queue = FairQueue(has_room=lambda model: model == "free", timeout=1, max_per_tenant=10)
-    blocked = asyncio.create_task(queue.wait(HEAVY, "full"))
+    queue = FairQueue(has_room=lambda model: model == "free")
+    blocked = asyncio.create_task(queue.wait(HEAVY, "full", max_wait=1, max_queued=10))
     await asyncio.sleep(0)
-    assert await queue.wait(LIGHT, "free") == "released"
+    assert await queue.wait(LIGHT, "free", max_wait=1, max_queued=10) == "released"
     assert queue.waiting("full") == 1
     blocked.cancel()
     await asyncio.gather(blocked, return_exceptions=True)
@@ -140,10 +140,10 @@ async def test_one_freed_slot_releases_one_request() -> None:
     """Room is asked again only after the released request counts itself in flight."""
     in_flight = [1]
     peak = [1]
-    queue = FairQueue(has_room=lambda model: in_flight[0] < 1, timeout=5, max_per_tenant=10)
+    queue = FairQueue(has_room=lambda model: in_flight[0] < 1)
 
     async def request() -> None:
-        assert await queue.wait(HEAVY, "m") == "released"
+        assert await queue.wait(HEAVY, "m", max_wait=5, max_queued=10) == "released"
         in_flight[0] += 1  # the pick, before any await, as in the pipeline
         peak[0] = max(peak[0], in_flight[0])
 
@@ -163,7 +163,7 @@ async def test_one_freed_slot_releases_one_request() -> None:
 
 async def test_a_newcomer_tied_with_a_backlog_goes_first() -> None:
     room = Room()
-    queue = FairQueue(has_room=room, timeout=5, max_per_tenant=100)
+    queue = FairQueue(has_room=room)
     order: list[str] = []
     tasks = [await _enqueue(queue, HEAVY, 100, order) for _ in range(5)]
     tasks.append(await _enqueue(queue, LIGHT, 100, order))  # lifted to heavy's counter

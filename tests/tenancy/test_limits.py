@@ -60,12 +60,20 @@ def test_concurrency_slots_are_held_until_release() -> None:
 
 
 def test_a_refused_request_counts_nothing() -> None:
-    limiter = LocalLimiter(clock=Clock())
-    tenant = _tenant(requests_per_minute=1, max_concurrency=5)
+    clock = Clock()
+    limiter = LocalLimiter(clock=clock)
+    tenant = _tenant(requests_per_minute=5, tokens_per_minute=600, max_concurrency=5)
     assert isinstance(limiter.acquire_now(tenant, 0), Granted)
+    assert isinstance(limiter.acquire_now(tenant, 600), Granted)  # tokens now at 0
     for _ in range(3):
-        assert isinstance(limiter.acquire_now(tenant, 0), Limited)
-    # The three refusals took no concurrency slot: four more fit once requests refill.
+        refused = limiter.acquire_now(tenant, 0)
+        assert isinstance(refused, Limited) and refused.limit == "tokens_per_minute"
+    # The refusals took no request and no concurrency slot: once tokens refill, the three
+    # requests left in the bucket and the three slots left are all there.
+    clock.now += 60
+    assert all(isinstance(limiter.acquire_now(tenant, 0), Granted) for _ in range(3))
+    over = limiter.acquire_now(tenant, 0)
+    assert isinstance(over, Limited) and over.limit == "max_concurrency"
 
 
 def test_tenants_are_counted_apart_and_unlimited_ones_not_at_all() -> None:

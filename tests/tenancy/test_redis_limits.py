@@ -13,8 +13,7 @@ from extproc.metrics import PickerMetrics
 from extproc.tenancy.limits import Granted, Limited, Unavailable
 from extproc.tenancy.policy import Limits, Tenant
 from extproc.tenancy.redis_limits import RedisLimiter
-
-from .conftest import RedisServer
+from tests.redis_server import RedisServer
 
 Factory = Callable[..., Awaitable[RedisLimiter]]
 

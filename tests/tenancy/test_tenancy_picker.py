@@ -19,8 +19,7 @@ from extproc.server.logs import JsonFormatter
 from extproc.tenancy.policy import key_digest
 from extproc.tenancy.salt import tenant_salt
 from tests import extproc_client as ep
-
-from .conftest import RedisServer
+from tests.redis_server import RedisServer
 
 KEYS = {"acme": "sk-acme-1111111111111111", "globex": "sk-globex-2222222222222222"}
 PROMPT = {"model": "model-a", "prompt": "Hello there, how are you today?", "max_tokens": 5}
@@ -311,3 +310,29 @@ async def test_refusals_are_logged_as_json_with_the_request_id_and_never_the_key
     ]
     assert "sk-leaked-guess-123" not in caplog.text and KEYS["globex"] not in caplog.text
     assert "Hello there" not in caplog.text  # nor the prompt
+
+
+async def test_with_redis_down_and_failing_closed_the_answer_is_503(
+    model_servers: Any, start_picker: Start, redis_server: RedisServer
+) -> None:
+    server = await model_servers("model-b")
+    tenancy = {
+        "limits_backend": "redis",
+        "redis_url": redis_server.url,
+        "redis_failure_mode": "closed",
+    }
+    picker, channel = await start_picker(_config([server.address], tenancy))
+    body = {**PROMPT, "model": "model-b"}
+    stream, reply = await _send(channel, body, _bearer("globex"))
+    assert ep.destination(reply) == server.address
+    await _finish(stream)
+    redis_server.kill()
+    _, reply = await _send(channel, body, _bearer("globex"))
+    status, headers, error = ep.immediate(reply)
+    assert (status, error["error"]["code"]) == (503, "limiter_unavailable")
+    assert int(headers["retry-after"]) >= 0
+    assert _sample(picker, "extproc_limiter_fallbacks_total", mode="closed") == 1
+    # A tenant without limits does not need Redis and is still served.
+    stream, reply = await _send(channel, body, _bearer("acme"))
+    assert ep.destination(reply) == server.address
+    await _finish(stream)
