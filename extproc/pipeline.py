@@ -267,7 +267,12 @@ class Pipeline:
         targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
         if self._learned is not None and scheduling_request.block_hashes:
             self._learned.record(targets[0], scheduling_request.block_hashes)
-        self._inflight.start(targets[0], scheduling_request.prompt_tokens)
+        prefill_seconds = (
+            cost_model.work(scheduling_request, ranked.order[0]) if cost_model is not None else 0.0
+        )
+        self._inflight.start(
+            targets[0], scheduling_request.prompt_tokens, prefill_seconds=prefill_seconds
+        )
         self._metrics.inflight.labels(targets[0]).inc()
         self._metrics.requests.labels(strategy, admission.outcome).inc()
         self._metrics.pick_seconds.labels(strategy).observe(time.perf_counter() - started)
@@ -316,8 +321,8 @@ class Pipeline:
             self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
             self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
             self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
-            if self._cost is not None and usage.prompt_tokens:
-                self._cost.observe_prompt(usage.prompt_tokens)
+            if self._cost is not None:
+                self._cost.observe_usage(usage.prompt_tokens, usage.completion_tokens)
         if routed.tenant is not None:
             completion = usage.completion_tokens if usage is not None else 0
             self._metrics.tenant_tokens.labels(routed.tenant.name, "completion").inc(completion)

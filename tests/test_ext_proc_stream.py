@@ -3,6 +3,7 @@ in FULL_DUPLEX_STREAMED and BUFFERED modes, against real HTTP model servers."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -90,6 +91,9 @@ async def test_streamed_mode_holds_headers_until_body_ends_and_returns_body_unch
         done = chunk.end_of_stream
     assert echoed == body
     assert picker.inflight.load(targets[0]).requests == 1
+    # The ~37k-token prompt's predicted prefill (~0.75 s at the prior rate) joined the pick's
+    # prefill backlog, which the cost model reads as queue.
+    assert picker.inflight.backlog(targets[0], time.monotonic()) > 0
 
     # Response path: SSE chunks pass straight through; usage is read; in-flight is released.
     await stream.send(ep.response_headers(content_type="text/event-stream", served=targets[0]))

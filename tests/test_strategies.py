@@ -96,6 +96,19 @@ def test_inflight_counts_requests_and_tokens() -> None:
     assert inflight.load("a") == Load(0, 0) and inflight.total() == 0
 
 
+def test_inflight_prefill_backlog_queues_and_drains() -> None:
+    inflight = InFlight()
+    inflight.start("a", 100, prefill_seconds=0.2, now=10.0)
+    inflight.start("a", 100, prefill_seconds=0.1, now=10.1)  # behind the first: done at 10.3
+    assert inflight.backlog("a", 10.1) == pytest.approx(0.2)
+    assert inflight.backlog("a", 10.25) == pytest.approx(0.05)
+    assert inflight.backlog("a", 10.3) == 0.0 and inflight.backlog("b", 10.0) == 0.0
+    inflight.start("a", 100, prefill_seconds=0.1, now=11.0)  # an idle engine starts at once
+    assert inflight.backlog("a", 11.0) == pytest.approx(0.1)
+    inflight.finish("a", 100)  # a response's end does not change the prediction
+    assert inflight.backlog("a", 11.05) == pytest.approx(0.05)
+
+
 def test_an_adapters_request_prefers_where_the_adapter_is_active_under_any_strategy() -> None:
     """Same load everywhere; only pod 1 has `sql` in its running batch (pod 2 has no free slot
     for it). A built-in blend adds LoRA affinity for adapter requests, and only for them."""

@@ -49,7 +49,7 @@ def _candidate(
 ) -> Candidate | None:
     load = inflight.load(endpoint.address)
     if not collector.enabled or endpoint.health is None:
-        return Candidate(endpoint, load)
+        return Candidate(endpoint, load, prefill_backlog=inflight.backlog(endpoint.address, now))
     state = freshness(
         endpoint.stats,
         endpoint.health,
@@ -65,6 +65,7 @@ def _candidate(
         load,
         picked_since_scrape=inflight.started_since(endpoint.address, read_at),
         saturated=state == "stale",
+        prefill_backlog=inflight.backlog(endpoint.address, now),
     )
 
 

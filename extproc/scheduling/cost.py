@@ -56,10 +56,13 @@ class CostParameters:
 
     # Tokens per engine step (vLLM `max_num_batched_tokens`; 8192 on H100-class defaults).
     chunk_tokens: int = 8192
-    # Prompt tokens of a typical queued request, until `CostLearner.observe_prompt` learns it.
+    # Prompt tokens of a typical queued request, until `CostLearner.observe_usage` learns it.
     mean_prompt_tokens: float = 1024.0
     # Moving an adapter into the batch (free slot), and waiting for a slot when the batch holds
     # `max_loras` other adapters: neither is in vLLM's metrics, so these are settings.
+    # Output tokens of a typical request, until `CostLearner.observe_usage` learns it: the KV
+    # blocks a request grows into, and how long it holds them.
+    mean_output_tokens: float = 256.0
     lora_load_seconds: float = 0.1
     lora_slot_wait_seconds: float = 1.0
     # Hot-spot guard, as SGLang's cache-aware router: when max load - min load exceeds
@@ -76,11 +79,15 @@ class Prediction:
     prefill_seconds: float
     interference_seconds: float
     lora_seconds: float
+    # Waiting for KV blocks: the request does not fit in the endpoint's free blocks until
+    # running requests finish.
+    kv_seconds: float = 0.0
 
     @property
     def total(self) -> float:
         return (
             self.queue_seconds
+            + self.kv_seconds
             + self.prefill_seconds
             + self.interference_seconds
             + self.lora_seconds
@@ -94,6 +101,7 @@ class CostModel:
     estimates: Mapping[str, EndpointCost] = field(default_factory=dict)
     parameters: CostParameters = CostParameters()
     mean_prompt_tokens: float | None = None  # learned; None: parameters.mean_prompt_tokens
+    mean_output_tokens: float | None = None  # learned; None: parameters.mean_output_tokens
     prior: EndpointCost = EndpointCost()
 
     def estimate(self, address: str) -> EndpointCost:
@@ -105,14 +113,16 @@ class CostModel:
         p = self.parameters
         rate = est.tokens_per_second
         stats = candidate.stats
-        # Without stats (collector off) our own in-flight count is the only queue we know.
-        queue = candidate.queue if stats is not None else float(candidate.load.requests)
+        waiting = stats.waiting if stats is not None else 0.0
         running = stats.running if stats is not None else 0.0
         mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
 
-        # Each request ahead needs its own (uncached share of a typical) prefill and a step.
+        # The prompts we sent and predict unfinished (they sit in the running batch, where no
+        # metric shows them), then what the scrape shows waiting (others' requests, or ours held
+        # back when KV blocks ran out): each of those needs the uncached share of a typical
+        # prompt and a step.
         per_request = mean_prompt * (1.0 - est.hit_rate) / rate + est.step_seconds
-        queue_seconds = queue * per_request
+        queue_seconds = candidate.prefill_backlog + waiting * per_request
 
         cached = candidate.prefix_blocks * request.block_size
         uncached = max(0, request.prompt_tokens - cached)
@@ -123,6 +133,8 @@ class CostModel:
         # ...and each of those steps also computes one token per running request.
         interference_seconds = steps * running / rate
 
+        kv_seconds = self._kv_wait(request, candidate, uncached, est)
+
         lora_seconds = 0.0
         if request.lora is not None:
             affinity = lora_affinity(candidate, request.lora)
@@ -131,7 +143,42 @@ class CostModel:
             if affinity < LORA_FREE_SLOT:
                 # No free slot (or the adapter is already deferred for one): wait for a slot.
                 lora_seconds += p.lora_slot_wait_seconds
-        return Prediction(queue_seconds, prefill_seconds, interference_seconds, lora_seconds)
+        return Prediction(
+            queue_seconds, prefill_seconds, interference_seconds, lora_seconds, kv_seconds
+        )
+
+    def _kv_wait(
+        self, request: SchedulingRequest, candidate: Candidate, uncached: int, est: EndpointCost
+    ) -> float:
+        """How long the request waits for KV blocks at `candidate`.
+
+        vLLM admits a request (FCFS) only when its blocks fit among the free ones; cached blocks
+        it shares with running requests cost nothing, which is why a group of requests on one
+        prefix fits where the same requests spread thin do not. The shortfall (our new blocks,
+        plus those of the requests ahead of us, beyond the free ones) is freed as running
+        requests finish: it takes that share of the running blocks' lifetime, a typical
+        request's decode."""
+        stats = candidate.stats
+        if stats is None or not stats.num_gpu_blocks:
+            return 0.0
+        p = self.parameters
+        block = stats.block_size or request.block_size
+        output = self.mean_output_tokens or p.mean_output_tokens
+        mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
+        ours = (uncached + (request.max_tokens or output)) / block
+        ahead = candidate.queue * (mean_prompt * (1.0 - est.hit_rate) + output) / block
+        free = stats.num_gpu_blocks * (1.0 - stats.kv_usage)
+        short = ours + ahead - free
+        if short <= 0:
+            return 0.0
+        held = max(1.0, stats.num_gpu_blocks * stats.kv_usage)
+        return min(1.0, short / held) * output * est.step_seconds
+
+    def work(self, request: SchedulingRequest, candidate: Candidate) -> float:
+        """Seconds of engine time the request's prompt takes at `candidate` (what the picker
+        adds to its prefill backlog once it is sent there)."""
+        prediction = self.predict(request, candidate)
+        return prediction.prefill_seconds + prediction.interference_seconds
 
 
 def load_of(candidate: Candidate) -> float:
@@ -241,20 +288,27 @@ class CostLearner:
         self._windows: dict[str, _Window] = {}
         self._estimates: dict[str, EndpointCost] = {}
         self._mean_prompt: float | None = None
+        self._mean_output: float | None = None
         self._model = CostModel(parameters=self._parameters)
 
     def current(self) -> CostModel:
         """The latest frozen model (cheap: rebuilt on update, not per call)."""
         return self._model
 
-    def observe_prompt(self, prompt_tokens: int) -> None:
-        """Optional: a finished request's prompt size (from its usage), to learn the typical
-        prompt of queued requests. Not needed on the decision path."""
-        if prompt_tokens <= 0:
-            return
-        old = self._mean_prompt or self._parameters.mean_prompt_tokens
-        self._mean_prompt = _ewma(old, float(prompt_tokens))
-        self._model = replace(self._model, mean_prompt_tokens=self._mean_prompt)
+    def observe_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Optional: a finished request's usage, to learn the typical prompt of queued requests
+        and the typical output of running ones. Not needed on the decision path."""
+        if prompt_tokens > 0:
+            old = self._mean_prompt or self._parameters.mean_prompt_tokens
+            self._mean_prompt = _ewma(old, float(prompt_tokens))
+        if completion_tokens > 0:
+            old = self._mean_output or self._parameters.mean_output_tokens
+            self._mean_output = _ewma(old, float(completion_tokens))
+        self._model = replace(
+            self._model,
+            mean_prompt_tokens=self._mean_prompt,
+            mean_output_tokens=self._mean_output,
+        )
 
     def update(self, snapshot: Snapshot) -> None:
         present = set()
@@ -269,6 +323,7 @@ class CostLearner:
             estimates=dict(self._estimates),
             parameters=self._parameters,
             mean_prompt_tokens=self._mean_prompt,
+            mean_output_tokens=self._mean_output,
         )
 
     def _observe(self, address: str, stats: EndpointStats) -> None:

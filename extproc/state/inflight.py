@@ -2,6 +2,13 @@
 
 Counted from the pick to the end of the response (streams included), so least-request decisions
 are fresh even between metric scrapes. One event loop owns an instance: no locks needed.
+
+Beside the counts, each endpoint's *prefill backlog*: the time at which the prompt work we sent
+it is predicted to be done (a virtual finish time, advanced by each pick's predicted prefill).
+vLLM admits a request into the running batch at once while KV blocks last, so its waiting queue
+stays empty while prompts queue for the token budget inside the batch; the scrape cannot show
+that contention, and a non-streamed response cannot show when its first token came. The
+prediction drains with time, so a wrong one fades instead of accumulating.
 """
 
 from __future__ import annotations
@@ -31,11 +38,25 @@ class InFlight:
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
         self._picks: dict[str, deque[float]] = {}
+        self._busy_until: dict[str, float] = {}
 
-    def start(self, address: str, tokens: int = 0, *, now: float | None = None) -> None:
+    def start(
+        self,
+        address: str,
+        tokens: int = 0,
+        *,
+        prefill_seconds: float = 0.0,
+        now: float | None = None,
+    ) -> None:
+        """A request was sent to `address`: `tokens` prompt tokens, whose uncached part the
+        endpoint is predicted to compute in `prefill_seconds` once the work ahead is done."""
         self._requests[address] = self._requests.get(address, 0) + 1
         self._tokens[address] = self._tokens.get(address, 0) + tokens
         now = time.monotonic() if now is None else now
+        if prefill_seconds > 0:
+            self._busy_until[address] = max(now, self._busy_until.get(address, now)) + (
+                prefill_seconds
+            )
         picks = self._picks.setdefault(address, deque())
         picks.append(now)
         while picks[0] < now - _PICK_MEMORY_SECONDS:
@@ -48,6 +69,16 @@ class InFlight:
         if not picks or picks[-1] < since:
             return 0
         return len(picks) - bisect.bisect_left(picks, since)
+
+    def backlog(self, address: str, now: float) -> float:
+        """Seconds of predicted prefill work we sent `address` that is not done yet."""
+        busy_until = self._busy_until.get(address)
+        if busy_until is None:
+            return 0.0
+        if busy_until <= now:
+            del self._busy_until[address]
+            return 0.0
+        return busy_until - now
 
     def finish(self, address: str, tokens: int = 0) -> None:
         left = self._requests.get(address, 0) - 1

@@ -25,9 +25,19 @@ def cand(
     saturated: bool = False,
     lora: LoraState | None = None,
     stats: bool = True,
+    backlog: float = 0.0,
+    gpu_blocks: int | None = None,
 ) -> Candidate:
     endpoint_stats = (
-        EndpointStats(read_at=0.0, waiting=waiting, running=running, kv_usage=kv, lora=lora)
+        EndpointStats(
+            read_at=0.0,
+            waiting=waiting,
+            running=running,
+            kv_usage=kv,
+            lora=lora,
+            block_size=16 if gpu_blocks else None,
+            num_gpu_blocks=gpu_blocks,
+        )
         if stats
         else None
     )
@@ -37,4 +47,5 @@ def cand(
         picked_since_scrape=picked,
         saturated=saturated,
         prefix_blocks=prefix,
+        prefill_backlog=backlog,
     )

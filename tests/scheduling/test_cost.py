@@ -67,10 +67,34 @@ def _req(tokens: int = 0, *, blocks: int = 0, lora: str | None = None) -> Schedu
             id="chunked-three-steps",
         ),
         pytest.param(
-            _req(0), cand(0, waiting=1, picked=2), 3 * PER_QUEUED + STEP, id="picks-since-scrape"
+            _req(0),
+            cand(0, waiting=1, picked=2, backlog=0.05),
+            0.05 + PER_QUEUED + STEP,
+            id="our-prefill-backlog-then-the-scraped-queue",
         ),
         pytest.param(
-            _req(0), cand(0, requests=4, stats=False), 4 * PER_QUEUED + STEP, id="no-stats-inflight"
+            _req(0),
+            cand(0, requests=4, stats=False, backlog=0.03),
+            0.03 + STEP,
+            id="no-stats-our-backlog-only",
+        ),
+        pytest.param(
+            _req(5000),
+            cand(0, kv=0.9, gpu_blocks=100),
+            5000 / RATE + STEP + 256 * STEP,
+            id="kv-full-waits-a-whole-decode",
+        ),
+        pytest.param(
+            _req(10_000),
+            cand(0, kv=0.5, gpu_blocks=1000),
+            10_000 / RATE + 2 * STEP + ((10_000 + 256) / 16 - 500) / 500 * 256 * STEP,
+            id="kv-short-waits-for-its-share",
+        ),
+        pytest.param(
+            _req(10_000, blocks=500),
+            cand(0, kv=0.5, gpu_blocks=1000, prefix=500),
+            2000 / RATE + STEP,
+            id="kv-cached-prefix-fits",
         ),
         pytest.param(
             _req(0, lora="sql"),
@@ -287,10 +311,12 @@ def test_departed_endpoints_are_forgotten_and_prompts_learned() -> None:
     learner.update(Snapshot.of([]))
     assert learner.current().estimates == {}
     for _ in range(50):
-        learner.observe_prompt(4000)
-    learner.observe_prompt(0)  # no usage: ignored
+        learner.observe_usage(4000, 200)
+    learner.observe_usage(0, 0)  # no usage: ignored
     mean = learner.current().mean_prompt_tokens
     assert mean is not None and math.isclose(mean, 4000, rel_tol=0.01)
+    output = learner.current().mean_output_tokens
+    assert output is not None and math.isclose(output, 200, rel_tol=0.02)
 
 
 def test_learner_feeds_the_cost_strategy() -> None:
