@@ -340,6 +340,14 @@ class TenancyConfig:
     max_queued_per_tenant: int = _key(
         1000, "Requests one tenant may have waiting; more are refused with 429.", minimum=1
     )
+    headroom_requests: int = _key(
+        0,
+        "Request slots per endpoint kept free for tenants under their weighted share of the "
+        "pool: a tenant at or over its share finds the pool saturated this many requests "
+        "early (needs `scheduling.saturation_requests`). Trades a flood's throughput for the "
+        "other tenants' latency; 0 keeps no headroom.",
+        minimum=0,
+    )
     cache_salt_key: str = _key(
         "",
         "Secret mixed into the derived `cache_salt` (a keyed hash of the tenant and any salt "

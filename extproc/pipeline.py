@@ -328,6 +328,7 @@ class Pipeline:
             self._metrics.tenant_tokens.labels(routed.tenant.name, "completion").inc(completion)
             if self._fair is not None:
                 self._fair.charge(routed.tenant, completion)
+                self._fair.finished(routed.tenant)
             if routed.lease is not None and self._tenancy is not None:
                 self._tenancy.limiter.release(routed.lease, completion)
         self.poke()
@@ -387,7 +388,9 @@ class Pipeline:
         settings = self._tenancy.config  # the current policy, reloads included
         if not settings.fair_sharing:
             return None
-        if not fair.waiting(model) and not pool_saturated(candidates, self._thresholds):
+        if not fair.waiting(model) and not pool_saturated(
+            candidates, self._thresholds_for(tenant, candidates)
+        ):
             return None
         if tenant.sheddable:
             return None  # admission sheds it: sheddable requests never queue
@@ -413,17 +416,32 @@ class Pipeline:
             return self._refused(head, error, tenant=tenant)
         return candidates_now
 
-    def _has_room(self, model: str | None) -> bool:
+    def _has_room(self, tenant: Tenant, model: str | None) -> bool:
         candidates = self._candidates(model, None)
         return not isinstance(candidates, NoCandidates) and not pool_saturated(
-            candidates, self._thresholds
+            candidates, self._thresholds_for(tenant, candidates)
         )
+
+    def _thresholds_for(
+        self, tenant: Tenant, candidates: Sequence[Candidate]
+    ) -> SaturationThresholds:
+        """A tenant holding its weighted share of the pool's slots (or more) finds the pool
+        saturated `headroom_requests` per endpoint early: the last slots stay free for tenants
+        under their share, whose requests then start at once instead of queueing behind it."""
+        headroom = self._tenancy.config.headroom_requests if self._tenancy is not None else 0
+        per_endpoint = self._thresholds.requests
+        if not headroom or not per_endpoint or self._fair is None:
+            return self._thresholds
+        if not self._fair.over_share(tenant, per_endpoint * len(candidates)):
+            return self._thresholds
+        return dataclasses.replace(self._thresholds, requests=max(1.0, per_endpoint - headroom))
 
     def _served_tenant(self, tenant: Tenant, prompt_tokens: int) -> None:
         self._metrics.tenant_requests.labels(tenant.name, "routed").inc()
         self._metrics.tenant_tokens.labels(tenant.name, "prompt").inc(prompt_tokens)
         if self._fair is not None:
             self._fair.charge(tenant, prompt_tokens)
+            self._fair.started(tenant)
 
     def _give_back(self, lease: Lease | None, prompt_tokens: int) -> None:
         """A request refused after its limits were counted: its slot and prompt tokens return

@@ -108,18 +108,21 @@ def test_tiny_run(tmp_path: Path) -> None:
         assert [t.tenant for t in s.tenants] == list(options.names)
         for t in s.tenants:
             assert t.sent == t.ok + t.refused + t.failed
-    flooded = report.scenario("c").tenants[0]
-    assert flooded.tenant == NOISY
-    # The flood overloads one server with two slots, so the fair queue must turn some away.
-    assert flooded.refused > 0
-    assert set(flooded.refusals) <= {"queue_full", "queue_timeout"}
+    for key in ("c", "d"):
+        flooded = report.scenario(key).tenants[0]
+        assert flooded.tenant == NOISY
+        # The flood overloads one server with two slots, so the fair queue must turn some away.
+        assert flooded.refused > 0
+        assert set(flooded.refusals) <= {"queue_full", "queue_timeout"}
+    headroom = yaml.safe_load((tmp_path / "picker-d.yaml").read_text())["tenancy"]
+    assert headroom["headroom_requests"] == options.headroom_requests > 0
     # Fair sharing off: nothing is queued in the picker, so nothing is refused for it.
     assert report.scenario("b").tenants[0].refused == 0
-    assert set(report.ratio) == {"b", "c"}
+    assert set(report.ratio) == {"b", "c", "d"}
 
     paths = write_report(report)
     data = json.loads(paths[0].read_text())
-    assert [s["key"] for s in data["scenarios"]] == ["a", "b", "c"]
+    assert [s["key"] for s in data["scenarios"]] == ["a", "b", "c", "d"]
     assert {"capacity", "ratio", "worst_tenant_ratio", "target_met"} <= set(data)
     table = render_markdown(report)
     assert "| (c) flood, fair sharing on | noisy |" in table

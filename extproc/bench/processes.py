@@ -9,13 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,7 +55,10 @@ def free_port_range(count: int, avoid: Collection[int] = ()) -> int:
 def process(
     argv: Sequence[str], *, ready_line: str | None = None
 ) -> Iterator[subprocess.Popen[str]]:
-    """Start a child process, optionally wait for a line on stdout, stop it by PID at the end."""
+    """Start a child process, optionally wait for a line on stdout, stop it by PID at the end.
+
+    After the ready line the rest of the child's stdout is read and dropped by a thread: a pipe
+    nobody reads fills up (64 KiB) and then blocks the child's next write."""
     child = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
@@ -67,6 +71,7 @@ def process(
             line = child.stdout.readline()
             if ready_line not in line:
                 raise RuntimeError(f"{argv[0]} did not start: {line!r}")
+            threading.Thread(target=_drain, args=(child.stdout,), daemon=True).start()
         yield child
     finally:
         child.terminate()
@@ -75,6 +80,15 @@ def process(
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+        if child.stdout is not None:
+            child.stdout.close()  # the child is gone: the drain has met, or will meet, the end
+
+
+def _drain(stream: IO[str]) -> None:
+    """Reads a child's output until it closes (the child exited), then closes our end."""
+    with stream, contextlib.suppress(OSError, ValueError):
+        for _ in stream:
+            pass
 
 
 def wait_for_port(port: int, within: float = 30.0) -> None:

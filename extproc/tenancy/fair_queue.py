@@ -13,9 +13,11 @@ waiting, so time spent idle is not banked as credit to flood with later. Request
 without waiting are charged too, so a tenant that had the pool to itself is behind the others
 when contention starts.
 
-"Room" is the pipeline's question (`has_room(model)`): this module only orders and wakes. It
-looks again whenever something may have freed room (`poke`: a response ended, new metrics
-arrived) and every `tick` seconds while anything waits.
+"Room" is the pipeline's question (`has_room(tenant, model)`): this module only orders, wakes
+and keeps the counts that tell whether a tenant holds more than its weighted share of the
+pool's slots (`over_share`), which the pipeline uses to keep headroom for the others. It looks
+again whenever something may have freed room (`poke`: a response ended, new metrics arrived)
+and every `tick` seconds while anything waits.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from typing import Literal
 from extproc.tenancy.policy import Tenant
 
 WaitOutcome = Literal["released", "timeout", "full"]
+
+# A tenant routed this recently still counts as active when shares are worked out.
+ACTIVE_SECONDS = 10.0
 
 
 @dataclass(eq=False, slots=True)
@@ -49,7 +54,7 @@ class FairQueue:
     def __init__(
         self,
         *,
-        has_room: Callable[[str | None], bool],
+        has_room: Callable[[Tenant, str | None], bool],
         tick: float = 0.01,
         on_depth: Callable[[str, int], None] | None = None,
     ) -> None:
@@ -58,6 +63,9 @@ class FairQueue:
         self._on_depth = on_depth or (lambda tenant, depth: None)
         self._queues: dict[str, deque[_Waiter]] = {}
         self._counters: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
+        # Each tenant's weight and when it was last routed (bounded by the configured tenants).
+        self._seen: dict[str, tuple[float, float]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -72,6 +80,33 @@ class FairQueue:
         """`tenant` was served `tokens` (prompt at the pick, completion at the end)."""
         if tokens > 0:
             self._counters[tenant.name] = self.counter(tenant.name) + tokens / tenant.weight
+
+    def started(self, tenant: Tenant, *, now: float | None = None) -> None:
+        """A request of `tenant` was routed (it holds a slot until `finished`)."""
+        self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + 1
+        self._seen[tenant.name] = (tenant.weight, time.monotonic() if now is None else now)
+
+    def finished(self, tenant: Tenant) -> None:
+        left = self._in_flight.get(tenant.name, 0) - 1
+        if left > 0:
+            self._in_flight[tenant.name] = left
+        else:
+            self._in_flight.pop(tenant.name, None)
+
+    def over_share(self, tenant: Tenant, slots: float, *, now: float | None = None) -> bool:
+        """`tenant` holds at least its weighted share of `slots` among the active tenants: those
+        with requests in flight or waiting, or routed within `ACTIVE_SECONDS` (a tenant
+        between two requests still counts, or a flood would own the pool in every gap)."""
+        now = time.monotonic() if now is None else now
+        weights = {
+            name: weight
+            for name, (weight, at) in self._seen.items()
+            if name in self._in_flight or now - at < ACTIVE_SECONDS
+        }
+        weights.update((name, q[0].tenant.weight) for name, q in self._queues.items() if q)
+        weights[tenant.name] = tenant.weight
+        share = slots * tenant.weight / sum(weights.values())
+        return self._in_flight.get(tenant.name, 0) >= share
 
     def poke(self) -> None:
         """Room may have freed: look at the queues again now."""
@@ -139,7 +174,6 @@ class FairQueue:
             for name, q in self._queues.items()
             if q
         )
-        room: dict[str | None, bool] = {}
         for *_, name in order:
             queue = self._queues[name]
             while queue and queue[0].future.done():
@@ -147,9 +181,7 @@ class FairQueue:
             if not queue:
                 continue
             head = queue[0]
-            if head.model not in room:
-                room[head.model] = self._has_room(head.model)
-            if not room[head.model]:
+            if not self._has_room(head.tenant, head.model):
                 continue
             queue.popleft()
             self._on_depth(name, len(queue))

@@ -16,7 +16,7 @@ class Room:
     def __init__(self) -> None:
         self.slots = 0
 
-    def __call__(self, model: str | None) -> bool:
+    def __call__(self, tenant: Tenant, model: str | None) -> bool:
         if self.slots <= 0:
             return False
         self.slots -= 1
@@ -117,7 +117,7 @@ async def test_idle_time_is_not_banked_as_credit() -> None:
 
 
 async def test_a_request_waits_at_most_the_timeout_and_a_full_queue_refuses() -> None:
-    queue = FairQueue(has_room=lambda model: False)
+    queue = FairQueue(has_room=lambda tenant, model: False)
     first = asyncio.create_task(queue.wait(HEAVY, "m", max_wait=0.05, max_queued=1))
     await asyncio.sleep(0)
     assert await queue.wait(HEAVY, "m", max_wait=0.05, max_queued=1) == "full"
@@ -126,7 +126,7 @@ async def test_a_request_waits_at_most_the_timeout_and_a_full_queue_refuses() ->
 
 
 async def test_only_the_model_with_room_is_released() -> None:
-    queue = FairQueue(has_room=lambda model: model == "free")
+    queue = FairQueue(has_room=lambda tenant, model: model == "free")
     blocked = asyncio.create_task(queue.wait(HEAVY, "full", max_wait=1, max_queued=10))
     await asyncio.sleep(0)
     assert await queue.wait(LIGHT, "free", max_wait=1, max_queued=10) == "released"
@@ -140,7 +140,7 @@ async def test_one_freed_slot_releases_one_request() -> None:
     """Room is asked again only after the released request counts itself in flight."""
     in_flight = [1]
     peak = [1]
-    queue = FairQueue(has_room=lambda model: in_flight[0] < 1)
+    queue = FairQueue(has_room=lambda tenant, model: in_flight[0] < 1)
 
     async def request() -> None:
         assert await queue.wait(HEAVY, "m", max_wait=5, max_queued=10) == "released"
@@ -172,3 +172,21 @@ async def test_a_newcomer_tied_with_a_backlog_goes_first() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_share_is_weighted_among_the_active_tenants() -> None:
+    queue = FairQueue(has_room=lambda tenant, model: True)
+    heavy, light = Tenant("heavy", weight=3.0), Tenant("light")
+    for _ in range(3):
+        queue.started(heavy, now=100.0)
+    # Alone, heavy's share is the whole pool.
+    assert not queue.over_share(heavy, 4, now=100.0)
+    queue.started(light, now=100.0)
+    queue.finished(light)
+    # light, routed 5 s ago, is still active: heavy's share is 3/4 of 4 slots, and it holds 3.
+    assert queue.over_share(heavy, 4, now=105.0)
+    assert not queue.over_share(light, 4, now=105.0)
+    # Quiet for longer than ACTIVE_SECONDS, light no longer counts.
+    assert not queue.over_share(heavy, 4, now=111.0)
+    queue.finished(heavy)
+    assert not queue.over_share(heavy, 4, now=105.0)

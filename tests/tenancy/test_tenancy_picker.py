@@ -269,6 +269,45 @@ async def test_under_saturation_requests_wait_their_turn_and_time_out(
     )
 
 
+@pytest.mark.parametrize("headroom", [0, 2])
+async def test_headroom_keeps_slots_for_a_tenant_under_its_share(
+    model_servers: Any, start_picker: Start, headroom: int
+) -> None:
+    """One endpoint with 4 slots, two tenants of weight 1 (a share of 2 slots each). With
+    headroom 2, a tenant holding its share finds the pool saturated at 2 requests, so the other
+    tenant's request starts at once; without headroom, the first tenant takes all 4 slots and
+    the other one waits."""
+    server = await model_servers("model-a")
+    config = _config(
+        [server.address],
+        {
+            "identity": ["header"],
+            "tenants": {"flood": {}, "calm": {}},
+            "headroom_requests": headroom,
+            "queue_timeout_seconds": 5,
+        },
+        scheduling={"saturation_requests": 4},
+    )
+    _, channel = await start_picker(config)
+    flood, calm = {"x-tenant-id": "flood"}, {"x-tenant-id": "calm"}
+    stream, _ = await _send(channel, PROMPT, calm)  # calm has been active recently
+    await _finish(stream)
+    held = [(await _send(channel, PROMPT, flood))[0] for _ in range(2)]
+    more = [asyncio.create_task(_send(channel, PROMPT, flood)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    assert all(task.done() for task in more) is (headroom == 0)
+    calm_request = asyncio.create_task(_send(channel, PROMPT, calm))
+    await asyncio.sleep(0.1)
+    assert calm_request.done() is (headroom > 0)
+    # Everything is served in the end, as slots free.
+    for stream in held:
+        await _finish(stream)
+    for task in [*more, calm_request]:
+        stream, reply = await asyncio.wait_for(task, 5)
+        assert ep.destination(reply) == server.address
+        await _finish(stream)
+
+
 async def test_a_sheddable_tenant_is_refused_under_saturation_not_queued(
     model_servers: Any, start_picker: Start
 ) -> None:
