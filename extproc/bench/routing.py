@@ -317,6 +317,20 @@ def _child(
                 child.stdout.close()
 
 
+def _start_fleet(
+    stack: contextlib.ExitStack, argv: Sequence[str], *, log: Path, attempts: int = 3
+) -> subprocess.Popen[str]:
+    """The fleet for one run. Its ports were chosen free at the start of the benchmark (Envoy's
+    clusters name them), but another process on the machine may hold one for a moment between
+    runs: try again a little later before giving up."""
+    for _ in range(attempts - 1):
+        try:
+            return stack.enter_context(_child(argv, log=log, ready_line=_SIM_READY))
+        except RoutingBenchError:
+            time.sleep(2.0)
+    return stack.enter_context(_child(argv, log=log, ready_line=_SIM_READY))
+
+
 def _sim_config(options: RoutingOptions, ports: Ports, *, blocks: int, kv: bool) -> str:
     return json.dumps(
         {
@@ -749,9 +763,7 @@ def _one_run(
     ]
     headers = {"content-type": "application/json"}
     with contextlib.ExitStack() as stack:
-        fleet = stack.enter_context(
-            _child(sim_argv, log=logs / f"{tag}.fleet.log", ready_line=_SIM_READY)
-        )
+        fleet = _start_fleet(stack, sim_argv, log=logs / f"{tag}.fleet.log")
         front: subprocess.Popen[str] | None = None
         if competitor.kind == "picker":
             config = logs / "picker.yaml"
