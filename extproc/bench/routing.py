@@ -892,19 +892,25 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
             for rate in options.rates[workload.name]:
                 for competitor in competitors:
                     bar.start(f"{competitor.name} {workload.name} rate {rate:g}")
-                    result = _one_run(
-                        options,
-                        ports,
-                        workload=workload,
-                        bodies=bodies,
-                        blocks=blocks,
-                        oracle=oracle,
-                        rate=rate,
-                        competitor=competitor,
-                        envoy_pid=envoy.pid,
-                        logs=logs,
-                        progress=bar,
-                    )
+                    try:
+                        result = _one_run(
+                            options,
+                            ports,
+                            workload=workload,
+                            bodies=bodies,
+                            blocks=blocks,
+                            oracle=oracle,
+                            rate=rate,
+                            competitor=competitor,
+                            envoy_pid=envoy.pid,
+                            logs=logs,
+                            progress=bar,
+                        )
+                    except RoutingBenchError as exc:
+                        # One run that could not start (a port taken by another process on the
+                        # machine) costs its row, not the hours of runs around it.
+                        bar.finish_run(f"FAILED, left out of the report: {exc}")
+                        continue
                     results.append(result)
                     bar.finish_run(
                         f"TTFT p90 {result.ttft_p90_ms:.0f} ms, "

@@ -129,8 +129,11 @@ class TenantsOptions:
     output_tokens: tuple[int, int] = (16, 48)
     queue_timeout_seconds: float = 5.0  # below Envoy's 10 s ext_proc message timeout
     max_queued_per_tenant: int = 64
-    # Slots per server kept for tenants under their share in scenario (d).
-    headroom_requests: int = 2
+    # Slots per server kept for tenants under their share in scenario (d): half a batch (2 of 8
+    # measured 1.67x, 4 of 8 1.37x in a --quick run; docs/benchmarks.md).
+    headroom_requests: int = 4
+    # The picker's strategy for every request (no prefix sharing in this workload).
+    strategy: str = "least-request"
     slo_ttft_ms: float = 1000.0
     calibrate_seconds: float = 12.0
     drain_seconds: float = 90.0  # wall seconds a scenario may run after its last planned send
@@ -512,8 +515,7 @@ def picker_config(
     return {
         # Nothing is in flight between scenarios, so the picker may stop at once.
         "server": {"shutdown_grace_seconds": 0},
-        # No prefix sharing in this workload: least-request needs no tokenizing per request.
-        "routing": {"strategy": "least-request"},
+        "routing": {"strategy": options.strategy},
         "collector": {"interval_seconds": options.scrape_interval},
         "scheduling": {"saturation_requests": options.saturation_requests},
         "tenancy": {
@@ -730,7 +732,7 @@ def render_markdown(report: TenantsReport) -> str:
     lines = [
         f"Fleet: {o.pods} simulated {o.profile} servers, max_num_seqs {o.engine_slots}, "
         f"saturation_requests {o.saturation_requests}; capacity {report.capacity:.1f} req/s "
-        "(calibrated). "
+        f"(calibrated). Strategy {o.strategy}; headroom in (d) {o.headroom_requests} per server. "
         f"{o.tenants} tenants of weight 1: share {report.capacity / o.tenants:.2f} req/s each; "
         f"normal {report.normal_rate:.2f} req/s ({o.load:g} share), flood "
         f"{report.flood_rate:.2f} req/s ({o.flood:g} shares). Prompts {o.prompt_tokens[0]}-"
@@ -856,6 +858,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"slots per server kept for under-share tenants in (d) ({defaults.headroom_requests})",
     )
     parser.add_argument(
+        "--strategy", default=None, help=f"the picker's strategy ({defaults.strategy})"
+    )
+    parser.add_argument(
         "--slo-ms", type=float, default=None, help=f"TTFT SLO ({defaults.slo_ttft_ms:g})"
     )
     parser.add_argument(
@@ -875,6 +880,7 @@ _ARGS: Final = {
     "flood": "flood",
     "queue_timeout": "queue_timeout_seconds",
     "headroom": "headroom_requests",
+    "strategy": "strategy",
     "slo_ms": "slo_ttft_ms",
     "scrape_interval": "scrape_interval",
     "seed": "seed",

@@ -140,6 +140,7 @@ def _cost(params: _Params, ctx: _Context) -> Plugin:
     parameters = CostParameters(
         chunk_tokens=int(params.number("chunkTokens", d.chunk_tokens, minimum=1, integer=True)),
         mean_prompt_tokens=params.number("meanPromptTokens", d.mean_prompt_tokens, minimum=1),
+        mean_output_tokens=params.number("meanOutputTokens", d.mean_output_tokens, minimum=1),
         lora_load_seconds=params.number("loraLoadSeconds", d.lora_load_seconds),
         lora_slot_wait_seconds=params.number("loraSlotWaitSeconds", d.lora_slot_wait_seconds),
         hot_spot_absolute=params.number("hotSpotAbsolute", d.hot_spot_absolute),
