@@ -58,11 +58,11 @@ class CostParameters:
     chunk_tokens: int = 8192
     # Prompt tokens of a typical queued request, until `CostLearner.observe_usage` learns it.
     mean_prompt_tokens: float = 1024.0
-    # Moving an adapter into the batch (free slot), and waiting for a slot when the batch holds
-    # `max_loras` other adapters: neither is in vLLM's metrics, so these are settings.
     # Output tokens of a typical request, until `CostLearner.observe_usage` learns it: the KV
     # blocks a request grows into, and how long it holds them.
     mean_output_tokens: float = 256.0
+    # Moving an adapter into the batch (free slot), and waiting for a slot when the batch holds
+    # `max_loras` other adapters: neither is in vLLM's metrics, so these are settings.
     lora_load_seconds: float = 0.1
     lora_slot_wait_seconds: float = 1.0
     # Hot-spot guard, as SGLang's cache-aware router: when max load - min load exceeds

@@ -228,12 +228,14 @@ async def test_a_saturated_pool_queues_sheds_and_times_out_through_envoy(
 ) -> None:
     """One backend that takes one request at a time (`saturation_requests: 1`), held busy by a
     stream the test keeps open: the next request waits in the fair queue and times out (429),
-    a sheddable tenant's is refused at once (429), and both come back as OpenAI errors."""
+    one more from the same tenant finds its queue full (429), a sheddable tenant's is refused at
+    once (429), and all come back as OpenAI errors."""
     backend = own_fleet.start(MODEL_A)
     tenancy = {
         "enabled": True,
         "identity": ["header"],
-        "queue_timeout_seconds": 0.3,
+        "queue_timeout_seconds": 1.0,
+        "max_queued_per_tenant": 1,
         "tenants": {"steady": {}, "batch": {"priority": -1}},
     }
     config = {
@@ -257,9 +259,16 @@ async def test_a_saturated_pool_queues_sheds_and_times_out_through_envoy(
                 assert streaming.status == 200, stack.logs()
                 await streaming.content.readuntil(b"\n\n")  # the first chunk: it is in flight
                 body = {"model": MODEL_A, "prompt": "next", "max_tokens": 2}
-                for tenant, code in (("steady", "queue_timeout"), ("batch", "request_shed")):
-                    headers = {"x-tenant-id": tenant, "content-type": "application/json"}
-                    status, reply_headers, raw = await _post(session, stack, body, headers)
+                steady = {"x-tenant-id": "steady", "content-type": "application/json"}
+                batch = {"x-tenant-id": "batch", "content-type": "application/json"}
+                waiting = asyncio.create_task(_post(session, stack, body, steady))
+                await asyncio.sleep(0.3)  # it is in steady's queue now, which holds one
+                answers = [
+                    (await _post(session, stack, body, steady), "queue_full"),
+                    (await waiting, "queue_timeout"),
+                    (await _post(session, stack, body, batch), "request_shed"),
+                ]
+                for (status, reply_headers, raw), code in answers:
                     assert status == 429, (raw, stack.logs())
                     assert json.loads(raw)["error"]["code"] == code
                     assert int(reply_headers["retry-after"]) >= 1
