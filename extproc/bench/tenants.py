@@ -129,8 +129,8 @@ class TenantsOptions:
     output_tokens: tuple[int, int] = (16, 48)
     queue_timeout_seconds: float = 5.0  # below Envoy's 10 s ext_proc message timeout
     max_queued_per_tenant: int = 64
-    # Slots per server kept for tenants under their share in scenario (d): half a batch (2 of 8
-    # measured 1.67x, 4 of 8 1.37x in a --quick run; docs/benchmarks.md).
+    # Slots per server kept for tenants under their share in scenario (d): half a batch. Two of
+    # eight measured 1.67x in a full run, four 1.35x (docs/benchmarks.md).
     headroom_requests: int = 4
     # The picker's strategy for every request (no prefix sharing in this workload).
     strategy: str = "least-request"
