@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from extproc.bench.routing import (
     RoutingReport,
     RunResult,
     WorkloadInfo,
+    add_arguments,
     envoy_bootstrap,
+    options_from_args,
     run_routing,
 )
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
@@ -161,6 +164,25 @@ def test_competitors_parse() -> None:
     assert RoutingOptions.quick_options().quick
 
 
+def test_scheduling_option_is_checked(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = tmp_path / "profiles.yaml"
+    config.write_text(
+        "plugins: [{type: cost-scorer, name: greedy, parameters: {workWeight: 0}}]\n"
+        "schedulingProfiles: [{name: cost-greedy, plugins: [{pluginRef: greedy}]}]\n"
+    )
+    args = parser.parse_args(["--scheduling", str(config), "--strategies", "cost-greedy"])
+    options = options_from_args(args)
+    assert options.scheduling["schedulingProfiles"][0]["name"] == "cost-greedy"
+    config.write_text("plugins: [{type: cost-scorer, parameters: {workWieght: 0}}]\n")
+    with pytest.raises(ValueError, match="workWieght"):
+        options_from_args(parser.parse_args(["--scheduling", str(config)]))
+    config.write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="expected an EndpointPickerConfig"):
+        options_from_args(parser.parse_args(["--scheduling", str(config)]))
+
+
 def test_envoy_bootstrap_adds_direct_listeners() -> None:
     ports = Ports(*range(20000, 20012))
     config = yaml.safe_load(envoy_bootstrap(ports, ["127.0.0.1:8001", "127.0.0.1:8002"]))
@@ -263,7 +285,14 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         workloads=("shared-prefix",),
         rates={"shared-prefix": (5.0,)},
         shared_prefix=shape,
-        strategies=("round-robin", "least-request"),
+        # A profile from --scheduling runs by its name, like a built-in strategy.
+        strategies=("round-robin", "least-request", "turns"),
+        scheduling={
+            "plugins": [{"type": "round-robin-picker"}],
+            "schedulingProfiles": [
+                {"name": "turns", "plugins": [{"pluginRef": "round-robin-picker"}]}
+            ],
+        },
         others=("envoy:round-robin",),
         drain_seconds=30.0,
         output=tmp_path,
@@ -272,6 +301,7 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert [r.competitor for r in report.results] == [
         "round-robin",
         "least-request",
+        "turns",
         "envoy:round-robin",
     ]
     for r in report.results:
@@ -279,8 +309,8 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         assert sum(r.per_pod) == 10
         assert r.ttft_p50_ms > 0 and r.ttft_p50_ms <= r.ttft_p90_ms <= r.ttft_p99_ms
         assert r.output_tokens_per_s > 0 and 0 <= r.hit_rate <= r.oracle_hit_rate + 1e-9
-    # Round robin over 2 pods spreads 10 requests evenly, through the picker and Envoy alike.
-    assert report.results[0].per_pod == (5, 5) and report.results[2].per_pod == (5, 5)
+    # Round robin over 2 pods spreads 10 requests evenly: the picker's, the profile's, Envoy's.
+    assert [report.results[i].per_pod for i in (0, 2, 3)] == [(5, 5)] * 3
     (info,) = report.workloads
     assert info.requests == 10 and info.oracle_hit_rate > 0
     paths = write_report(report)

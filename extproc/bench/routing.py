@@ -57,6 +57,7 @@ from extproc.bench.processes import (
 )
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import load_tokenizer
+from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import known_strategies
 from extproc.sim.fleet import DEFAULT_MODEL
 
@@ -132,6 +133,9 @@ class RoutingOptions:
     random: wl.RandomShape = field(default_factory=wl.RandomShape)
     strategies: tuple[str, ...] = ()  # ours; empty: every known strategy at run time
     others: tuple[str, ...] = OTHERS
+    # An EndpointPickerConfig for the picker: its profiles can be named in `strategies`, so
+    # variants of a strategy (a cost-scorer parameter, other weights) run side by side.
+    scheduling: Mapping[str, Any] = field(default_factory=dict)
     model: str = DEFAULT_MODEL
     envoy_concurrency: int = 1
     # The picker's scrape interval (wall seconds). Its default, 50 ms, makes 8 simulated servers
@@ -153,6 +157,8 @@ class RoutingOptions:
             raise ValueError(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
         for name in self.others:
             Competitor.parse(name)
+        if self.scheduling:
+            parse_endpoint_picker_config(self.scheduling)  # ConfigError names the bad key
 
     @classmethod
     def quick_options(cls, **overrides: Any) -> RoutingOptions:
@@ -847,12 +853,16 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
     output = options.output
     logs = output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    (logs / "picker.yaml").write_text(
-        # Nothing is in flight between runs, so the picker may stop at once; KV events feed the
-        # prefix-aware strategies (the fleet publishes them for every picker run).
-        "server:\n  shutdown_grace_seconds: 0\nkv_events:\n  enabled: true\n"
-        f"collector:\n  interval_seconds: {options.scrape_interval:g}\n"
-    )
+    # Nothing is in flight between runs, so the picker may stop at once; KV events feed the
+    # prefix-aware strategies (the fleet publishes them for every picker run).
+    picker: dict[str, Any] = {
+        "server": {"shutdown_grace_seconds": 0},
+        "kv_events": {"enabled": True},
+        "collector": {"interval_seconds": options.scrape_interval},
+    }
+    if options.scheduling:
+        picker["scheduling"] = {"endpoint_picker_config": dict(options.scheduling)}
+    (logs / "picker.yaml").write_text(yaml.safe_dump(picker, sort_keys=False))
     workloads = build_workloads(options)
     infos = []
     plans = []
@@ -992,6 +1002,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"workload KV demand / fleet KV blocks ({defaults.kv_fraction:g})",
     )
     parser.add_argument("--seed", type=int, default=None, help="workload and simulator seed (0)")
+    parser.add_argument(
+        "--scheduling",
+        type=Path,
+        default=None,
+        help="an EndpointPickerConfig YAML for the picker; --strategies may name its profiles",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> RoutingOptions:
@@ -1000,6 +1016,8 @@ def options_from_args(args: argparse.Namespace) -> RoutingOptions:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.scheduling is not None:
+        overrides["scheduling"] = _scheduling(args.scheduling)
     options = (
         RoutingOptions.quick_options(**overrides) if args.quick else RoutingOptions(**overrides)
     )
@@ -1008,12 +1026,22 @@ def options_from_args(args: argparse.Namespace) -> RoutingOptions:
     return options
 
 
+def _scheduling(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--scheduling {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--scheduling {path}: expected an EndpointPickerConfig mapping")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     from extproc.bench.report import render_text, write_report
 
     try:
         options = options_from_args(args)
-    except ValueError as exc:
+    except ValueError as exc:  # ConfigError is one
         print(f"extproc bench routing: {exc}", file=sys.stderr)
         return 2
     report = run_stoppable(

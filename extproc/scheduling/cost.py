@@ -16,7 +16,7 @@ The equations are in docs/scheduling.md ("The cost model").
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from extproc.scheduling.scorers import (
@@ -69,6 +69,11 @@ class CostParameters:
     # `hot_spot_absolute` and max load > `hot_spot_ratio` x min load, rank by load instead.
     hot_spot_absolute: float = 64.0
     hot_spot_ratio: float = 1.5
+    # What the scorer minimises is TTFT + `work_weight` x the engine time our prompt takes
+    # there: that time delays every request queued behind us at that endpoint, and an uncached
+    # copy of a prefix takes blocks later requests of its group would have hit. 0 is greedy
+    # TTFT, which spreads a group whenever the endpoint holding its prefix has a short queue.
+    work_weight: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +185,12 @@ class CostModel:
         prediction = self.predict(request, candidate)
         return prediction.prefill_seconds + prediction.interference_seconds
 
+    def cost(self, request: SchedulingRequest, candidate: Candidate) -> float:
+        """What the scorer minimises: our TTFT plus the delay our prefill imposes on those
+        queued behind it (`CostParameters.work_weight`)."""
+        prediction = self.predict(request, candidate)
+        return prediction.total + self.parameters.work_weight * prediction.prefill_seconds
+
 
 def load_of(candidate: Candidate) -> float:
     """Requests at the endpoint (waiting, sent since the scrape, running); without stats, our
@@ -198,9 +209,10 @@ def hot_spot(candidates: Sequence[Candidate], parameters: CostParameters) -> boo
 
 
 class CostScorer:
-    """Scores `lowest predicted TTFT / this endpoint's predicted TTFT`: the fastest gets 1, one
-    twice as slow 0.5. A ratio, not a spread, so 100 ms vs 101 ms stays a near tie in blends.
-    With a max-score picker this picks the lowest predicted TTFT, ties at random."""
+    """Scores `lowest cost / this endpoint's cost` (`CostModel.cost`: predicted TTFT plus the
+    weighted prefill work): the cheapest gets 1, one twice as dear 0.5. A ratio, not a spread,
+    so 100 ms vs 101 ms stays a near tie in blends. With a max-score picker this picks the
+    lowest cost, ties at random."""
 
     name = "cost-scorer"
 
@@ -223,10 +235,10 @@ class CostScorer:
         model = self.current()
         if hot_spot(candidates, model.parameters):
             return spread([load_of(c) for c in candidates])
-        ttfts = [model.predict(request, c).total for c in candidates]
-        best = min(ttfts)
+        costs = [model.cost(request, c) for c in candidates]
+        best = min(costs)
         # Every prediction holds at least one step (> 0); guard anyway against a zero prior.
-        return [best / t if t > 0 else 1.0 for t in ttfts]
+        return [best / t if t > 0 else 1.0 for t in costs]
 
 
 # --- learning -----------------------------------------------------------------------------
@@ -324,6 +336,7 @@ class CostLearner:
             parameters=self._parameters,
             mean_prompt_tokens=self._mean_prompt,
             mean_output_tokens=self._mean_output,
+            prior=_fleet_prior(self._estimates.values()),
         )
 
     def _observe(self, address: str, stats: EndpointStats) -> None:
@@ -383,6 +396,23 @@ class CostLearner:
         if not learned:
             return est
         return EndpointCost(rate, step, hit_rate, est.samples + 1)
+
+
+def _fleet_prior(estimates: Iterable[EndpointCost]) -> EndpointCost:
+    """What an endpoint we have not learned yet is taken for: the mean speed of those we have.
+
+    With the fixed prior instead, a fleet splits into the endpoints that have served (their
+    learned speed, a little above or below the prior) and the idle ones (the prior), and when
+    the learned ones look faster they win every tie, so the idle ones stay idle and the busy
+    ones evict each other's prefixes. Its hit rate stays 0: an endpoint's cache starts empty.
+    """
+    learned = [e for e in estimates if e.samples > 0]
+    if not learned:
+        return EndpointCost()
+    return EndpointCost(
+        tokens_per_second=sum(e.tokens_per_second for e in learned) / len(learned),
+        step_seconds=sum(e.step_seconds for e in learned) / len(learned),
+    )
 
 
 def _reset(start: EndpointStats, now: EndpointStats) -> bool:

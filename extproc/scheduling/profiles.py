@@ -145,6 +145,7 @@ def _cost(params: _Params, ctx: _Context) -> Plugin:
         lora_slot_wait_seconds=params.number("loraSlotWaitSeconds", d.lora_slot_wait_seconds),
         hot_spot_absolute=params.number("hotSpotAbsolute", d.hot_spot_absolute),
         hot_spot_ratio=params.number("hotSpotRatio", d.hot_spot_ratio, minimum=1),
+        work_weight=params.number("workWeight", d.work_weight),
     )
     return CostScorer(ctx.cost_model, parameters if parameters != d else None)
 

@@ -160,10 +160,34 @@ def test_cost_strategy_picks_lowest_ttft(candidates: list[Candidate], winner: in
     assert max(ranked.scores.values()) == pytest.approx(1.0)
 
 
-def test_cost_scores_are_ratios_of_ttft() -> None:
+def test_cost_scores_are_ratios_of_cost() -> None:
+    # An empty prompt: TTFT one step (plus the queue), work one step, weighted 1 by default.
     scores = CostScorer().score(_req(0), [cand(0), cand(1, waiting=1)])
     assert scores[0] == 1.0
-    assert scores[1] == pytest.approx(STEP / (PER_QUEUED + STEP))
+    assert scores[1] == pytest.approx(2 * STEP / (PER_QUEUED + 2 * STEP))
+
+
+@pytest.mark.parametrize(
+    ("work_weight", "backlog", "winner"),
+    [
+        # Endpoint 0 holds the group's 4,000-token prefix but has 90 ms of backlog; endpoint
+        # 1 is idle and would compute the whole prompt (80 ms). Greedy TTFT moves the request
+        # (and copies the prefix); counting the engine time it takes keeps it where it hits.
+        pytest.param(0.0, 0.090, 1, id="greedy-ttft-copies-the-prefix"),
+        pytest.param(1.0, 0.090, 0, id="weighted-work-keeps-it-on-the-prefix"),
+        # A long enough backlog is worth leaving, weighted or not.
+        pytest.param(1.0, 0.200, 1, id="weighted-work-still-leaves-a-long-backlog"),
+    ],
+)
+def test_work_weight_trades_ttft_for_engine_time(
+    work_weight: float, backlog: float, winner: int
+) -> None:
+    request = _req(4000, blocks=250)
+    candidates = [cand(0, prefix=250, backlog=backlog), cand(1)]
+    scorer = CostScorer(parameters=CostParameters(work_weight=work_weight))
+    scores = scorer.score(request, candidates)
+    assert scores[winner] == 1.0
+    assert scores[1 - winner] < 1.0
 
 
 @pytest.mark.parametrize(
@@ -271,6 +295,22 @@ def test_idle_endpoint_keeps_the_prior() -> None:
     learner = CostLearner()
     _feed(learner, _engine(seconds=5))
     assert learner.current().estimate(addr(0)) == EndpointCost()
+
+
+def test_unlearned_endpoints_take_the_fleets_mean_speed() -> None:
+    # Endpoint 0 served and was learned (20k tokens/s, a 25% hit rate); endpoint 1 never
+    # served. It is taken to be as fast as the fleet, with an empty cache, so a cold prompt
+    # costs the same on both and the idle endpoint is not starved by a pessimistic prior.
+    learner = CostLearner()
+    _feed(learner, _engine(seconds=10, prefill_per_s=15_000, hits_per_s=5_000, waiting=3))
+    learned = learner.current().estimate(addr(0))
+    assert learned.samples > 0 and learned.hit_rate > 0.1
+    unknown = learner.current().estimate(addr(1))
+    assert unknown.tokens_per_second == learned.tokens_per_second
+    assert unknown.step_seconds == learned.step_seconds
+    assert (unknown.hit_rate, unknown.samples) == (0.0, 0)
+    scores = CostScorer(learner.current).score(_req(4000), [cand(0), cand(1)])
+    assert scores == [1.0, 1.0]
 
 
 def test_a_restart_does_not_poison_the_estimates() -> None:
