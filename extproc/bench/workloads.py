@@ -175,13 +175,20 @@ class SharedPrefixShape:
 
 @dataclass(frozen=True, slots=True)
 class MultiTurnShape:
+    """Long working sessions: an assistant with pasted documents or code, or an agent whose
+    tool results come back quickly. Contexts grow to 3-12k tokens, so resending one to a server
+    that does not hold it costs a real prefill (100-250 ms on an H100), as it does in
+    production. (A first shape, 500-1000-token system prompts, 50-200-token turns and 3 s of
+    thinking, topped out near 3k tokens: a miss cost under 50 ms and no router could differ.)
+    """
+
     sessions: int = 48
     turns: tuple[int, int] = (4, 8)
-    apps: int = 4  # distinct system prompts shared by sessions (a chat product has a few)
-    system_tokens: tuple[int, int] = (500, 1000)
-    user_tokens: tuple[int, int] = (50, 200)
+    apps: int = 4  # distinct system prompts shared by sessions (a product has a few)
+    system_tokens: tuple[int, int] = (1000, 2000)
+    user_tokens: tuple[int, int] = (200, 1000)
     output_tokens: tuple[int, int] = (100, 300)
-    think_seconds: float = 3.0  # mean, exponential: reading the answer and typing the next turn
+    think_seconds: float = 1.0  # mean, exponential: reading the answer, or a tool running
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,9 @@ class CostParameters:
     # copy of a prefix takes blocks later requests of its group would have hit. 0 is greedy
     # TTFT, which spreads a group whenever the endpoint holding its prefix has a short queue.
     work_weight: float = 1.0
+    # Costs within this fraction of the lowest are a tie (the model is not more precise than
+    # that), broken by the most free KV cache: see `CostScorer`.
+    tie_tolerance: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +195,10 @@ class CostModel:
         return prediction.total + self.parameters.work_weight * prediction.prefill_seconds
 
 
+def _kv_usage(candidate: Candidate) -> float:
+    return candidate.stats.kv_usage if candidate.stats is not None else 0.0
+
+
 def load_of(candidate: Candidate) -> float:
     """Requests at the endpoint (waiting, sent since the scrape, running); without stats, our
     own in-flight count."""
@@ -238,7 +245,23 @@ class CostScorer:
         costs = [model.cost(request, c) for c in candidates]
         best = min(costs)
         # Every prediction holds at least one step (> 0); guard anyway against a zero prior.
-        return [best / t if t > 0 else 1.0 for t in costs]
+        scores = [best / t if t > 0 else 1.0 for t in costs]
+        tolerance = model.parameters.tie_tolerance
+        tied = [t <= best * (1.0 + tolerance) for t in costs]
+        if tolerance <= 0 or sum(tied) < 2:
+            return scores
+        # Near-ties go to the endpoint with the most free KV cache. The prompts that land on
+        # an endpoint bring their group's later requests with them (that is where the prefix
+        # will be), and its busy blocks say how much such traffic it already draws: breaking
+        # ties by learned speed instead piles every new prefix onto whichever endpoint looks
+        # a little faster, where they evict each other. Tied scores stay above every untied one.
+        # Inside the tie, free KV cache and the cost's own ranking count half each.
+        floor = 1.0 / (1.0 + tolerance)
+        width = 1.0 - floor
+        return [
+            1.0 - width * (_kv_usage(c) + (1.0 - score) / width) / 2 if tie else score
+            for c, tie, score in zip(candidates, tied, scores, strict=True)
+        ]
 
 
 # --- learning -----------------------------------------------------------------------------

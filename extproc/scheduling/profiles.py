@@ -146,6 +146,7 @@ def _cost(params: _Params, ctx: _Context) -> Plugin:
         hot_spot_absolute=params.number("hotSpotAbsolute", d.hot_spot_absolute),
         hot_spot_ratio=params.number("hotSpotRatio", d.hot_spot_ratio, minimum=1),
         work_weight=params.number("workWeight", d.work_weight),
+        tie_tolerance=params.number("tieTolerance", d.tie_tolerance),
     )
     return CostScorer(ctx.cost_model, parameters if parameters != d else None)
 

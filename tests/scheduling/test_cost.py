@@ -191,6 +191,27 @@ def test_work_weight_trades_ttft_for_engine_time(
 
 
 @pytest.mark.parametrize(
+    ("tolerance", "winner"),
+    [
+        # Endpoint 0 is learned 5% faster but its KV cache is 60% busy; endpoint 1's is 10%.
+        pytest.param(0.1, 1, id="near-tie-goes-to-free-kv-cache"),
+        pytest.param(0.0, 0, id="no-tolerance-strict-cost"),
+        pytest.param(0.01, 0, id="outside-a-tight-tolerance"),
+    ],
+)
+def test_near_ties_go_to_the_freest_kv_cache(tolerance: float, winner: int) -> None:
+    model = CostModel(
+        {addr(0): EndpointCost(tokens_per_second=52_500.0), addr(1): EndpointCost()},
+        parameters=CostParameters(tie_tolerance=tolerance),
+    )
+    candidates = [cand(0, kv=0.6), cand(1, kv=0.1), cand(2, waiting=3)]
+    scores = CostScorer(lambda: model).score(_req(4000), candidates)
+    assert max(range(2), key=lambda i: scores[i]) == winner
+    # A tie never ranks below an endpoint outside it (endpoint 2 has a queue).
+    assert min(scores[:2]) > scores[2]
+
+
+@pytest.mark.parametrize(
     ("loads", "hot"),
     [
         pytest.param([0, 64], False, id="difference-at-threshold"),
@@ -361,8 +382,18 @@ def test_departed_endpoints_are_forgotten_and_prompts_learned() -> None:
 
 def test_learner_feeds_the_cost_strategy() -> None:
     learner = CostLearner()
-    # Endpoint 1 is a slow engine, learned; endpoint 0 keeps the fast prior.
-    _feed(learner, _engine(seconds=10, prefill_per_s=2_000, waiting=1), address=addr(1))
+    # Both learned: endpoint 0 a fast engine, endpoint 1 a slow one.
+    fast = _engine(seconds=10, prefill_per_s=40_000, waiting=1)
+    slow = _engine(seconds=10, prefill_per_s=2_000, waiting=1)
+    for a, b in zip(fast, slow, strict=True):
+        learner.update(
+            Snapshot.of(
+                [
+                    Endpoint(addr(0), frozenset({"m"}), True, stats=a),
+                    Endpoint(addr(1), frozenset({"m"}), True, stats=b),
+                ]
+            )
+        )
     strategies = Strategies(cost_model=learner.current)
     request = _req(4000)
     candidates = [
