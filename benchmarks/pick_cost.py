@@ -1,10 +1,13 @@
-"""What `PromptBlocks.blocks` costs for an 8k-token chat prompt: cold, warm, growing conversation.
+"""What tokens and block hashes cost for an 8k-token chat prompt: cold, warm, growing conversation.
 
     .venv/bin/python benchmarks/pick_cost.py [--tokenizer cl100k_base] [--tokens 8192]
 
-Prints p50/p99 (microseconds) of one `await blocks(...)` on a running event loop, and the parts
-alone: tokenizing the whole prompt, hashing its blocks uncached (the shared BlockHasher and the
-cached ChainHasher's uncached loop), and a worker-thread hop (for the inline threshold).
+Prints p50/p99 (microseconds) on a running event loop of one `await blocks(...)` (the whole
+prompt), of one `await probe(...)` (what the picker's decision path does: only as far as some
+candidate holds the prompt, against an approximate index over three endpoints), and of the
+`finish()` that completes a probed prompt after the decision; then the parts alone: tokenizing
+the whole prompt, hashing its blocks uncached (the shared BlockHasher and the cached
+ChainHasher's uncached loop), and a worker-thread hop (for the inline threshold).
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from extproc.prefix.blocks import BlocksSettings, PromptBlocks
+from extproc.prefix.approx_index import ApproxPrefixIndex
+from extproc.prefix.blocks import BlocksSettings, PromptBlocks, PromptProbe
 from extproc.prefix.cache import ChainHasher
 from extproc.prefix.hashing import BlockHasher
 from extproc.prefix.tokenizers import load_tokenizer, render_chat
 from extproc.request.openai import ParsedRequest, parse_request
+from extproc.scheduling.candidates import prefix_holds, with_prefix_matches
+from extproc.scheduling.types import Candidate
+from extproc.state.inflight import Load
+from extproc.state.snapshot import Endpoint
 
 MODEL = "bench-model"
 _VOCABULARY = (
@@ -73,6 +81,17 @@ async def timed(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
     return out
 
 
+def learn_one(probes: list[PromptProbe], index: ApproxPrefixIndex) -> Callable[[], Awaitable[Any]]:
+    """One probed prompt's `finish()` and the index's `record`, per call, in probing order."""
+    pending = iter(list(probes))
+    probes.clear()
+
+    async def step() -> None:
+        index.record("10.0.0.1:8000", (await next(pending).finish()).block_hashes)
+
+    return step
+
+
 def timed_sync(fn: Callable[[], Any], n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -96,6 +115,33 @@ async def main() -> None:
     async def blocks(request: ParsedRequest) -> Any:
         return await pb.blocks(request, lora=None, cache_salt=None, endpoint_for_remote=None)
 
+    # The decision path's probe, against an approximate index over three endpoints that learns
+    # every probed prompt on the first (as the pipeline's `_learn` does, finishing included).
+    # The probed cases run after the others, so those measure what they did before probing.
+    index = ApproxPrefixIndex()
+    candidates = [Candidate(Endpoint(f"10.0.0.{i}:8000", ready=True), Load()) for i in (1, 2, 3)]
+    finishing: list[PromptProbe] = []
+
+    async def probe(request: ParsedRequest) -> PromptProbe:
+        found = await pb.probe(
+            request, lora=None, cache_salt=None, endpoint_for_remote=None,
+            holds=prefix_holds(candidates, index),
+        )  # fmt: skip
+        with_prefix_matches(candidates, found.tokens.block_hashes, index)
+        if not found.tokens.complete:
+            finishing.append(found)  # finished (and learned) by `learn`, off the clock
+        return found
+
+    async def learn() -> None:  # off the decision path: not timed with the probe
+        for found in finishing:
+            index.record(candidates[0].address, (await found.finish()).block_hashes)
+        finishing.clear()
+
+    async def probe_and_learn(request: ParsedRequest) -> PromptProbe:
+        found = await probe(request)
+        await learn()
+        return found
+
     # Cold: a conversation never seen (nothing shared, not even the system prompt).
     colds = [request_of(conversation(random.Random(1000 + i), args.tokens)) for i in range(n // 4)]
     it = iter(colds)
@@ -118,6 +164,36 @@ async def main() -> None:
             growing += await timed(lambda: blocks(nxt), 1)  # noqa: B023
     rows.append(("growing (+1 turn, ~160 tokens)", growing))
 
+    # The same cases probed, as the picker's decision path does; `with_prefix_matches` included.
+    colds = [request_of(conversation(random.Random(2000 + i), args.tokens)) for i in range(n)]
+    it = iter(colds)
+    rows.append(("cold, probed (decision path)", await timed(lambda: probe(next(it)), n)))
+    probed_cold = [p.tokens for p in finishing]
+    rows.append(("cold, probed: finish() after", await timed(learn_one(finishing, index), n)))
+    await probe_and_learn(request)
+    rows.append(("warm, probed (all held)", await timed(lambda: probe(request), n)))
+    # Growing, probed: the previous turn is held (learned), the new turn is not.
+    growing = []
+    for round_ in range(max(1, n // 10)):
+        grown = conversation(random.Random(7000 + round_), args.tokens - 800)
+        await probe_and_learn(request_of(grown))
+        for _ in range(10):
+            grown = [*grown, {"role": "assistant", "content": text_of(rng, 100)},
+                     {"role": "user", "content": text_of(rng, 60)}]  # fmt: skip
+            nxt = request_of(grown)
+            growing += await timed(lambda: probe(nxt), 1)  # noqa: B023
+            await learn()
+    rows.append(("growing, probed (previous turn held)", growing))
+    # A new conversation whose system prompt (~1000 tokens) is held: probed up to its end.
+    shared = conversation(random.Random(9000), args.tokens)
+    await probe_and_learn(request_of(shared[:1]))
+    news = [request_of([shared[0], *conversation(random.Random(9001 + i), args.tokens)[1:]])
+            for i in range(n)]  # fmt: skip
+    it = iter(news)
+    rows.append(("new, system prompt held, probed", await timed(lambda: probe(next(it)), n)))
+    await learn()
+    exact_counts = [(await blocks(r)).token_count for r in colds]
+
     # The parts alone, on the same prompt.
     tokenizer = load_tokenizer(args.tokenizer)
     text = render_chat(base)
@@ -139,6 +215,14 @@ async def main() -> None:
 
     print(f"tokenizer {args.tokenizer}: {first.token_count} tokens, {len(text)} characters, "
           f"{len(first.block_hashes)} blocks")  # fmt: skip
+    errors = [
+        est.token_count / exact - 1 for est, exact in zip(probed_cold, exact_counts, strict=True)
+    ]
+    print(f"probed cold prompts: {len(errors)}, blocks hashed on the decision path "
+          f"{statistics.median(len(t.block_hashes) for t in probed_cold):.0f} (median); token "
+          f"count estimate error median {statistics.median(abs(e) for e in errors):.2%}, max "
+          f"{max(abs(e) for e in errors):.2%}; stopped early: "
+          f"{sum(not t.complete for t in probed_cold)}")  # fmt: skip
     print(f"{'case':40} {'p50 us':>9} {'p99 us':>9} {'n':>5}")
     for name, samples in rows:
         p50, p99 = pct(samples)

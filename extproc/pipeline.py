@@ -6,12 +6,17 @@
       ->  admission  ->  schedule  ->  targets
     ... the model server answers ...  ->  usage  ->  release the in-flight count and the lease
 
+Tokens and block hashes are probed: computed only as far as some candidate holds the prompt,
+which is all the prefix matches need; a new prompt costs one chunk. The rest of a probed
+prompt is computed after the decision, in a task (the approximate index then learns all of it).
+
 `extproc.server.stream` feeds this from the ext_proc stream and turns its answers into Envoy
 messages; every step is a call into the module named after it. Nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -23,7 +28,7 @@ from typing import Protocol
 from extproc.config import Config
 from extproc.metrics import PickerMetrics
 from extproc.prefix.approx_index import ApproxPrefixIndex
-from extproc.prefix.blocks import PromptBlocks
+from extproc.prefix.blocks import PromptBlocks, PromptProbe
 from extproc.prefix.hashing import LoraKey
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
@@ -36,7 +41,12 @@ from extproc.scheduling.admission import (
     admit,
     pool_saturated,
 )
-from extproc.scheduling.candidates import NoCandidates, candidates_for, with_prefix_matches
+from extproc.scheduling.candidates import (
+    NoCandidates,
+    candidates_for,
+    prefix_holds,
+    with_prefix_matches,
+)
 from extproc.scheduling.cost import CostLearner
 from extproc.scheduling.explain import explain, explain_admission
 from extproc.scheduling.framework import Profile
@@ -131,6 +141,8 @@ class Pipeline:
         self._matcher = matcher
         # The approximate index learns from our own decisions (when it is the matcher).
         self._learned = learned
+        # Probed prompts being finished after their decision (`_learn`); cancelled on close.
+        self._finishing: set[asyncio.Task[None]] = set()
         self._cost = cost
         self._thresholds = SaturationThresholds(
             queue=config.scheduling.saturation_queue,
@@ -206,15 +218,22 @@ class Pipeline:
             lora=request.model if adapter is not None else None,
             priority=tenant.priority if tenant is not None else 0,
         )
+        probe: PromptProbe | None = None
         if self._blocks is not None and request.model is not None and needs_blocks(profile):
-            tokens = await self._blocks.blocks(
+            probe = await self._blocks.probe(
                 request,
                 # An adapter's blocks are hashed with vLLM's LoRA extra key (name and path).
                 lora=LoraKey(request.model, adapter[1]) if adapter is not None else None,
                 cache_salt=salt,
                 endpoint_for_remote=candidates[0].address,
                 base_model=adapter[0] if adapter is not None else None,
+                # Only as far as some candidate holds the prompt: the match counts are the
+                # whole prompt's, and a new prompt costs one chunk. A tenant's prompt is
+                # computed in full: its token limit and fair share charge the exact count, and
+                # after a wait in the fair queue it is matched against other candidates.
+                holds=prefix_holds(candidates, self._matcher) if tenant is None else None,
             )
+            tokens = probe.tokens
             scheduling_request = dataclasses.replace(
                 scheduling_request,
                 prompt_tokens=tokens.token_count,
@@ -265,8 +284,8 @@ class Pipeline:
             self._give_back(lease, scheduling_request.prompt_tokens)
             return self._refused(head, errors.no_ready_endpoint("this request", 1), tenant=tenant)
         targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
-        if self._learned is not None and scheduling_request.block_hashes:
-            self._learned.record(targets[0], scheduling_request.block_hashes)
+        if probe is not None:
+            self._learn(probe, targets[0])
         prefill_seconds = (
             cost_model.work(scheduling_request, ranked.order[0]) if cost_model is not None else 0.0
         )
@@ -339,8 +358,32 @@ class Pipeline:
             self._fair.poke()
 
     async def aclose(self) -> None:
+        for task in self._finishing:
+            task.cancel()
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         if self._fair is not None:
             await self._fair.aclose()
+
+    def _learn(self, probe: PromptProbe, target: str) -> None:
+        """The approximate index learns that `target` will hold the prompt: the probed blocks
+        now, the rest once a task has computed them, after the decision has gone out. That task
+        also fills the token and hash caches, which the conversation's next turn will probe."""
+        if self._learned is not None and probe.tokens.block_hashes:
+            self._learned.record(target, probe.tokens.block_hashes)
+        if probe.tokens.complete or (self._learned is None and self._matcher is None):
+            return  # nothing left, or nothing would ever probe past the first chunk
+        task = asyncio.create_task(self._finish_probe(probe, target))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish_probe(self, probe: PromptProbe, target: str) -> None:
+        try:
+            tokens = await probe.finish()
+        except Exception:  # background work: a failure must not end the picker
+            log.exception("could not finish the prompt's block hashes")
+            return
+        if self._learned is not None and tokens.block_hashes:
+            self._learned.record(target, tokens.block_hashes)
 
     def _candidates(
         self, model: str | None, subset: frozenset[str] | None

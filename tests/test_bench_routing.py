@@ -27,6 +27,7 @@ from extproc.bench.routing import (
     run_routing,
 )
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
+from extproc.scheduling.profiles import parse_endpoint_picker_config
 
 TINY_SHARED = wl.SharedPrefixShape(
     groups=3, questions=4, system_tokens=(200, 400), question_tokens=(10, 30), output_tokens=(5, 9)
@@ -181,6 +182,15 @@ def test_scheduling_option_is_checked(tmp_path: Path) -> None:
     config.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="expected an EndpointPickerConfig"):
         options_from_args(parser.parse_args(["--scheduling", str(config)]))
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "benchmarks").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_bundled_profile_files_parse(path: Path) -> None:
+    # docs/benchmarks.md runs these with --scheduling; they must stay valid as the schema moves.
+    profiles = parse_endpoint_picker_config(yaml.safe_load(path.read_text()))
+    assert profiles and all(name.startswith("cost-") for name in profiles)
 
 
 def test_envoy_bootstrap_adds_direct_listeners() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,35 +21,46 @@ from typing import IO, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+# Ports are taken below the kernel's ephemeral range. A port the kernel handed out (bind to 0)
+# is one it may hand out again as the local end of an outgoing connection: a benchmark that
+# restarts its fleet on the same ports run after run then finds one held by Envoy's or the
+# picker's connection from the run before ("Address already in use": it ended two sweeps).
+_LOWEST_PORT = 10_000
 
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
 
 
 def free_port_range(count: int, avoid: Collection[int] = ()) -> int:
-    """A first port P with P..P+count-1 free now (the simulator takes consecutive ports)."""
+    """A first port P with P..P+count-1 free now (the simulator takes consecutive ports), all
+    below the ephemeral range."""
+    pick = random.SystemRandom()
+    high = _ephemeral_low() - count
     for _ in range(200):
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            base: int = first.getsockname()[1]
-            if base + count > 65535 or any(base <= p < base + count for p in avoid):
-                continue
-            try:
-                for port in range(base + 1, base + count):
+        base = pick.randrange(_LOWEST_PORT, high)
+        if any(base <= p < base + count for p in avoid):
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
                     stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
+        except OSError:
+            continue
+        return base
     raise OSError(f"found no {count} consecutive free ports on 127.0.0.1")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports, below the ephemeral range."""
+    ports: list[int] = []
+    while len(ports) < count:
+        ports.append(free_port_range(1, avoid=ports))
+    return ports
 
 
 @contextlib.contextmanager

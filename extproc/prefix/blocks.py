@@ -9,6 +9,13 @@ Built once at start-up from `BlocksSettings`; one per event loop:
     index.lookup(tokens.block_hashes, candidates)
     await blocks.aclose()      # at shutdown: the worker threads and the remote session
 
+On the decision path the pipeline probes instead: only as far as some candidate holds the
+prompt (the match counts cannot grow past that), the rest after the decision:
+
+    probe = await blocks.probe(parsed, ..., holds=lambda hashes: some candidate holds them all)
+    probe.tokens               # complete=False: leading hashes only, token count estimated
+    tokens = await probe.finish()   # the whole prompt, later (the approximate index learns it)
+
 What a prompt becomes, by API:
 - completions with token ids: the ids as given (no tokenization, exact);
 - completions with text: the text, plus the tokenizer's special tokens (BOS) for `hf:` models
@@ -31,7 +38,8 @@ a `ChainHasher` (cached block digests). Tokenizing runs on the event loop when f
 `inline_max_chars` characters are new (a worker-thread hop costs more than that:
 docs/prefix.md), else on a small executor (tiktoken and HF tokenizers release the GIL).
 Hashing always runs inline: pickle and SHA-256 of 200-byte inputs hold the GIL, so a thread
-would not free the loop.
+would not free the loop. A probe tokenizes and hashes in runs that double (one chunk, 8 blocks
+first), so a prompt nobody holds costs one chunk and a fully held one a handful of runs.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,6 +58,10 @@ from extproc.prefix.cache import (
     DEFAULT_CHUNK_CHARS,
     DEFAULT_HASH_CACHE_BLOCKS,
     ChainHasher,
+    Computed,
+    Cuts,
+    HashChain,
+    Plan,
     SpliceEncoder,
     TextEncoder,
 )
@@ -74,6 +86,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INLINE_MAX_CHARS: Final = 2048
 DEFAULT_REMOTE_FALLBACK: Final = "bytes:4"
+# A probe hashes this many blocks before it first asks who holds them, then twice as many each
+# run: a prompt nobody holds stops after 8 (~25 us uncached), a held one takes a few runs.
+_FIRST_HASH_RUN: Final = 8
+# Finishing a probed prompt off the decision path yields to the event loop between runs of this
+# many blocks (~0.2 ms uncached), so the decisions of other requests are not held up behind it.
+_BACKGROUND_HASH_RUN: Final = 64
+
+# `holds(hashes)`: whether some candidate holds every one of the prompt's leading `hashes`.
+Holds = Callable[[Sequence[int]], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +142,10 @@ class PromptTokens:
     source: str
     # Prompts in the request; only the first was tokenized when this is more than one.
     batch: int = 1
+    # False when a probe stopped early (`PromptBlocks.probe`): `block_hashes` are the leading
+    # blocks only (enough for every candidate's match count), and `token_count` counts the part
+    # tokenized plus an estimate for the rest (its characters at the rate of the part tokenized).
+    complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,23 +275,53 @@ class PromptBlocks:
         endpoint_for_remote: str | None,
         base_model: str | None = None,
     ) -> PromptTokens:
-        """The request's prompt as block hashes.
+        """The request's whole prompt as block hashes.
 
         `lora` and `cache_salt` enter the hashes as vLLM's extra keys. `endpoint_for_remote` is
         the endpoint to ask when the model's tokenizer is `remote`. `base_model` chooses the
         tokenizer when `request.model` names a LoRA adapter (default: `request.model`).
         """
+        probe = await self.probe(
+            request, lora=lora, cache_salt=cache_salt, endpoint_for_remote=endpoint_for_remote,
+            base_model=base_model, holds=None,
+        )  # fmt: skip
+        return probe.tokens
+
+    async def probe(
+        self,
+        request: RequestLike,
+        *,
+        lora: LoraKey | None,
+        cache_salt: str | None,
+        endpoint_for_remote: str | None,
+        base_model: str | None = None,
+        holds: Holds | None,
+    ) -> PromptProbe:
+        """The request's prompt as block hashes, front to back, only as far as `holds` needs.
+
+        Tokens and hashes are computed in runs (a chunk of text, then a run of blocks), and the
+        probe stops after the first run of hashes that no candidate holds in full (`holds` says
+        False): no candidate's match can reach past a block it does not hold, so index lookups on
+        the probed hashes answer exactly what they would on all of them. A prompt nobody holds
+        costs one chunk; `probe.tokens.complete` is then False and `probe.finish()` computes the
+        rest (the caller does that after its decision). `holds=None` computes everything now, as
+        `blocks` does; so does a `remote` tokenizer, whose one round trip gives every id anyway.
+        Other arguments as for `blocks`.
+        """
         prompt = request.prompt
+        chain = self._hasher.chain(lora=lora, cache_salt=cache_salt)
         if prompt.token_ids:
-            ids: Sequence[int] = prompt.token_ids[0]
-            return self._tokens(
-                ids, lora=lora, salt=cache_salt, exact=True, source="token_ids",
-                batch=len(prompt.token_ids),
-            )  # fmt: skip
+            ids = list(prompt.token_ids[0])
+            walk = _Walk(
+                self, chain, ids, None, exact=True, source="token_ids", batch=len(prompt.token_ids)
+            )
+            return await walk.run(holds)
         if not prompt.texts and not prompt.messages:
-            return PromptTokens(0, (), exact=False, source="none")
+            return PromptProbe(PromptTokens(0, (), exact=False, source="none"))
         choice = self._choices.get(base_model or request.model or "", self._default)
         batch = max(1, len(prompt.texts))
+        if choice.remote:
+            holds = None
         if choice.remote and endpoint_for_remote is not None:
             body = tokenize_body(
                 model=request.model,
@@ -276,23 +331,25 @@ class PromptBlocks:
             remote_ids = await self._remote.tokenize(endpoint_for_remote, body)
             if remote_ids is not None:
                 self._remote_ok += 1
-                return self._tokens(
-                    remote_ids, lora=lora, salt=cache_salt, exact=True, source="remote",
-                    batch=batch,
-                )  # fmt: skip
+                ids = list(remote_ids)
+                walk = _Walk(self, chain, ids, None, exact=True, source="remote", batch=batch)
+                return await walk.run(None)
             self._remote_failed += 1
         local = choice.local
         try:
-            ids = await self._encode_local(local, request)
+            text, (before, after) = _text_of(local, prompt)
         except ValueError as exc:
             # An unrenderable conversation (the template raised): the server will refuse it
             # too; route it on its size alone.
             log.debug("cannot tokenize request locally: %s", exc)
-            return PromptTokens(prompt.approx_chars() // 4, (), exact=False, source="none")
-        exact = local.exact and not choice.remote
-        return self._tokens(
-            ids, lora=lora, salt=cache_salt, exact=exact, source=local.spec, batch=batch
-        )
+            return PromptProbe(
+                PromptTokens(prompt.approx_chars() // 4, (), exact=False, source="none")
+            )
+        walk = _Walk(
+            self, chain, list(before), _Text(local, local.splicer.cut(text), after),
+            exact=local.exact and not choice.remote, source=local.spec, batch=batch,
+        )  # fmt: skip
+        return await walk.run(holds)
 
     def stats(self) -> BlocksStats:
         s = [local.splicer.stats for local in self._locals]
@@ -315,39 +372,13 @@ class PromptBlocks:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _tokens(
-        self,
-        ids: Sequence[int],
-        *,
-        lora: LoraKey | None,
-        salt: str | None,
-        exact: bool,
-        source: str,
-        batch: int,
-    ) -> PromptTokens:
-        hashes = self._hasher.event_ids(ids, lora=lora, cache_salt=salt)
-        return PromptTokens(len(ids), hashes, exact, source, batch)
-
-    async def _encode_local(self, local: _Local, request: RequestLike) -> Sequence[int]:
-        prompt = request.prompt
-        if prompt.messages:
-            text = local.render(prompt.messages)
-            before: tuple[int, ...] = ()
-            after: tuple[int, ...] = ()
-        else:
-            text = prompt.texts[0]
-            before, after = local.specials
-        plan = local.splicer.plan(text)
+    async def _compute(self, plan: Plan) -> Computed:
+        """Tokenize what `plan` misses: inline when it is little, else on a worker thread."""
         if plan.missing_chars > self.settings.inline_max_chars:
             self._offloaded += 1
             loop = asyncio.get_running_loop()
-            computed = await loop.run_in_executor(self._executor, plan.compute)
-        else:
-            computed = plan.compute()
-        local.splicer.commit(computed)
-        if before or after:
-            return (*before, *computed.ids, *after)
-        return computed.ids
+            return await loop.run_in_executor(self._executor, plan.compute)
+        return plan.compute()
 
     def _choice(self, spec: str, built: dict[str, _Local]) -> _Choice:
         remote = spec == "remote" or spec.startswith("remote:")
@@ -356,6 +387,149 @@ class PromptBlocks:
         if local is None:
             local = built[local_spec] = _build_local(local_spec, self.settings)
         return _Choice(local, remote)
+
+
+def _text_of(
+    local: _Local, prompt: PromptLike
+) -> tuple[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The text to tokenize, and the special tokens around it (a completion's BOS, for `hf:`)."""
+    if prompt.messages:
+        return local.render(prompt.messages), ((), ())
+    return prompt.texts[0], local.specials
+
+
+class PromptProbe:
+    """`PromptBlocks.probe`'s answer: `tokens` for the decision, `finish()` for the rest."""
+
+    __slots__ = ("_walk", "tokens")
+
+    def __init__(self, tokens: PromptTokens, walk: _Walk | None = None) -> None:
+        self.tokens = tokens
+        self._walk = walk
+
+    async def finish(self) -> PromptTokens:
+        """The whole prompt: what is left is tokenized (on a worker thread when long) and
+        hashed, yielding to the event loop between runs of blocks. Fills the token and hash
+        caches as `blocks` would. Cheap when `tokens.complete` already."""
+        if not self.tokens.complete and self._walk is not None:
+            self.tokens = await self._walk.finish(pause=True)
+        return self.tokens
+
+
+@dataclass(slots=True)
+class _Text:
+    """The text of a prompt being walked, and how much of it is tokenized."""
+
+    local: _Local
+    cuts: Cuts
+    after: tuple[int, ...]  # special tokens after the text (added once it is all tokenized)
+    next: int = 0  # chunks tokenized
+    ids: int = 0  # the ids they gave
+
+
+class _Walk:
+    """One prompt's ids and block hashes, computed front to back (`PromptBlocks.probe`)."""
+
+    def __init__(
+        self,
+        owner: PromptBlocks,
+        chain: HashChain,
+        ids: list[int],
+        text: _Text | None,
+        *,
+        exact: bool,
+        source: str,
+        batch: int,
+    ) -> None:
+        self._owner = owner
+        self._chain = chain
+        self._ids = ids  # the prompt's ids so far, from its start
+        self._hashes: list[int] = []
+        self._text = text  # None: `ids` are all of them
+        self._exact = exact
+        self._source = source
+        self._batch = batch
+
+    async def run(self, holds: Holds | None) -> PromptProbe:
+        if holds is None:
+            return PromptProbe(await self.finish(pause=False))
+        return PromptProbe(await self._probe(holds), self)
+
+    async def _probe(self, holds: Holds) -> PromptTokens:
+        """Hash what is tokenized, a run at a time, while some candidate holds every block so
+        far; tokenize more only when all of it is hashed and held. Runs double each time (a
+        run of text counts the characters not in the token cache: one new chunk first)."""
+        size = self._owner.block_size
+        hash_run = _FIRST_HASH_RUN
+        text_run = self._owner.settings.chunk_chars
+        while True:
+            ready = len(self._ids) // size
+            if self._chain.blocks < ready:
+                stop = min(ready, self._chain.blocks + hash_run)
+                self._hashes.extend(self._chain.extend(self._ids, stop))
+                hash_run *= 2
+                if not holds(self._hashes):
+                    break  # no candidate's match reaches past these blocks
+            elif self._text_left():
+                await self._tokenize(text_run)
+                text_run *= 2
+            else:
+                break
+        return self.tokens()
+
+    async def finish(self, *, pause: bool) -> PromptTokens:
+        """Everything left. `pause`: yield to the event loop between runs of hashes (work off
+        the decision path must not hold up the decisions of other requests)."""
+        if self._text_left():
+            await self._tokenize(None)
+        ready = len(self._ids) // self._owner.block_size
+        run = _BACKGROUND_HASH_RUN if pause else ready
+        while self._chain.blocks < ready:
+            self._hashes.extend(self._chain.extend(self._ids, min(ready, self._chain.blocks + run)))
+            if pause and self._chain.blocks < ready:
+                await asyncio.sleep(0)
+        return self.tokens()
+
+    def tokens(self) -> PromptTokens:
+        count = len(self._ids)
+        text = self._text
+        complete = self._chain.blocks == count // self._owner.block_size
+        if text is not None and text.next < text.cuts.count:
+            complete = False
+            done = text.cuts.bounds[text.next]
+            left = len(text.cuts.text) - done
+            # Not tokenized yet: its characters at the rate of the part that was.
+            count += (round(left * text.ids / done) if text.ids else left // 4) + len(text.after)
+        hashes = tuple(self._hashes)
+        return PromptTokens(
+            count, hashes, self._exact, self._source, self._batch, complete=complete
+        )
+
+    def _text_left(self) -> bool:
+        return self._text is not None and self._text.next < self._text.cuts.count
+
+    async def _tokenize(self, missing_chars: int | None) -> None:
+        """The next chunks of text, up to about `missing_chars` characters not in the token
+        cache (None: all that are left)."""
+        text = self._text
+        assert text is not None
+        cuts, start = text.cuts, text.next
+        splicer = text.local.splicer
+        plan = splicer.plan_run(cuts, start, missing_chars=missing_chars)
+        stop = start + len(plan.chunks)
+        computed = await self._owner._compute(plan)
+        splicer.commit(computed)
+        if computed.bad_seam and stop < cuts.count:
+            # A cut in this run is not neutral: the rest of the prompt, from the last cut known
+            # to be, is tokenized in one piece (as a whole prompt with a bad seam is).
+            rest = splicer.plan_whole(cuts.text[cuts.bounds[start] :])
+            computed = await self._owner._compute(rest)
+            stop = cuts.count
+        self._ids.extend(computed.ids)
+        text.ids += len(computed.ids)
+        text.next = stop
+        if stop == cuts.count:
+            self._ids.extend(text.after)
 
 
 # -- building tokenizers from specs ------------------------------------------------------------

@@ -26,7 +26,9 @@ the cut, an added token with `lstrip`) are caught twice:
 `plan()` (on the event loop: cutting and dictionary lookups) is separate from `Plan.compute()`
 (pure: tokenizes the missing chunks and checks new seams, touches no shared state, so it can run
 in a worker thread) and `commit()` (on the event loop: stores the results). The caller decides
-whether `compute` is worth a thread hop from `Plan.missing_chars`.
+whether `compute` is worth a thread hop from `Plan.missing_chars`. A prompt can also be planned
+a run of chunks at a time (`cut`, then `plan_run` from where the last run ended), and hashed a
+run of blocks at a time (`ChainHasher.chain`): how a probe computes only the front it needs.
 """
 
 from __future__ import annotations
@@ -156,6 +158,18 @@ def cut_points(text: str, chunk_chars: int) -> list[int]:
 
 
 @dataclass(frozen=True, slots=True)
+class Cuts:
+    """A prompt's chunk boundaries: chunk i is `text[bounds[i]:bounds[i + 1]]`."""
+
+    text: str
+    bounds: tuple[int, ...]  # 0, the cuts, len(text)
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) - 1
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """What one prompt needs: its chunks, which are known, and which seams are unverified."""
 
@@ -237,23 +251,53 @@ class SpliceEncoder:
         self.splicing = splicing and self._self_test()
 
     def plan(self, text: str) -> Plan:
+        """The whole prompt at once."""
+        return self.plan_run(self.cut(text), 0)
+
+    def cut(self, text: str) -> Cuts:
+        """Where `text` is cut (one prompt; nothing looked up or tokenized yet). A tokenizer
+        that cannot splice gets one chunk."""
         self.stats.prompts += 1
         if not self.splicing:
-            return Plan(text, (text,), (None,), (), self._encode, splicing=False)
-        cuts = cut_points(text, self._chunk_chars)
-        bounds = [0, *cuts, len(text)]
-        chunks = tuple(text[a:b] for a, b in itertools.pairwise(bounds))
-        known = tuple(self._chunks.get(c) for c in chunks)
+            return Cuts(text, (0, len(text)))
+        return Cuts(text, (0, *cut_points(text, self._chunk_chars), len(text)))
+
+    def plan_run(self, cuts: Cuts, start: int, *, missing_chars: int | None = None) -> Plan:
+        """The chunks from `start` on: all of them, or (`missing_chars`) up to the one that
+        brings the characters to tokenize to that many (cached chunks cost nothing, so a run
+        takes every cached chunk on its way). Its seams are checked, the one after its last
+        chunk included: a chunk's ids are final only once the cut ending it is known to be
+        neutral. The one before `start` was checked with the chunks before it."""
+        if not self.splicing:
+            return self.plan_whole(cuts.text)
+        whole, bounds = cuts.text, cuts.bounds
+        chunks: list[str] = []
+        known: list[tuple[int, ...] | None] = []
+        missing = 0
+        stop = start
+        while stop < cuts.count and (missing_chars is None or missing < missing_chars):
+            chunk = whole[bounds[stop] : bounds[stop + 1]]
+            ids = self._chunks.get(chunk)
+            if ids is None:
+                missing += len(chunk)
+            chunks.append(chunk)
+            known.append(ids)
+            stop += 1
         w = self._window
         seams: list[tuple[str, str]] = []
-        for cut in cuts:
-            seam = (text[max(0, cut - w) : cut], text[cut : cut + w])
+        for cut in bounds[start + 1 : min(stop + 1, cuts.count)]:
+            seam = (whole[max(0, cut - w) : cut], whole[cut : cut + w])
             if self._seams.get(seam) is None:
                 seams.append(seam)
         hits = sum(k is not None for k in known)
         self.stats.chunks_hit += hits
         self.stats.chunks_missed += len(chunks) - hits
-        return Plan(text, chunks, known, tuple(seams), self._encode, splicing=True)
+        text = whole[bounds[start] : bounds[stop]]
+        return Plan(text, tuple(chunks), tuple(known), tuple(seams), self._encode, splicing=True)
+
+    def plan_whole(self, text: str) -> Plan:
+        """`text` tokenized in one piece, without the cache."""
+        return Plan(text, (text,), (None,), (), self._encode, splicing=False)
 
     def commit(self, computed: Computed) -> None:
         """Store what `Plan.compute` found (on the owner's event loop)."""
@@ -329,13 +373,31 @@ class ChainHasher:
         cache_salt: str | None = None,
     ) -> tuple[int, ...]:
         """64-bit event ids of every full block of `ids`, in order."""
+        chain = self.chain(lora=lora, cache_salt=cache_salt)
+        return chain.extend(ids, len(ids) // self.block_size)
+
+    def chain(self, *, lora: LoraKey | None = None, cache_salt: str | None = None) -> HashChain:
+        """One prompt's chain, to hash a run of blocks at a time as its ids become known."""
+        return HashChain(
+            self,
+            none=self._none,
+            first=block_extra_keys(0, lora=lora, cache_salt=cache_salt),
+            rest=block_extra_keys(1, lora=lora, cache_salt=cache_salt),
+        )
+
+    def _run(
+        self,
+        ids: Sequence[int],
+        start: int,
+        stop: int,
+        *,
+        prev: bytes,
+        first: ExtraKeys,
+        rest: ExtraKeys,
+    ) -> tuple[list[int], bytes]:
+        """Event ids of blocks `start` to `stop` (exclusive) of `ids`, block `start - 1` having
+        digest `prev`; and the last block's digest."""
         size = self.block_size
-        count = len(ids) // size
-        if count == 0:
-            return ()
-        packed = _token_bytes(ids)
-        first = block_extra_keys(0, lora=lora, cache_salt=cache_salt)
-        rest = block_extra_keys(1, lora=lora, cache_salt=cache_salt)
         fn = self._fn
         if self._fast_pickle:
             dumps, proto, sha = pickle.dumps, pickle.HIGHEST_PROTOCOL, hashlib.sha256
@@ -343,22 +405,25 @@ class ChainHasher:
             def fn(value: Any) -> bytes:  # same as hashing.sha256, minus one call level
                 return sha(dumps(value, proto)).digest()
 
+        # Only this run's tokens are packed (`ids` as it is when that is all of them: no copy),
+        # so a chain extended run by run packs every token once.
+        whole = start == 0 and len(ids) < (stop + 1) * size
+        packed = _token_bytes(ids if whole else ids[start * size : stop * size])
         cache = self._cache
         # The hot loop reads the young generation directly (a hit there is the common case on a
         # warm prompt); anything else goes through the cache's own get/put.
         young_get = cache.young_get
-        tokens: tuple[int, ...] | None = None
-        prev = self._none
         out: list[int] = []
         data, width = packed if packed is not None else (b"", 0)
         stride = size * width
         young_hits = 0
-        for i in range(count):
+        for i in range(start, stop):
             extra: ExtraKeys = first if i == 0 else rest
             key: Any = None
             entry: tuple[bytes, int] | None = None
             if packed is not None:
-                key = prev + data[i * stride : (i + 1) * stride]
+                at = (i - start) * stride
+                key = prev + data[at : at + stride]
                 if extra is not None:
                     key = (extra, key)
                 entry = young_get(key)
@@ -367,13 +432,40 @@ class ChainHasher:
                 else:
                     entry = cache.get(key)
             if entry is None:
-                if tokens is None:
-                    tokens = tuple(ids)
-                digest = fn((prev, tokens[i * size : (i + 1) * size], extra))
+                digest = fn((prev, tuple(ids[i * size : (i + 1) * size]), extra))
                 entry = (digest, int.from_bytes(digest[-8:], "big"))
                 if key is not None:
                     cache.put(key, entry)
             prev = entry[0]
             out.append(entry[1])
         cache.hits += young_hits
+        return out, prev
+
+
+class HashChain:
+    """One prompt's block hashes, extended as its ids become known: the same event ids (and
+    cache) as `ChainHasher.event_ids`, which is a single `extend` over every full block."""
+
+    __slots__ = ("_first", "_hasher", "_prev", "_rest", "blocks")
+
+    def __init__(
+        self, hasher: ChainHasher, *, none: bytes, first: ExtraKeys, rest: ExtraKeys
+    ) -> None:
+        self._hasher = hasher
+        self._first = first  # block 0's extra keys (the cache salt goes there only)
+        self._rest = rest
+        self._prev = none  # the digest the next block chains from
+        self.blocks = 0  # blocks hashed so far
+
+    def extend(self, ids: Sequence[int], stop: int) -> tuple[int, ...]:
+        """Event ids of the next blocks, up to block `stop` (exclusive), of `ids`: the prompt's
+        ids from its start, at least `stop` full blocks of them."""
+        if stop <= self.blocks:
+            return ()
+        if len(ids) < stop * self._hasher.block_size:
+            raise ValueError("not enough ids for the blocks asked for")
+        out, self._prev = self._hasher._run(
+            ids, self.blocks, stop, prev=self._prev, first=self._first, rest=self._rest
+        )
+        self.blocks = stop
         return tuple(out)

@@ -4,7 +4,7 @@ with metrics fresh enough to trust (or marked saturated, as the collector config
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,3 +84,35 @@ def with_prefix_matches(
         dataclasses.replace(c, prefix_blocks=matches[c.address]) if c.address in matches else c
         for c in candidates
     ]
+
+
+def prefix_holds(
+    candidates: Sequence[Candidate], index: _Lookup | None
+) -> Callable[[Sequence[int]], bool]:
+    """Whether some candidate holds every one of a prompt's leading hashes: what a prompt probe
+    (`PromptBlocks.probe`) asks before computing more of the prompt. Once no candidate does, no
+    match can grow, so `with_prefix_matches` on the hashes so far gives the final counts.
+    Without an index nobody holds anything. One per prompt: the probe asks with ever longer
+    leading runs of the same prompt's hashes, so only the new ones are looked up."""
+    if index is None:
+        return lambda hashes: False
+    return _PrefixHolds([c.address for c in candidates], index)
+
+
+class _PrefixHolds:
+    __slots__ = ("_alive", "_index", "_seen")
+
+    def __init__(self, addresses: list[str], index: _Lookup) -> None:
+        self._alive = addresses  # the candidates holding every hash seen so far
+        self._index = index
+        self._seen = 0
+
+    def __call__(self, hashes: Sequence[int]) -> bool:
+        new = hashes[self._seen :]
+        if new and self._alive:
+            # `lookup` counts each endpoint's leading run of `new`: those holding all of it are
+            # still holding the whole prefix.
+            found = self._index.lookup(new, self._alive)
+            self._alive = [a for a in self._alive if found.get(a) == len(new)]
+        self._seen = len(hashes)
+        return bool(self._alive)

@@ -81,7 +81,7 @@ class PrefixCacheScorer:
     name = "prefix-cache-scorer"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> Sequence[float]:
-        total = len(request.block_hashes)
+        total = request.prompt_blocks  # the whole prompt's, also when probed
         if total == 0:
             return [0.0] * len(candidates)
         return [min(1.0, c.prefix_blocks / total) for c in candidates]

@@ -64,6 +64,15 @@ class SchedulingRequest:
     # Negative: sheddable under saturation (the field's InferenceObjective priority).
     priority: int = 0
 
+    @property
+    def prompt_blocks(self) -> int:
+        """Full blocks in the prompt (0 when it was not tokenized). More than the hashes when
+        the prompt was probed only as far as some endpoint holds it: its token count then
+        estimates the rest (`PromptBlocks.probe`)."""
+        if not self.block_hashes:
+            return 0
+        return max(len(self.block_hashes), self.prompt_tokens // self.block_size)
+
 
 @dataclass(frozen=True, slots=True)
 class Ranked:

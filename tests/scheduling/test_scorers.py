@@ -107,6 +107,15 @@ CASES = [
         id="prefix-clamped",
     ),
     pytest.param(
+        PrefixCacheScorer(),
+        # Probed: 4 hashes computed (endpoint 0 holds them all, so it held the first 4), and a
+        # token count estimating 16 blocks in all: the share is of the whole prompt.
+        SchedulingRequest(model="m", prompt_tokens=16 * 16, block_hashes=(1, 2, 3, 4)),
+        [cand(0, prefix=4), cand(1, prefix=1)],
+        [0.25, 1 / 16],
+        id="prefix-share-of-a-probed-prompt",
+    ),
+    pytest.param(
         LoraAffinityScorer(),
         ADAPTER,
         [
