@@ -218,8 +218,8 @@ def hot_spot(candidates: Sequence[Candidate], parameters: CostParameters) -> boo
 class CostScorer:
     """Scores `lowest cost / this endpoint's cost` (`CostModel.cost`: predicted TTFT plus the
     weighted prefill work): the cheapest gets 1, one twice as dear 0.5. A ratio, not a spread,
-    so 100 ms vs 101 ms stays a near tie in blends. With a max-score picker this picks the
-    lowest cost, ties at random."""
+    so 100 ms vs 101 ms stays a near tie in blends. Costs within `tie_tolerance` of the lowest
+    are scored again, by free KV cache and cost (`score`), still above every other endpoint."""
 
     name = "cost-scorer"
 
