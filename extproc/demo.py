@@ -48,7 +48,7 @@ from extproc.bench.processes import (
     wait_for_port,
 )
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
-from extproc.sim.fleet import DEFAULT_MODEL
+from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE
 from extproc.sim.profiles import get_profile
 
 # The strategies compared, in order. The first is the baseline the others are compared with.
@@ -65,7 +65,6 @@ STRATEGY_HEADER: Final = "x-routing-strategy"
 PROFILE: Final = "h100-8b"
 DEFAULT_OUTPUT: Final = Path("reports/demo")
 
-_SIM_READY: Final = "extproc sim ready"
 # request_success_total has a series per finished_reason, abort and error included (as in vLLM);
 # those requests did not succeed.
 _NOT_SUCCESS: Final = frozenset({"abort", "error"})
@@ -356,7 +355,7 @@ def _fleet_and_picker(options: DemoOptions, ports: Ports, *, picker_config: Path
     picker_argv = _picker_argv(options, ports, config=picker_config)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(process(sim_argv, ready_line=_SIM_READY))
+            stack.enter_context(process(sim_argv, ready_line=READY_LINE))
         except RuntimeError as exc:
             last = ports.sim + options.pods - 1
             raise DemoError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.bench.processes import free_port_range, free_ports, process
+from extproc.bench.processes import ChildDidNotStart, free_port_range, free_ports, process
 
 # Says it is ready, then writes far more than a pipe holds (64 KiB) before it records that it
 # got past the writes: only a reader on the other end lets it get there.
@@ -34,12 +35,39 @@ def test_a_child_keeps_writing_after_its_ready_line(tmp_path: Path) -> None:
     assert child.returncode is not None  # stopped by PID when the block ended
 
 
-def test_a_child_that_does_not_print_its_ready_line_is_an_error() -> None:
+def test_a_child_that_does_not_print_its_ready_line_is_an_error(tmp_path: Path) -> None:
     with (
-        pytest.raises(RuntimeError, match="did not start"),
+        pytest.raises(ChildDidNotStart, match=re.escape("did not start (exit 0): 'oops")),
         process([sys.executable, "-c", "print('oops')"], ready_line="ready"),
     ):
         pass
+    # With a log, the error names it, and the child's output is there.
+    log = tmp_path / "child.log"
+    failing = "import sys; print('no', file=sys.stderr); sys.exit(3)"
+    with (
+        pytest.raises(ChildDidNotStart, match=re.escape(f"(exit 3); see {log}")),
+        process([sys.executable, "-c", failing], ready_line="ready", log=log),
+    ):
+        pass
+    assert log.read_text() == "no\n"
+
+
+def test_a_child_logs_after_its_ready_line_with_the_environment_given(tmp_path: Path) -> None:
+    log = tmp_path / "child.log"
+    script = (
+        "import os, sys, time; print('ready', flush=True); "
+        "print(os.environ['EXTPROC_TEST_WORD'], flush=True); "
+        "print(os.environ['HOME'] != '', file=sys.stderr, flush=True); time.sleep(60)"
+    )
+    with process(
+        [sys.executable, "-c", script], ready_line="ready", log=log, env={"EXTPROC_TEST_WORD": "hi"}
+    ):
+        deadline = time.monotonic() + 20
+        while log.read_text().count("\n") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # The ready line was read by the parent; what followed (stdout and stderr) is in the log,
+    # and the child saw both the given variable and the parent's environment.
+    assert sorted(log.read_text().split()) == ["True", "hi"]
 
 
 def test_benchmark_ports_stay_below_the_ephemeral_range() -> None:

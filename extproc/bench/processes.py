@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, TypeVar
@@ -63,44 +63,70 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+class ChildDidNotStart(RuntimeError):
+    """A child exited, or said something else, before its ready line."""
+
+
 @contextlib.contextmanager
 def process(
-    argv: Sequence[str], *, ready_line: str | None = None
+    argv: Sequence[str],
+    *,
+    ready_line: str | None = None,
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
     """Start a child process, optionally wait for a line on stdout, stop it by PID at the end.
 
-    After the ready line the rest of the child's stdout is read and dropped by a thread: a pipe
-    nobody reads fills up (64 KiB) and then blocks the child's next write."""
-    child = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        if ready_line is not None:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            if ready_line not in line:
-                raise RuntimeError(f"{argv[0]} did not start: {line!r}")
-            threading.Thread(target=_drain, args=(child.stdout,), daemon=True).start()
-        yield child
-    finally:
-        child.terminate()
+    Its output goes to `log` (else nowhere); `env` is added to this process's environment.
+    After the ready line the rest of the child's stdout is read by a thread (into `log`, or
+    dropped): a pipe nobody reads fills up (64 KiB) and then blocks the child's next write."""
+    with contextlib.ExitStack() as stack:
+        # Line-buffered: the drain thread's lines reach the log as they come, beside what the
+        # child writes to the same file directly (its stderr).
+        out: IO[str] | int = (
+            stack.enter_context(log.open("w", buffering=1))
+            if log is not None
+            else subprocess.DEVNULL
+        )
+        child = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE if ready_line else out,
+            stderr=out,
+            text=True,
+            env={**os.environ, **env} if env else None,
+        )
         try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        if child.stdout is not None:
-            child.stdout.close()  # the child is gone: the drain has met, or will meet, the end
+            if ready_line is not None:
+                assert child.stdout is not None
+                line = child.stdout.readline()
+                if ready_line not in line:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(timeout=5)
+                    where = f"; see {log}" if log is not None else f": {line!r}"
+                    raise ChildDidNotStart(
+                        f"{Path(argv[0]).name} {' '.join(argv[1:3])} did not start "
+                        f"(exit {child.returncode}){where}"
+                    )
+                sink = out if not isinstance(out, int) else None
+                threading.Thread(target=_drain, args=(child.stdout, sink), daemon=True).start()
+            yield child
+        finally:
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            if child.stdout is not None:
+                child.stdout.close()  # the child is gone: the drain has met, or will meet, the end
 
 
-def _drain(stream: IO[str]) -> None:
-    """Reads a child's output until it closes (the child exited), then closes our end."""
+def _drain(stream: IO[str], sink: IO[str] | None) -> None:
+    """Reads a child's output until it closes (the child exited), into `sink` if given."""
     with stream, contextlib.suppress(OSError, ValueError):
-        for _ in stream:
-            pass
+        for line in stream:
+            if sink is not None:
+                sink.write(line)
 
 
 def wait_for_port(port: int, within: float = 30.0) -> None:

@@ -37,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -48,10 +48,12 @@ import yaml
 from extproc.bench import workloads as wl
 from extproc.bench.loadgen import quantile
 from extproc.bench.processes import (
+    ChildDidNotStart,
     cpu_seconds,
     free_port_range,
     free_ports,
     picker_argv,
+    process,
     run_stoppable,
     wait_picker,
 )
@@ -59,7 +61,7 @@ from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import load_tokenizer
 from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import known_strategies
-from extproc.sim.fleet import DEFAULT_MODEL
+from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE
 
 PROFILE: Final = "h100-8b"
 STRATEGY_HEADER: Final = "x-routing-strategy"
@@ -73,7 +75,6 @@ OTHERS: Final = (
     "vllm-router:cache_aware",
     "vllm-router:kv_aware",
 )
-_SIM_READY: Final = "extproc sim ready"
 
 Kind = Literal["picker", "envoy", "sglang-router", "vllm-router"]
 
@@ -284,45 +285,6 @@ def _endpoints(ports: Ports, pods: int) -> tuple[str, ...]:
     return tuple(f"127.0.0.1:{ports.sim + i}" for i in range(pods))
 
 
-@contextlib.contextmanager
-def _child(
-    argv: Sequence[str],
-    *,
-    log: Path,
-    ready_line: str | None = None,
-    env: Mapping[str, str] | None = None,
-) -> Iterator[subprocess.Popen[str]]:
-    """A child process logging to `log`; optionally wait for a line on stdout; stopped by PID."""
-    with log.open("w") as out:
-        child = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE if ready_line else out,
-            stderr=out,
-            text=True,
-            env={**os.environ, **env} if env else None,
-        )
-        try:
-            if ready_line is not None:
-                assert child.stdout is not None
-                line = child.stdout.readline()
-                if ready_line not in line:
-                    child.wait(timeout=5)
-                    raise RoutingBenchError(
-                        f"{Path(argv[0]).name} {' '.join(argv[1:3])} did not start "
-                        f"(exit {child.returncode}); see {log}"
-                    )
-            yield child
-        finally:
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            if child.stdout is not None:
-                child.stdout.close()
-
-
 def _start_fleet(
     stack: contextlib.ExitStack, argv: Sequence[str], *, log: Path, attempts: int = 3
 ) -> subprocess.Popen[str]:
@@ -331,10 +293,13 @@ def _start_fleet(
     runs: try again a little later before giving up."""
     for _ in range(attempts - 1):
         try:
-            return stack.enter_context(_child(argv, log=log, ready_line=_SIM_READY))
-        except RoutingBenchError:
+            return stack.enter_context(process(argv, log=log, ready_line=READY_LINE))
+        except ChildDidNotStart:
             time.sleep(2.0)
-    return stack.enter_context(_child(argv, log=log, ready_line=_SIM_READY))
+    try:
+        return stack.enter_context(process(argv, log=log, ready_line=READY_LINE))
+    except ChildDidNotStart as exc:
+        raise RoutingBenchError(str(exc)) from exc
 
 
 def _sim_config(options: RoutingOptions, ports: Ports, *, blocks: int, kv: bool) -> str:
@@ -775,7 +740,7 @@ def _one_run(
             config = logs / "picker.yaml"
             log = logs / f"{tag}.picker.log"
             front = stack.enter_context(
-                _child(_picker_argv(options, ports, config=config), log=log)
+                process(_picker_argv(options, ports, config=config), log=log)
             )
             _wait_picker(front, ports, options.pods, log)
             base_url = f"http://127.0.0.1:{ports.envoy_picker}"
@@ -792,7 +757,7 @@ def _one_run(
             # Offline, both routers fail to fetch the model's tokenizer from the Hugging Face
             # hub; HF_HUB_OFFLINE makes that fail at once instead of after network timeouts.
             front = stack.enter_context(
-                _child(
+                process(
                     _router_argv(competitor, options, ports), log=log, env={"HF_HUB_OFFLINE": "1"}
                 )
             )

@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from extproc.prefix.hashing import resolve_seed
-from extproc.sim.fleet import ServerHandle, SimConfig, SimFleet
+from extproc.sim.fleet import READY_LINE, ServerHandle, SimConfig, SimFleet
 
 
 def _server_of(request_id: str, servers: list[ServerHandle]) -> ServerHandle | None:
@@ -82,7 +82,7 @@ async def serve(config: SimConfig, records_port: int) -> None:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", records_port).start()
         try:
-            print(f"extproc sim ready: {' '.join(fleet.urls)}", flush=True)
+            print(f"{READY_LINE}: {' '.join(fleet.urls)}", flush=True)
             await stop.wait()
         finally:
             await runner.cleanup()

@@ -76,13 +76,12 @@ from extproc.bench.processes import (
 )
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
-from extproc.sim.fleet import DEFAULT_MODEL
+from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE
 
 TENANT_HEADER: Final = "x-tenant-id"
 NOISY: Final = "noisy"
 DEFAULT_OUTPUT: Final = Path("reports/tenants")
 TARGET_RATIO: Final = 1.5  # issue 6: well-behaved p90 TTFT within 1.5x of no flood
-_SIM_READY: Final = "extproc sim ready"
 
 
 class TenantsBenchError(RuntimeError):
@@ -505,7 +504,7 @@ def _sim_argv(options: TenantsOptions, ports: Ports) -> list[str]:
 @contextlib.contextmanager
 def _fleet(options: TenantsOptions, ports: Ports) -> Iterator[subprocess.Popen[str]]:
     """The simulated fleet, stopped by PID at the end."""
-    with process(_sim_argv(options, ports), ready_line=_SIM_READY) as child:
+    with process(_sim_argv(options, ports), ready_line=READY_LINE) as child:
         yield child
 
 

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from extproc.prefix.hashing import HASH_ALGOS, resolve_seed
-from extproc.sim.fleet import DEFAULT_MODEL, SimConfig, SimFleet
+from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE, SimConfig, SimFleet
 from extproc.sim.profiles import PROFILES
 
 logger = logging.getLogger("extproc.sim")
@@ -122,7 +122,7 @@ async def serve(config: SimConfig) -> None:
         if fleet.control_url:
             logger.info("control: %s", fleet.control_url)
         # A line on stdout that scripts can wait for.
-        print(f"extproc sim ready: {' '.join(fleet.urls)}", flush=True)
+        print(f"{READY_LINE}: {' '.join(fleet.urls)}", flush=True)
         await stop.wait()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)

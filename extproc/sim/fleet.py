@@ -30,6 +30,9 @@ from extproc.sim.profiles import get_profile
 from extproc.sim.server import KVEventsSettings, ServerConfig, SimServer
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+# The line `extproc sim` (and the benchmarks' fleet host) prints once every server listens,
+# followed by the servers' URLs: what parents wait for.
+READY_LINE = "extproc sim ready"
 _FILLER_TEXT = " The quick brown fox jumps over the lazy dog."
 
 
