@@ -114,6 +114,8 @@ class PrefixMatcher(Protocol):
         self, hashes: Sequence[int], endpoints: Collection[str] | None = None
     ) -> dict[str, int]: ...
 
+    def held(self, endpoints: Collection[str]) -> dict[str, int]: ...
+
 
 class Pipeline:
     """Built once at start-up with everything it needs; one per event loop."""

@@ -28,6 +28,7 @@ from extproc.bench.routing import (
 )
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
 from extproc.scheduling.profiles import parse_endpoint_picker_config
+from extproc.sim.profiles import get_profile
 
 TINY_SHARED = wl.SharedPrefixShape(
     groups=3, questions=4, system_tokens=(200, 400), question_tokens=(10, 30), output_tokens=(5, 9)
@@ -65,6 +66,31 @@ def cl100k() -> Tokenizer:
 )
 def test_oracle_hit_rate(prompts: list[tuple[tuple[int, ...], int]], expected: float) -> None:
     assert wl.oracle_hit_rate(prompts, block_size=16) == pytest.approx(expected)
+
+
+def test_ttft_floor_prefills_only_what_the_oracle_misses() -> None:
+    profile = get_profile("h100-8b")
+
+    def spec(index: int, blocks: tuple[int, ...], tokens: int) -> wl.RequestSpec:
+        return wl.RequestSpec(index, wl.CHAT_PATH, b"{}", tokens, 10, blocks, float(index))
+
+    def alone(tokens: int, cached: int) -> float:
+        units = tokens * (cached + tokens / 2)
+        return profile.step_seconds(
+            tokens=tokens, decode_context_tokens=0, prefill_attention_units=units
+        )
+
+    long = tuple(range(1000))  # 16,000 tokens: two chunks of 8,192 and the rest
+    workload = wl.Workload(
+        "w", "", (spec(0, (1, 2, 3), 50), spec(1, (1, 2, 4), 50), spec(2, long, 16_000)), 16
+    )
+    first, second, third = workload.ttft_floor(profile)
+    assert first == pytest.approx(alone(50, 0))
+    assert second == pytest.approx(alone(18, 32))  # blocks 1 and 2 cached
+    assert third == pytest.approx(
+        alone(8192, 0) + alone(7808, 8192)  # max_num_batched_tokens per step
+    )
+    assert second < first < third
 
 
 # --- workloads --------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from extproc.prefix.tokenizers import load_tokenizer
 from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import known_strategies
 from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE
+from extproc.sim.profiles import get_profile
 
 PROFILE: Final = "h100-8b"
 STRATEGY_HEADER: Final = "x-routing-strategy"
@@ -242,6 +243,8 @@ class WorkloadInfo:
     kv_demand_tokens: int
     gpu_blocks_per_pod: int
     oracle_hit_rate: float
+    # p90 of the TTFT no router can beat (`Workload.ttft_floor`): oracle hits, idle engines.
+    floor_ttft_p90_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -845,6 +848,8 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
                 kv_demand_tokens=sizes["kv_demand_tokens"],
                 gpu_blocks_per_pod=blocks,
                 oracle_hit_rate=oracle,
+                floor_ttft_p90_ms=1000
+                * quantile(sorted(workload.ttft_floor(get_profile(PROFILE))), 0.9),
             )
         )
         bodies = [wl.body_for(r, options.model) for r in workload.requests]

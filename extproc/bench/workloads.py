@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from extproc.prefix.hashing import BlockHasher
 from extproc.prefix.tokenizers import Tokenizer
+from extproc.sim.profiles import StepProfile
 
 CHAT_PATH: Final = "/v1/chat/completions"
 COMPLETIONS_PATH: Final = "/v1/completions"
@@ -111,6 +112,27 @@ class Workload:
             [(r.block_ids, r.prompt_tokens) for r in self.requests], block_size=self.block_size
         )
 
+    def ttft_floor(self, profile: StepProfile) -> list[float]:
+        """Per request, in simulated seconds, the time to first token no router can beat: the
+        oracle's hits cached (`oracle_hits`) and the rest prefilled on an idle engine of this
+        profile, in chunks of its `max_num_batched_tokens`: no queue, no batch to share."""
+        prompts = [(r.block_ids, r.prompt_tokens) for r in self.requests]
+        floors = []
+        for (_, tokens), hit in zip(
+            prompts, oracle_hits(prompts, block_size=self.block_size), strict=True
+        ):
+            cached, seconds = hit, 0.0
+            while cached < tokens:
+                chunk = min(profile.max_num_batched_tokens, tokens - cached)
+                seconds += profile.step_seconds(
+                    tokens=chunk,
+                    decode_context_tokens=0,
+                    prefill_attention_units=chunk * (cached + chunk / 2),
+                )
+                cached += chunk
+            floors.append(seconds)
+        return floors
+
     def largest_request_blocks(self) -> int:
         """KV blocks the largest request needs on its own (prompt + output): a pod's floor."""
         return max(-(-(r.prompt_tokens + r.max_tokens) // self.block_size) for r in self.requests)
@@ -124,7 +146,15 @@ def body_for(request: RequestSpec, model: str) -> bytes:
 
 
 def oracle_hit_rate(prompts: Iterable[tuple[Sequence[int], int]], *, block_size: int) -> float:
-    """The best prefix-cache hit rate any router could reach on these prompts, in order.
+    """The best prefix-cache hit rate any router could reach on these prompts, in order: hit
+    tokens (`oracle_hits`) / prompt tokens."""
+    prompts = list(prompts)
+    total = sum(tokens for _, tokens in prompts)
+    return sum(oracle_hits(prompts, block_size=block_size)) / total if total else 0.0
+
+
+def oracle_hits(prompts: Iterable[tuple[Sequence[int], int]], *, block_size: int) -> list[int]:
+    """Per prompt, in order, the leading tokens the best router could find cached.
 
     Each prompt is (chained block ids of its full blocks, its token count). A prompt hits the
     longest run of leading blocks that some earlier prompt also had (chained ids are equal
@@ -133,10 +163,10 @@ def oracle_hit_rate(prompts: Iterable[tuple[Sequence[int], int]], *, block_size:
     computed. Assumes an infinite cache that never evicts, perfect routing (every request lands
     where every earlier one did), and that an earlier request's blocks are cached by the time a
     later one arrives, even if it is still running. Generated tokens are not counted: no
-    workload here resends what a server generated. Returns hit tokens / prompt tokens.
+    workload here resends what a server generated.
     """
     seen: set[int] = set()
-    hits = total = 0
+    hits = []
     for block_ids, tokens in prompts:
         cap = max(0, (tokens - 1) // block_size)
         hit = 0
@@ -144,10 +174,9 @@ def oracle_hit_rate(prompts: Iterable[tuple[Sequence[int], int]], *, block_size:
             if block not in seen:
                 break
             hit += 1
-        hits += hit * block_size
-        total += tokens
+        hits.append(hit * block_size)
         seen.update(block_ids)
-    return hits / total if total else 0.0
+    return hits
 
 
 def gpu_blocks_for(workload: Workload, *, pods: int, fraction: float) -> int:

@@ -74,14 +74,21 @@ class _Lookup(Protocol):
         self, hashes: Sequence[int], endpoints: Collection[str] | None = None
     ) -> dict[str, int]: ...
 
+    def held(self, endpoints: Collection[str]) -> dict[str, int]: ...
+
 
 def with_prefix_matches(
     candidates: Sequence[Candidate], block_hashes: Sequence[int], index: _Lookup
 ) -> list[Candidate]:
-    """Each candidate with the number of the prompt's leading blocks it holds."""
-    matches = index.lookup(block_hashes, [c.address for c in candidates])
+    """Each candidate with the number of the prompt's leading blocks it holds, and the number
+    of blocks it holds in all."""
+    addresses = [c.address for c in candidates]
+    matches = index.lookup(block_hashes, addresses)
+    held = index.held(addresses)
     return [
-        dataclasses.replace(c, prefix_blocks=matches[c.address]) if c.address in matches else c
+        dataclasses.replace(
+            c, prefix_blocks=matches.get(c.address, 0), cached_blocks=held[c.address]
+        )
         for c in candidates
     ]
 

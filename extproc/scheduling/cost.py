@@ -165,7 +165,8 @@ class CostModel:
         prefix fits where the same requests spread thin do not. The shortfall (our new blocks,
         plus those of the requests ahead of us, beyond the free ones) is freed as running
         requests finish: it takes that share of the running blocks' lifetime, a typical
-        request's decode."""
+        request's decode. The running requests also grow while we wait, by half a typical
+        output each on average: blocks that are free now but will not be for us."""
         stats = candidate.stats
         if stats is None or not stats.num_gpu_blocks:
             return 0.0
@@ -176,7 +177,8 @@ class CostModel:
         ours = (uncached + (request.max_tokens or output)) / block
         ahead = candidate.queue * (mean_prompt * (1.0 - est.hit_rate) + output) / block
         free = stats.num_gpu_blocks * (1.0 - stats.kv_usage)
-        short = ours + ahead - free
+        growth = stats.running * output / 2 / block
+        short = ours + ahead + growth - free
         if short <= 0:
             return 0.0
         held = max(1.0, stats.num_gpu_blocks * stats.kv_usage)
@@ -195,8 +197,16 @@ class CostModel:
         return prediction.total + self.parameters.work_weight * prediction.prefill_seconds
 
 
-def _kv_usage(candidate: Candidate) -> float:
-    return candidate.stats.kv_usage if candidate.stats is not None else 0.0
+def cache_pressure(candidate: Candidate) -> float:
+    """How taken an endpoint's KV cache is, in [0, 1]: the mean of the share its running
+    requests use (`kv_usage`) and the share holding any cached blocks at all (the prefix
+    index's count). The second says what traffic the endpoint already draws, the prefixes its
+    groups will come back for; the first is all there is once every cache is full."""
+    stats = candidate.stats
+    if stats is None:
+        return 0.0
+    held = candidate.cached_blocks / stats.num_gpu_blocks if stats.num_gpu_blocks else 0.0
+    return (stats.kv_usage + min(1.0, held)) / 2
 
 
 def load_of(candidate: Candidate) -> float:
@@ -250,17 +260,25 @@ class CostScorer:
         tied = [t <= best * (1.0 + tolerance) for t in costs]
         if tolerance <= 0 or sum(tied) < 2:
             return scores
-        # Near-ties go to the endpoint with the most free KV cache. The prompts that land on
-        # an endpoint bring their group's later requests with them (that is where the prefix
-        # will be), and its busy blocks say how much such traffic it already draws: breaking
-        # ties by learned speed instead piles every new prefix onto whichever endpoint looks
-        # a little faster, where they evict each other. Tied scores stay above every untied one.
-        # Inside the tie, free KV cache and the cost's own ranking count half each.
+        # Near-ties go to the endpoint whose KV cache is least taken (`cache_pressure`). The
+        # prompts that land on an endpoint bring their group's later requests with them (that
+        # is where the prefix will be), and its cache says how much such traffic it already
+        # draws: breaking ties by learned speed, or by a block of chat template every prompt
+        # shares, piles every new prefix onto one endpoint, where they evict each other.
+        # Pressure counts relative to the most taken tied endpoint, so an empty cache beats
+        # one holding another group's prompt however small that is. Inside the tie, pressure
+        # and the cost's own ranking count half each; tied scores stay above every untied one.
+        pressures = [
+            cache_pressure(c) if tie else 0.0 for c, tie in zip(candidates, tied, strict=True)
+        ]
+        most = max(pressures)
         floor = 1.0 / (1.0 + tolerance)
         width = 1.0 - floor
         return [
-            1.0 - width * (_kv_usage(c) + (1.0 - score) / width) / 2 if tie else score
-            for c, tie, score in zip(candidates, tied, scores, strict=True)
+            1.0 - width * ((p / most if most > 0 else 0.0) + (1.0 - score) / width) / 2
+            if tie
+            else score
+            for p, tie, score in zip(pressures, tied, scores, strict=True)
         ]
 
 

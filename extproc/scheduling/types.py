@@ -28,6 +28,8 @@ class Candidate:
     # Leading blocks of the request's prompt this endpoint holds in its KV cache (precise index
     # from KV events, or the approximate one learned from our own routing).
     prefix_blocks: int = 0
+    # Blocks of any prompt the same index credits this endpoint with: how full its cache is.
+    cached_blocks: int = 0
     # Seconds of prompt work this picker sent it that is predicted not to be done yet
     # (`InFlight.backlog`): the queue inside vLLM's running batch that no metric shows.
     prefill_backlog: float = 0.0

@@ -2,7 +2,8 @@
 
 Names, help texts, labels (`model_name`, `engine`) and histogram buckets are vLLM's. Gauges and
 counters are read from the engine's counters when scraped (no per-request work); histograms are
-observed as requests finish. Each server has its own `CollectorRegistry`: no global state.
+observed as requests finish, and rendered again at most once a second. Each server has its own
+`CollectorRegistry` pair: no global state.
 
 `vllm:lora_requests_info` follows vLLM's quirk: a new series per distinct (running, waiting)
 adapter set, its value the unix time it was last current; older series stay, newest wins.
@@ -10,6 +11,7 @@ adapter set, its value the unix time it was last current; older series stay, new
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
@@ -36,6 +38,8 @@ ITERATION_TOKENS_BUCKETS: Final = (
     1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 )  # fmt: skip
 REQUEST_NUM_PREEMPTIONS_BUCKETS: Final = (1, 2, 3, 4, 5, 10, 20)
+# Wall seconds a scrape may see histograms that old (see `ServerMetrics`).
+HISTOGRAM_REFRESH_SECONDS: Final = 1.0
 
 
 def request_tokens_buckets(max_model_len: int) -> list[float]:
@@ -171,14 +175,25 @@ class ServerMetrics:
         max_model_len: int,
         max_lora: int | None,
         engine: str = "0",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        self._clock = clock
+        # Gauges and counters are rendered fresh for every scrape: a router reads them. The
+        # histograms (a dozen, ~25 buckets each) are rendered again only when one changed and
+        # `HISTOGRAM_REFRESH_SECONDS` have passed: eight servers in one process rendering them
+        # for scrapes every 200 ms took a third of the simulator's CPU, and delayed its
+        # answers, where real servers each render their own. Prometheus scrapes every 15 s.
+        self._live = CollectorRegistry(auto_describe=False)
+        self._histograms = CollectorRegistry(auto_describe=False)
         labels = [model_name, engine]
         self._collector = _StatsCollector(stats, labels, {**cache_info, "engine": engine}, max_lora)
-        self.registry.register(self._collector)
+        self._live.register(self._collector)
+        self._histogram_text: bytes | None = None
+        self._histogram_rendered_at = -math.inf
+        self._changed = False  # a histogram was observed since `_histogram_text`
 
         def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
-            h = Histogram(name, doc, _LABELS, buckets=buckets, registry=self.registry)
+            h = Histogram(name, doc, _LABELS, buckets=buckets, registry=self._histograms)
             return h.labels(*labels)
 
         tokens = request_tokens_buckets(max_model_len)
@@ -247,14 +262,17 @@ class ServerMetrics:
 
     # EngineObserver
     def on_step(self, tokens: int, inter_token_latencies: Sequence[float]) -> None:
+        self._changed = True
         self._iteration_tokens.observe(tokens)
         for value in inter_token_latencies:
             self._itl.observe(value)
 
     def on_first_token(self, ttft: float) -> None:
+        self._changed = True
         self._ttft.observe(ttft)
 
     def on_finished(self, request: FinishedRequest) -> None:
+        self._changed = True
         r = request
         self._e2e.observe(r.finished - r.arrival)
         self._prompt_tokens.observe(r.prompt_tokens)
@@ -282,7 +300,7 @@ class ServerMetrics:
 
     def freeze(self) -> None:
         """Fault: keep answering the current text (a stuck metrics exporter)."""
-        self._frozen = generate_latest(self.registry)
+        self._frozen = self.render()
 
     def unfreeze(self) -> None:
         self._frozen = None
@@ -290,4 +308,11 @@ class ServerMetrics:
     def render(self) -> bytes:
         if self._frozen is not None:
             return self._frozen
-        return generate_latest(self.registry)
+        now = self._clock()
+        if self._histogram_text is None or (
+            self._changed and now - self._histogram_rendered_at >= HISTOGRAM_REFRESH_SECONDS
+        ):
+            self._histogram_text = generate_latest(self._histograms)
+            self._histogram_rendered_at = now
+            self._changed = False
+        return generate_latest(self._live) + self._histogram_text

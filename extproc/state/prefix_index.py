@@ -115,6 +115,15 @@ class SlottedIndex(Generic[V]):
             self._credit(found, alive, depth)
         return found
 
+    def held(self, endpoints: Collection[str]) -> dict[str, int]:
+        """How many blocks each endpoint holds, whatever prompt they came from (0 if unknown):
+        how full its cache is, which the scheduler reads as the traffic it already draws."""
+        slots = self._slots
+        return {
+            name: len(self._held[slot]) if (slot := slots.get(name)) is not None else 0
+            for name in endpoints
+        }
+
     def __len__(self) -> int:
         return len(self._owners)
 

@@ -39,6 +39,7 @@ def test_same_answers_as_the_precise_index(seed: int) -> None:
         subset = rng.sample(endpoints, rng.randint(1, 10))
         assert approx.lookup(query) == precise.lookup(query)
         assert approx.lookup(query, subset) == precise.lookup(query, subset)
+        assert approx.held(subset) == precise.held(subset)
 
 
 def test_lru_eviction_at_capacity() -> None:

@@ -27,6 +27,7 @@ def cand(
     stats: bool = True,
     backlog: float = 0.0,
     gpu_blocks: int | None = None,
+    cached: int = 0,
 ) -> Candidate:
     endpoint_stats = (
         EndpointStats(
@@ -48,4 +49,5 @@ def cand(
         saturated=saturated,
         prefix_blocks=prefix,
         prefill_backlog=backlog,
+        cached_blocks=cached,
     )

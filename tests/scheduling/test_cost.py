@@ -16,6 +16,7 @@ from extproc.scheduling.cost import (
     CostParameters,
     CostScorer,
     EndpointCost,
+    cache_pressure,
     hot_spot,
 )
 from extproc.scheduling.strategies import Strategies
@@ -89,6 +90,17 @@ def _req(tokens: int = 0, *, blocks: int = 0, lora: str | None = None) -> Schedu
             cand(0, kv=0.5, gpu_blocks=1000),
             10_000 / RATE + 2 * STEP + ((10_000 + 256) / 16 - 500) / 500 * 256 * STEP,
             id="kv-short-waits-for-its-share",
+        ),
+        pytest.param(
+            _req(7_000),
+            cand(0, kv=0.5, gpu_blocks=1000, running=10),
+            7_000 / RATE
+            + STEP
+            + 10 / RATE
+            # 453.5 new blocks, and 10 running requests grow by 128 tokens (8 blocks) each,
+            # into 500 free: 33.5 blocks short.
+            + ((7_000 + 256) / 16 + 10 * 8 - 500) / 500 * 256 * STEP,
+            id="kv-running-requests-grow-into-the-free-blocks",
         ),
         pytest.param(
             _req(10_000, blocks=500),
@@ -209,6 +221,49 @@ def test_near_ties_go_to_the_freest_kv_cache(tolerance: float, winner: int) -> N
     assert max(range(2), key=lambda i: scores[i]) == winner
     # A tie never ranks below an endpoint outside it (endpoint 2 has a queue).
     assert min(scores[:2]) > scores[2]
+
+
+@pytest.mark.parametrize(
+    ("candidates", "winner"),
+    [
+        # Endpoint 0 holds the one block of chat template every prompt starts with, and another
+        # group's system prompt; endpoint 1 is empty. A cold prompt belongs on the empty one.
+        pytest.param(
+            [cand(0, gpu_blocks=1000, cached=120, prefix=1), cand(1, gpu_blocks=1000)],
+            1,
+            id="cold-prompt-to-the-empty-cache",
+        ),
+        pytest.param(
+            [cand(0, gpu_blocks=1000, cached=900, prefix=1), cand(1, gpu_blocks=1000, cached=600)],
+            1,
+            id="to-the-less-filled-cache",
+        ),
+        pytest.param(
+            [
+                cand(0, kv=0.2, gpu_blocks=1000, cached=1000),
+                cand(1, kv=0.6, gpu_blocks=1000, cached=1000),
+            ],
+            0,
+            id="every-cache-full-running-requests-decide",
+        ),
+        # Outside the tie (endpoint 0 holds 100 of the prompt's blocks), a full cache still wins.
+        pytest.param(
+            [cand(0, gpu_blocks=1000, cached=900, prefix=100), cand(1, gpu_blocks=1000)],
+            0,
+            id="a-real-prefix-is-no-tie",
+        ),
+    ],
+)
+def test_near_ties_go_to_the_least_taken_cache(candidates: list[Candidate], winner: int) -> None:
+    scores = CostScorer(lambda: MODEL).score(_req(2_000, blocks=125), candidates)
+    assert max(range(len(candidates)), key=lambda i: scores[i]) == winner
+
+
+def test_cache_pressure_is_running_and_held_blocks() -> None:
+    assert cache_pressure(cand(0, kv=0.4, gpu_blocks=1000, cached=800)) == pytest.approx(0.6)
+    # Without the block count (no prefix index), running requests alone, halved.
+    assert cache_pressure(cand(0, kv=0.4)) == pytest.approx(0.2)
+    assert cache_pressure(cand(0, stats=False)) == 0.0
 
 
 @pytest.mark.parametrize(

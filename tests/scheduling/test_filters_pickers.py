@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from extproc.scheduling.candidates import with_prefix_matches
 from extproc.scheduling.filters import (
     LoraAffinityFilter,
     LowKvCacheFilter,
@@ -14,6 +15,7 @@ from extproc.scheduling.filters import (
 )
 from extproc.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker
 from extproc.scheduling.types import Candidate, Filter, SchedulingRequest
+from extproc.state.prefix_index import PrefixIndex
 from extproc.state.stats import LoraState
 from tests.scheduling.build import addr, cand
 
@@ -119,3 +121,11 @@ def test_random_and_round_robin_pickers_return_everyone() -> None:
         addr(3),
         addr(0),
     ]
+
+
+def test_prefix_matches_and_cache_fill_come_from_the_index() -> None:
+    index = PrefixIndex()
+    index.store(addr(0), [1, 2, 3, 40, 41])
+    index.store(addr(1), [1, 9])
+    matched = with_prefix_matches([cand(0), cand(1), cand(2)], [1, 2, 3, 4], index)
+    assert [(c.prefix_blocks, c.cached_blocks) for c in matched] == [(3, 5), (1, 2), (0, 0)]

@@ -63,6 +63,15 @@ def test_remove_and_copies() -> None:
     assert index.size() == IndexSize(blocks=7, entries=8, endpoints=3)
 
 
+def test_held_counts_each_endpoints_distinct_blocks() -> None:
+    index = _index()
+    index.store(A, [2])  # a second copy is still one block hash
+    assert index.held([A, B, C, "unknown:1"]) == {A: 4, B: 3, C: 2, "unknown:1": 0}
+    index.remove(B, [9])
+    index.clear(C)
+    assert index.held([B, C]) == {B: 2, C: 0}
+
+
 def test_clear_drops_one_endpoint_only() -> None:
     index = _index()
     assert index.clear(A) == 4
