@@ -99,10 +99,11 @@ class RoutingConfig:
     """How endpoints are chosen."""
 
     strategy: str = _key(
-        "prefix-cache",
-        "Default strategy (docs/scheduling.md): `prefix-cache` (prefix 3, queue 2, KV cache 2: "
-        "the best on `extproc bench routing`), `cost`, `least-request`, `round-robin`, "
-        "`random`, ... or a blend like `prefix-cache:3,least-kv-cache:2,least-request:2`.",
+        "cost",
+        "Default strategy (docs/scheduling.md): `cost` (the lowest predicted time to first "
+        "token plus prefill work: the best on `extproc bench routing`), `prefix-cache` "
+        "(prefix 3, queue 2, KV cache 2), `least-request`, `round-robin`, `random`, ... or a "
+        "blend like `prefix-cache:3,least-kv-cache:2,least-request:2`.",
     )
     fallbacks: int = _key(
         2,
