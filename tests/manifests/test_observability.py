@@ -13,11 +13,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from extproc.metrics import PickerMetrics
-from extproc.sim.engine import EngineStats
-from extproc.sim.metrics import ServerMetrics
 from extproc.state.collector import CollectorMetrics
 from extproc.state.kv_events import KVEventMetrics
 from tests.manifests import promql
+from tests.sim.conftest import server_metrics
 
 OBSERVABILITY = Path(__file__).resolve().parents[2] / "manifests" / "observability"
 
@@ -28,30 +27,7 @@ def _known_metrics() -> set[str]:
     CollectorMetrics(registry)
     KVEventMetrics(registry)
     picker = promql.exported_names(registry)
-    stats = EngineStats(
-        running=0,
-        waiting=0,
-        waiting_deferred=0,
-        kv_usage=0.0,
-        num_gpu_blocks=100,
-        prefix_cache_queries=0,
-        prefix_cache_hits=0,
-        preemptions=0,
-        prompt_tokens=0,
-        prompt_tokens_cached=0,
-        generation_tokens=0,
-        finished_by_reason={"stop": 0},
-        steps=0,
-        running_loras=(),
-        waiting_loras=(),
-    )
-    vllm = ServerMetrics(
-        model_name="m",
-        stats=lambda: stats,
-        cache_info={"block_size": "16", "num_gpu_blocks": "100"},
-        max_model_len=4096,
-        max_lora=4,
-    )
+    vllm = server_metrics(max_lora=4)
     return picker | promql.names_in_text(vllm.render().decode())
 
 

@@ -10,6 +10,39 @@ import aiohttp
 import pytest
 
 from extproc.prefix.tokenizers import TiktokenTokenizer, Tokenizer
+from extproc.sim.engine import EngineStats
+from extproc.sim.metrics import ServerMetrics
+
+IDLE_STATS = EngineStats(
+    running=0,
+    waiting=0,
+    waiting_deferred=0,
+    kv_usage=0.0,
+    num_gpu_blocks=100,
+    prefix_cache_queries=0,
+    prefix_cache_hits=0,
+    preemptions=0,
+    prompt_tokens=0,
+    prompt_tokens_cached=0,
+    generation_tokens=0,
+    finished_by_reason={"stop": 0},
+    steps=0,
+    running_loras=(),
+    waiting_loras=(),
+)
+
+
+def server_metrics(
+    stats: Callable[[], EngineStats] = lambda: IDLE_STATS, **options: Any
+) -> ServerMetrics:
+    """One simulated server's metrics on `stats`, without an engine (100 blocks of 16)."""
+    return ServerMetrics(
+        model_name="m",
+        stats=stats,
+        cache_info={"block_size": "16", "num_gpu_blocks": "100"},
+        max_model_len=4096,
+        **options,
+    )
 
 
 @pytest.fixture(scope="session")

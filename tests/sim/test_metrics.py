@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from extproc.sim.engine import EngineStats, FinishedRequest
-from extproc.sim.metrics import HISTOGRAM_REFRESH_SECONDS, ServerMetrics
+from extproc.sim.engine import FinishedRequest
+from extproc.sim.metrics import HISTOGRAM_REFRESH_SECONDS
 from extproc.state.metrics_text import parse_vllm_metrics
-
-IDLE = EngineStats(
-    running=0,
-    waiting=0,
-    waiting_deferred=0,
-    kv_usage=0.0,
-    num_gpu_blocks=100,
-    prefix_cache_queries=0,
-    prefix_cache_hits=0,
-    preemptions=0,
-    prompt_tokens=0,
-    prompt_tokens_cached=0,
-    generation_tokens=0,
-    finished_by_reason={"stop": 0},
-    steps=0,
-    running_loras=(),
-    waiting_loras=(),
-)
+from tests.sim.conftest import IDLE_STATS, server_metrics
 
 
 def _finished(i: int) -> FinishedRequest:
@@ -42,22 +25,15 @@ def _ttft_count(text: bytes) -> float:
 
 def test_gauges_are_fresh_and_histograms_refresh_once_a_second() -> None:
     now = [100.0]
-    stats = [IDLE]
-    metrics = ServerMetrics(
-        model_name="m",
-        stats=lambda: stats[0],
-        cache_info={"block_size": "16", "num_gpu_blocks": "100"},
-        max_model_len=4096,
-        max_lora=None,
-        clock=lambda: now[0],
-    )
+    stats = [IDLE_STATS]
+    metrics = server_metrics(lambda: stats[0], max_lora=None, clock=lambda: now[0])
     first = metrics.render()
     assert _ttft_count(first) == 0
     assert parse_vllm_metrics(first, read_at=0.0).running == 0
 
     metrics.on_first_token(0.05)
     metrics.on_finished(_finished(1))
-    stats[0] = dataclasses.replace(IDLE, running=3, kv_usage=0.5)
+    stats[0] = dataclasses.replace(IDLE_STATS, running=3, kv_usage=0.5)
     now[0] += HISTOGRAM_REFRESH_SECONDS / 2
     soon = metrics.render()
     # The gauges a router reads are current; the histograms are the last rendering's.
