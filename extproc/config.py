@@ -29,6 +29,8 @@ PrefixIndexMode = Literal["auto", "precise", "approximate"]
 IdentitySource = Literal["api-key", "header", "default"]
 LimitsBackend = Literal["memory", "redis"]
 RedisFailureMode = Literal["open", "closed"]
+EndpointRole = Literal["prefill", "decode", "both"]
+DisaggregationMode = Literal["off", "p2p", "centralized"]
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,19 @@ class EndpointConfig:
     )
     kv_events: str = _key(
         "", "Its vLLM KV-cache event publisher (`tcp://ip:port`); empty: ask `/kv_event_sources`."
+    )
+    role: EndpointRole = _key(
+        "both",
+        "`prefill`, `decode` or `both` (serves whole requests), for `disaggregation`; from the "
+        "pod label `fleet.role_label` under Kubernetes.",
+    )
+    accelerator: str = _key(
+        "", "Its GPU type (`a100`, `h100`, ...): endpoints of one type share speed estimates."
+    )
+    cost_per_hour: float = _key(
+        0.0,
+        "What its GPU costs per hour (any currency); 0: `fleet.prices` for its accelerator.",
+        minimum=0,
     )
 
     def __post_init__(self) -> None:
@@ -243,6 +258,76 @@ class SchedulingConfig:
         MappingProxyType({}),
         "An EndpointPickerConfig (plugins, schedulingProfiles): each profile becomes a strategy.",
     )
+    ttft_target_seconds: float = _key(
+        0.5,
+        "The `cheapest` strategy's latency target: among endpoints predicted to give the first "
+        "token within it, the cheapest per request wins; when none is, the fastest.",
+        minimum=0.001,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """What the endpoints are: GPU types, prices, roles (docs/disaggregation.md)."""
+
+    prices: Mapping[str, float] = _key(
+        MappingProxyType({}),
+        "Accelerator -> cost per hour, for endpoints that do not state their own "
+        "(`cost_per_hour`); the `cheapest` strategy ranks by it.",
+    )
+    speeds: Mapping[str, float] = _key(
+        MappingProxyType({}),
+        "Accelerator -> prefill tokens per second: the cost model's starting estimate for "
+        "endpoints of that type (it learns each endpoint's own from its metrics).",
+    )
+    role_label: str = _key(
+        "llm-d.ai/role",
+        "Pod label naming an endpoint's role (`prefill`, `decode`, `both`; llm-d's "
+        "`prefill-decode` reads as `both`).",
+    )
+    accelerator_label: str = _key(
+        "extproc.io/accelerator", "Pod label naming its accelerator (GPU type)."
+    )
+    cost_label: str = _key(
+        "extproc.io/cost-per-hour", "Pod label with its cost per hour (a number)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggregationConfig:
+    """Prefill/decode disaggregation (docs/disaggregation.md): the prompt is computed on a
+    prefill endpoint and its KV cache moved to the decode endpoint that generates."""
+
+    mode: DisaggregationMode = _key(
+        "off",
+        "`off`; `p2p`: route to the decode endpoint and name the prefill endpoint in "
+        "`prefiller_header` (the llm-d routing sidecar pulls the KV cache); `centralized`: the "
+        "picker runs the prefill (`max_tokens` 1, vLLM `kv_transfer_params`) and sends the "
+        "decode endpoint the returned `kv_transfer_params`.",
+    )
+    threshold_tokens: int = _key(
+        256,
+        "Prompt tokens the chosen decode endpoint does not hold cached below which it prefills "
+        "them itself: moving a short prompt's KV costs more than computing it.",
+        minimum=0,
+    )
+    prefill_strategy: str = _key(
+        "cost", "Strategy choosing the prefill endpoint (prefix-cache aware: `cost`)."
+    )
+    decode_strategy: str = _key(
+        "prefix-cache:2,least-kv-cache:1,least-request:1",
+        "Strategy choosing the decode endpoint: free KV cache and load, and the prefix it holds "
+        "(a conversation's next turn is then short enough to prefill there).",
+    )
+    prefiller_header: str = _key(
+        "x-prefiller-host-port", "Header naming the prefill endpoint in `p2p` mode."
+    )
+    prefill_timeout_seconds: float = _key(
+        30.0,
+        "`centralized`: how long the picker waits for the prefill; after that (or an error) "
+        "the decode endpoint computes the whole prompt.",
+        minimum=0.01,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +468,8 @@ class Config:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
     endpoints: tuple[EndpointConfig, ...] = field(
         default=(), metadata={"doc": "Static list of model servers (or `--endpoints`)."}
     )

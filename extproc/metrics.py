@@ -111,6 +111,15 @@ class PickerMetrics:
             "1 while the shared (Redis) limiter answers, 0 while its failure mode applies.",
             registry=r,
         )
+        self.disaggregation = Counter(
+            "extproc_disaggregation_decisions",
+            "Requests to a pool with prefill and decode endpoints, by mode and outcome "
+            "(disaggregated; local: the decode endpoint prefills, the prompt's uncached part "
+            "being under the threshold or no prefill endpoint being better; prefill_failed: "
+            "the centralized prefill failed and the decode endpoint computed it all).",
+            ["mode", "outcome"],
+            registry=r,
+        )
         self.limiter_fallbacks = Counter(
             "extproc_limiter_fallbacks",
             "Limit decisions taken without Redis, by failure mode (open: local limits; "

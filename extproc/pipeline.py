@@ -1,9 +1,10 @@
 """The request's whole path through the picker, top to bottom.
 
     choose the strategy  ->  identify the tenant  ->  parse the body  ->  may it use the model
-      ->  candidates  ->  tokens and block hashes (with the tenant's cache salt)
-      ->  prefix matches  ->  the tenant's limits  ->  fair queue while saturated
-      ->  admission  ->  schedule  ->  targets
+      ->  candidates (by role, in a prefill/decode pool)  ->  tokens and block hashes (with the
+      tenant's cache salt)  ->  prefix matches  ->  the tenant's limits  ->  fair queue while
+      saturated  ->  admission  ->  schedule  ->  targets  ->  the prefill endpoint, when the
+      prompt is worth moving (named in a header, or prefilled here: `centralized`)
     ... the model server answers ...  ->  usage  ->  release the in-flight count and the lease
 
 Tokens and block hashes are probed: computed only as far as some candidate holds the prompt,
@@ -11,7 +12,8 @@ which is all the prefix matches need; a new prompt costs one chunk. The rest of 
 prompt is computed after the decision, in a task (the approximate index then learns all of it).
 
 `extproc.server.stream` feeds this from the ext_proc stream and turns its answers into Envoy
-messages; every step is a call into the module named after it. Nothing here does I/O.
+messages; every step is a call into the module named after it. Nothing here does I/O itself:
+the limiter (Redis) and the centralized prefill (`Prefiller`) are handed in.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from extproc.config import Config
 from extproc.metrics import PickerMetrics
@@ -32,6 +34,7 @@ from extproc.prefix.blocks import PromptBlocks, PromptProbe
 from extproc.prefix.hashing import LoraKey
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
+from extproc.request.kv_transfer import decode_body, prefill_body
 from extproc.request.openai import Api, ParsedRequest, api_of, parse_request
 from extproc.request.usage import Usage
 from extproc.scheduling.admission import (
@@ -47,7 +50,8 @@ from extproc.scheduling.candidates import (
     prefix_holds,
     with_prefix_matches,
 )
-from extproc.scheduling.cost import CostLearner
+from extproc.scheduling.cost import CostLearner, CostModel
+from extproc.scheduling.disaggregation import Roles, roles, worth_splitting
 from extproc.scheduling.explain import explain, explain_admission
 from extproc.scheduling.framework import Profile
 from extproc.scheduling.strategies import Strategies
@@ -91,7 +95,11 @@ class Routed:
     explanation: str | None = None  # per-endpoint scores, when scheduling.explain is on
     tenant: Tenant | None = None
     lease: Lease | None = None  # the tenant's limits held until the response ends
-    body: bytes | None = None  # the body to send instead of the client's (a cache salt added)
+    # The body to send instead of the client's (a cache salt added, or where its KV cache is).
+    body: bytes | None = None
+    # Request headers to set upstream (the prefill endpoint's name, in `p2p` mode).
+    headers: tuple[tuple[str, str], ...] = ()
+    prefill: str | None = None  # the endpoint that computes the prompt, when disaggregated
 
     @property
     def primary(self) -> str:
@@ -117,6 +125,17 @@ class PrefixMatcher(Protocol):
     def held(self, endpoints: Collection[str]) -> dict[str, int]: ...
 
 
+class Prefiller(Protocol):
+    """Runs a disaggregated request's prefill on `address` (the `centralized` mode), within
+    `disaggregation.prefill_timeout_seconds`."""
+
+    async def prefill(
+        self, address: str, path: str, body: bytes, *, request_id: str
+    ) -> Mapping[str, Any] | str:
+        """The `kv_transfer_params` the endpoint answered with, or why there are none."""
+        ...
+
+
 class Pipeline:
     """Built once at start-up with everything it needs; one per event loop."""
 
@@ -133,6 +152,7 @@ class Pipeline:
         learned: ApproxPrefixIndex | None = None,
         cost: CostLearner | None = None,
         tenancy: Tenancy | None = None,
+        prefiller: Prefiller | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -152,6 +172,10 @@ class Pipeline:
             requests=config.scheduling.saturation_requests,
         )
         self._tenancy = tenancy
+        self._disaggregation = config.disaggregation
+        if self._disaggregation.mode == "centralized" and prefiller is None:
+            raise ValueError("disaggregation.mode centralized needs a Prefiller")
+        self._prefiller = prefiller
         self._fair = (
             FairQueue(
                 has_room=self._has_room,
@@ -205,6 +229,13 @@ class Pipeline:
                 tenant=tenant,
             )
 
+        everyone = candidates
+        split = self._roles(request, candidates)
+        candidates = list(split.decode)
+        if split.prefill:
+            # A split pool: the decode endpoint is chosen by its own strategy (and the prefill
+            # endpoint, later, by `prefill_strategy`).
+            strategy = self._disaggregation.decode_strategy
         adapter = self._store.current.adapter(request.model) if request.model else None
         profile = self._strategies.get(strategy, adapter=adapter is not None)
         salt = _cache_salt(request)
@@ -221,7 +252,11 @@ class Pipeline:
             priority=tenant.priority if tenant is not None else 0,
         )
         probe: PromptProbe | None = None
-        if self._blocks is not None and request.model is not None and needs_blocks(profile):
+        if (
+            self._blocks is not None
+            and request.model is not None
+            and (needs_blocks(profile) or split.prefill)
+        ):
             probe = await self._blocks.probe(
                 request,
                 # An adapter's blocks are hashed with vLLM's LoRA extra key (name and path).
@@ -233,7 +268,7 @@ class Pipeline:
                 # whole prompt's, and a new prompt costs one chunk. A tenant's prompt is
                 # computed in full: its token limit and fair share charge the exact count, and
                 # after a wait in the fair queue it is matched against other candidates.
-                holds=prefix_holds(candidates, self._matcher) if tenant is None else None,
+                holds=prefix_holds(everyone, self._matcher) if tenant is None else None,
             )
             tokens = probe.tokens
             scheduling_request = dataclasses.replace(
@@ -241,8 +276,8 @@ class Pipeline:
                 prompt_tokens=tokens.token_count,
                 block_hashes=tokens.block_hashes,
             )
-            if self._matcher is not None and tokens.block_hashes:
-                candidates = with_prefix_matches(candidates, tokens.block_hashes, self._matcher)
+            split = self._matched(Roles(candidates, split.prefill), tokens.block_hashes)
+            candidates = list(split.decode)
 
         lease = None
         if tenant is not None:
@@ -259,11 +294,8 @@ class Pipeline:
                 self._give_back(lease, scheduling_request.prompt_tokens)
                 return waited
             if waited is not None:
-                candidates = waited
-                if self._matcher is not None and scheduling_request.block_hashes:
-                    candidates = with_prefix_matches(
-                        candidates, scheduling_request.block_hashes, self._matcher
-                    )
+                split = self._matched(self._roles(request, waited), scheduling_request.block_hashes)
+                candidates = list(split.decode)
 
         cost_model = self._cost.current() if self._cost is not None else None
         admission = admit(
@@ -286,22 +318,29 @@ class Pipeline:
             self._give_back(lease, scheduling_request.prompt_tokens)
             return self._refused(head, errors.no_ready_endpoint("this request", 1), tenant=tenant)
         targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
+        prefill = self._prefill_endpoint(scheduling_request, ranked.order[0], split, cost_model)
         if probe is not None:
-            self._learn(probe, targets[0])
-        prefill_seconds = (
-            cost_model.work(scheduling_request, ranked.order[0]) if cost_model is not None else 0.0
-        )
-        self._inflight.start(
-            targets[0], scheduling_request.prompt_tokens, prefill_seconds=prefill_seconds
-        )
+            self._learn(probe, targets[0] if prefill is None else prefill.address)
+        self._count_work(scheduling_request, ranked.order[0], prefill, cost_model)
         self._metrics.inflight.labels(targets[0]).inc()
         self._metrics.requests.labels(strategy, admission.outcome).inc()
         self._metrics.pick_seconds.labels(strategy).observe(time.perf_counter() - started)
         new_body = None
+        payload = request.payload
         if tenant is not None:
             self._served_tenant(tenant, scheduling_request.prompt_tokens)
-            if salt is not None and tenant.cache_isolation and request.api in _SALTED_APIS:
-                new_body = with_cache_salt(request.payload, salt)
+            if salt is not None and tenant.cache_isolation and request.api in _KV_APIS:
+                new_body = with_cache_salt(payload, salt)
+                payload = {**payload, "cache_salt": salt}
+        headers: tuple[tuple[str, str], ...] = ()
+        if prefill is not None and self._disaggregation.mode == "p2p":
+            headers = ((self._disaggregation.prefiller_header, prefill.address),)
+        elif prefill is not None:
+            params = await self._remote_prefill(head, prefill.address, payload)
+            if params is None:
+                prefill = None  # the decode endpoint computes the whole prompt
+            else:
+                new_body = decode_body(payload, params)
         explanation = None
         if self._config.scheduling.explain:
             explanation = (
@@ -311,6 +350,8 @@ class Pipeline:
                     profile, candidates, ranked, request=scheduling_request, cost_model=cost_model
                 )
             )
+            if prefill is not None:
+                explanation += f"; prefill {prefill.address}"
             log.info(
                 "decision %s %s: %s",
                 strategy,
@@ -328,6 +369,8 @@ class Pipeline:
             tenant=tenant,
             lease=lease,
             body=new_body,
+            headers=headers,
+            prefill=prefill.address if prefill is not None else None,
         )
 
     def finish(self, routed: Routed, *, served: str | None, usage: Usage | None) -> None:
@@ -386,6 +429,85 @@ class Pipeline:
             return
         if self._learned is not None and tokens.block_hashes:
             self._learned.record(target, tokens.block_hashes)
+
+    def _roles(self, request: ParsedRequest, candidates: Sequence[Candidate]) -> Roles:
+        """The candidates by role, when disaggregation is on and the request fills a KV cache;
+        else all of them serve it whole."""
+        if self._disaggregation.mode == "off" or request.api not in _KV_APIS:
+            return Roles(candidates)
+        return roles(candidates)
+
+    def _matched(self, split: Roles, hashes: Sequence[int]) -> Roles:
+        """Both halves' candidates with the leading blocks of the prompt each holds."""
+        if self._matcher is None or not hashes:
+            return split
+        return Roles(
+            with_prefix_matches(split.decode, hashes, self._matcher),
+            with_prefix_matches(split.prefill, hashes, self._matcher) if split.prefill else (),
+        )
+
+    def _prefill_endpoint(
+        self,
+        request: SchedulingRequest,
+        decode: Candidate,
+        split: Roles,
+        cost_model: CostModel | None,
+    ) -> Candidate | None:
+        """Where the prompt is computed, when not at the decode endpoint (`decode`)."""
+        if not split.prefill:
+            return None
+        mode = self._disaggregation.mode
+        if not worth_splitting(request, decode, self._disaggregation.threshold_tokens):
+            self._metrics.disaggregation.labels(mode, "local").inc()
+            return None
+        profile = self._strategies.get(self._disaggregation.prefill_strategy)
+        ranked = profile.schedule(request, split.prefill)
+        if not ranked.order or ranked.order[0].address == decode.address:
+            self._metrics.disaggregation.labels(mode, "local").inc()
+            return None
+        self._metrics.disaggregation.labels(mode, "disaggregated").inc()
+        return ranked.order[0]
+
+    def _count_work(
+        self,
+        request: SchedulingRequest,
+        decode: Candidate,
+        prefill: Candidate | None,
+        cost_model: CostModel | None,
+    ) -> None:
+        """The request is in flight at its decode endpoint until its response ends; its prompt
+        is predicted work at whichever endpoint computes it (the prefill endpoint's ends
+        unseen, so it is only predicted backlog there)."""
+        computes = decode if prefill is None else prefill
+        work = cost_model.work(request, computes) if cost_model is not None else 0.0
+        self._inflight.start(
+            decode.address, request.prompt_tokens, prefill_seconds=work if prefill is None else 0
+        )
+        if prefill is not None:
+            self._inflight.prefill(prefill.address, work)
+
+    async def _remote_prefill(
+        self, head: RequestHead, address: str, payload: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        """`centralized`: run the prefill on `address`; None when it failed (logged, counted),
+        and the decode endpoint then computes the prompt itself."""
+        assert self._prefiller is not None
+        outcome = await self._prefiller.prefill(
+            address,
+            head.path,
+            prefill_body(payload),
+            request_id=head.request_id,
+        )
+        if isinstance(outcome, str):
+            self._metrics.disaggregation.labels("centralized", "prefill_failed").inc()
+            log.warning(
+                "prefill on %s failed, decoding endpoint computes the prompt: %s",
+                address,
+                outcome,
+                extra={"request_id": head.request_id, "endpoint": address},
+            )
+            return None
+        return outcome
 
     def _candidates(
         self, model: str | None, subset: frozenset[str] | None
@@ -551,9 +673,9 @@ def needs_blocks(profile: Profile) -> bool:
     return any(w.scorer.name in _BLOCK_SCORERS for w in profile.scorers)
 
 
-_BLOCK_SCORERS = frozenset({"prefix-cache-scorer", "cost-scorer"})
-# The APIs whose requests fill the KV cache, and so take a cache salt.
-_SALTED_APIS = frozenset({Api.COMPLETIONS, Api.CHAT})
+_BLOCK_SCORERS = frozenset({"prefix-cache-scorer", "cost-scorer", "price-scorer"})
+# The APIs whose requests fill the KV cache: they take a cache salt, and may be disaggregated.
+_KV_APIS = frozenset({Api.COMPLETIONS, Api.CHAT})
 
 
 def _cache_salt(request: ParsedRequest) -> str | None:

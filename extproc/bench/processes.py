@@ -161,11 +161,12 @@ def picker_ready_endpoints(metrics_port: int) -> float:
 def picker_argv(
     config: Path, endpoints: Sequence[str], *, grpc: int, health: int, metrics: int
 ) -> list[str]:
-    """`extproc serve` on loopback with `config`, the endpoints and the three ports."""
+    """`extproc serve` on loopback with `config`, the endpoints and the three ports. Without
+    `endpoints`, those of the config file (which may give roles, GPU types and prices)."""
     return [
         sys.executable,
         *("-m", "extproc.cli", "serve", "--config", str(config), "--host", "127.0.0.1"),
-        *("--endpoints", ",".join(endpoints)),
+        *(("--endpoints", ",".join(endpoints)) if endpoints else ()),
         *("--grpc-port", str(grpc), "--health-port", str(health)),
         *("--metrics-port", str(metrics), "--log-level", "WARNING"),
     ]

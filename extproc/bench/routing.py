@@ -276,19 +276,19 @@ class Ports:
     router_metrics: int
 
 
-def _allocate_ports(pods: int) -> Ports:
+def allocate_ports(pods: int) -> Ports:
     singles = free_ports(10)
     sim = free_port_range(pods, set(singles))
     kv = free_port_range(2 * pods, {*singles, *range(sim, sim + pods)})
     return Ports(sim, kv, *singles)
 
 
-def _endpoints(ports: Ports, pods: int) -> tuple[str, ...]:
+def endpoint_addresses(ports: Ports, pods: int) -> tuple[str, ...]:
     # Envoy's pool and the picker's --endpoints must name the same ip:port strings.
     return tuple(f"127.0.0.1:{ports.sim + i}" for i in range(pods))
 
 
-def _start_fleet(
+def start_fleet(
     stack: contextlib.ExitStack, argv: Sequence[str], *, log: Path, attempts: int = 3
 ) -> subprocess.Popen[str]:
     """The fleet for one run. Its ports were chosen free at the start of the benchmark (Envoy's
@@ -332,7 +332,7 @@ def _binary(name: str) -> str:
 
 
 def _router_argv(competitor: Competitor, options: RoutingOptions, ports: Ports) -> list[str]:
-    urls = [f"http://{e}" for e in _endpoints(ports, options.pods)]
+    urls = [f"http://{e}" for e in endpoint_addresses(ports, options.pods)]
     listen = ["--host", "127.0.0.1", "--port", str(ports.router)]
     metrics = ["--prometheus-port", str(ports.router_metrics)]
     policy = ["--policy", competitor.policy]
@@ -359,7 +359,7 @@ def _router_argv(competitor: Competitor, options: RoutingOptions, ports: Ports) 
 def _picker_argv(options: RoutingOptions, ports: Ports, *, config: Path) -> list[str]:
     return picker_argv(
         config,
-        _endpoints(ports, options.pods),
+        endpoint_addresses(ports, options.pods),
         grpc=ports.grpc,
         health=ports.health,
         metrics=ports.metrics,
@@ -453,7 +453,7 @@ def _cpu_of(pid: int | None) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class _CpuMark:
+class CpuMark:
     wall: float
     machine_busy: float
     fleet: float
@@ -462,7 +462,7 @@ class _CpuMark:
     loadgen: float
 
     @classmethod
-    def now(cls, fleet: int, front: int | None, envoy: int) -> _CpuMark:
+    def now(cls, fleet: int, front: int | None, envoy: int) -> CpuMark:
         return cls(
             time.monotonic(),
             _machine_busy()[0],
@@ -472,7 +472,7 @@ class _CpuMark:
             time.process_time(),
         )
 
-    def until(self, end: _CpuMark) -> CpuUse:
+    def until(self, end: CpuMark) -> CpuUse:
         wall = max(end.wall - self.wall, 1e-9)
         return CpuUse(
             machine=(end.machine_busy - self.machine_busy) / wall,
@@ -521,7 +521,7 @@ async def _send(
     return _Sent(index, status, sent, answered, str(data.get("id", "")), tokens, "")
 
 
-async def _drive(
+async def drive(
     base_url: str,
     workload: wl.Workload,
     bodies: Sequence[bytes],
@@ -582,7 +582,7 @@ async def _drive(
         return results
 
 
-def _fetch_json(url: str, payload: Any | None = None) -> Any:
+def fetch_json(url: str, payload: Any | None = None) -> Any:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -737,7 +737,7 @@ def _one_run(
     ]
     headers = {"content-type": "application/json"}
     with contextlib.ExitStack() as stack:
-        fleet = _start_fleet(stack, sim_argv, log=logs / f"{tag}.fleet.log")
+        fleet = start_fleet(stack, sim_argv, log=logs / f"{tag}.fleet.log")
         front: subprocess.Popen[str] | None = None
         if competitor.kind == "picker":
             config = logs / "picker.yaml"
@@ -768,10 +768,10 @@ def _one_run(
             base_url = f"http://127.0.0.1:{ports.router}"
         records_url = f"http://127.0.0.1:{ports.records}"
         front_pid = front.pid if front is not None else None
-        mark = _CpuMark.now(fleet.pid, front_pid, envoy_pid)
+        mark = CpuMark.now(fleet.pid, front_pid, envoy_pid)
         total = len(workload.requests)
         sent = asyncio.run(
-            _drive(
+            drive(
                 base_url,
                 workload,
                 bodies,
@@ -782,9 +782,9 @@ def _one_run(
                 on_answer=lambda n: progress.tick(n, total),
             )
         )
-        end = _CpuMark.now(fleet.pid, front_pid, envoy_pid)
-        records = _fetch_json(f"{records_url}/records", {"ids": [s.response_id for s in sent]})
-        stats = _fetch_json(f"{records_url}/stats")["servers"]
+        end = CpuMark.now(fleet.pid, front_pid, envoy_pid)
+        records = fetch_json(f"{records_url}/records", {"ids": [s.response_id for s in sent]})
+        stats = fetch_json(f"{records_url}/stats")["servers"]
     return summarize(
         workload=workload,
         rate=rate,
@@ -856,12 +856,12 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
         plans.append((workload, bodies, blocks, oracle))
     total = sum(len(options.rates[w.name]) for w in workloads) * len(competitors)
     bar = Progress(total, enabled=progress)
-    ports = _allocate_ports(options.pods)
+    ports = allocate_ports(options.pods)
     results: list[RunResult] = []
     with (
         (logs / "envoy.log").open("w") as envoy_log,
         running_envoy(
-            envoy_bootstrap(ports, _endpoints(ports, options.pods)),
+            envoy_bootstrap(ports, endpoint_addresses(ports, options.pods)),
             admin_port=ports.admin,
             concurrency=options.envoy_concurrency,
             stdout=subprocess.DEVNULL,
@@ -978,6 +978,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="an EndpointPickerConfig YAML for the picker; --strategies may name its profiles",
     )
+    parser.add_argument(
+        "--workload",
+        choices=("pd",),
+        default=None,
+        help="pd: prefill/decode disaggregation (p2p, centralized) against aggregated serving "
+        "on the same GPUs, at several prompt/output mixes (extproc.bench.disagg)",
+    )
+    parser.add_argument(
+        "--fleet",
+        choices=("mixed",),
+        default=None,
+        help="mixed: 4 A100 + 4 H100, price-blind `cost` against `cheapest` "
+        "(cost per million tokens at a p90 TTFT target)",
+    )
+    parser.add_argument(
+        "--pd-split", default=None, help="--workload pd: prefill:decode servers (4:4)"
+    )
+    parser.add_argument(
+        "--prices",
+        default=None,
+        help="--fleet mixed: cost per GPU-hour, e.g. a100=1.8,h100=3.5 (assumed list prices)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> RoutingOptions:
@@ -1008,6 +1030,11 @@ def _scheduling(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from extproc.bench.report import render_text, write_report
+
+    if args.workload == "pd" or args.fleet == "mixed":
+        from extproc.bench import disagg
+
+        return disagg.run(args)
 
     try:
         options = options_from_args(args)

@@ -9,7 +9,13 @@ runs `SimFleet(SimConfig(**json))` exactly as `extproc sim` would, prints the sa
   request (`ServerHandle.finished`: arrival, first token and finish in simulated seconds, cached
   tokens, preemptions), or null when unknown. Response ids name their server
   (`chatcmpl-{index}-{n}`), which is how a record is found without searching every server.
-- `GET /stats`: every server's counters (`ServerHandle.stats`) and its simulated clock.
+- `GET /stats`: every server's counters (`ServerHandle.stats`, `busy_seconds` included), its
+  simulated clock and its profile name.
+
+All servers count simulated time from one origin, so a disaggregated request's records on its
+prefill and decode servers compare: its TTFT is the decode record's
+`first_token - min(arrival, prefill_arrival)`. A mixed fleet's `profiles` may be given as a
+list or as a spec string ("a100-8b:4,h100-8b:4"), which also sets `pods` when that is absent.
 
 Why not `extproc sim` and its `/metrics`: TTFT histograms have vLLM's coarse buckets, so p90 and
 p99 read from them would be bucket edges; the records give every request's simulated TTFT
@@ -32,6 +38,7 @@ from aiohttp import web
 
 from extproc.prefix.hashing import resolve_seed
 from extproc.sim.fleet import READY_LINE, ServerHandle, SimConfig, SimFleet
+from extproc.sim.profiles import parse_profile_spec
 
 
 def _server_of(request_id: str, servers: list[ServerHandle]) -> ServerHandle | None:
@@ -60,7 +67,12 @@ def _app(fleet: SimFleet) -> web.Application:
         return web.json_response(
             {
                 "servers": [
-                    {"index": s.index, "sim_time": s.sim_time(), **asdict(s.stats())}
+                    {
+                        "index": s.index,
+                        "sim_time": s.sim_time(),
+                        "profile": s.profile,
+                        **asdict(s.stats()),
+                    }
                     for s in fleet.servers
                 ]
             }
@@ -88,11 +100,21 @@ async def serve(config: SimConfig, records_port: int) -> None:
             await runner.cleanup()
 
 
-def main() -> None:
-    fields = json.loads(sys.argv[1])
+def config_from_json(text: str) -> SimConfig:
+    fields = json.loads(text)
     # As `extproc sim` does (vLLM's rule): PYTHONHASHSEED, when set, seeds NONE_HASH.
     fields.setdefault("hash_seed", resolve_seed(os.environ))
-    config = SimConfig(**fields)
+    profiles = fields.get("profiles")
+    if isinstance(profiles, str):
+        profiles = parse_profile_spec(profiles)
+    if profiles:
+        fields["profiles"] = tuple(profiles)
+        fields.setdefault("pods", len(profiles))
+    return SimConfig(**fields)
+
+
+def main() -> None:
+    config = config_from_json(sys.argv[1])
     records_port = int(sys.argv[2])
     with contextlib.suppress(ImportError):
         import uvloop

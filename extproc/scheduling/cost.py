@@ -111,9 +111,22 @@ class CostModel:
     mean_prompt_tokens: float | None = None  # learned; None: parameters.mean_prompt_tokens
     mean_output_tokens: float | None = None  # learned; None: parameters.mean_output_tokens
     prior: EndpointCost = EndpointCost()
+    # Endpoints not learned yet are taken for the mean of their own GPU type when some of that
+    # type have been learned (`accelerators`: address -> type; `priors`: type -> estimate).
+    accelerators: Mapping[str, str] = field(default_factory=dict)
+    priors: Mapping[str, EndpointCost] = field(default_factory=dict)
 
     def estimate(self, address: str) -> EndpointCost:
-        return self.estimates.get(address, self.prior)
+        learned = self.estimates.get(address)
+        if learned is not None:
+            return learned
+        return self.priors.get(self.accelerators.get(address, ""), self.prior)
+
+    def output_tokens(self, request: SchedulingRequest) -> float:
+        """Tokens the request is expected to generate: its `max_tokens`, else the typical."""
+        return float(
+            request.max_tokens or self.mean_output_tokens or self.parameters.mean_output_tokens
+        )
 
     def predict(self, request: SchedulingRequest, candidate: Candidate) -> Prediction:
         """TTFT = queue wait + our prefill + decode interference + adapter load."""
@@ -336,8 +349,19 @@ class CostLearner:
     A counter that goes down (a restarted server) starts a new window and keeps the estimates.
     """
 
-    def __init__(self, parameters: CostParameters | None = None) -> None:
+    def __init__(
+        self,
+        parameters: CostParameters | None = None,
+        *,
+        speeds: Mapping[str, float] | None = None,
+    ) -> None:
+        """`speeds`: accelerator -> prefill tokens per second, the prior of endpoints of that
+        type (config `fleet.speeds`). Windows where requests never wait only ever raise an
+        estimate (they show a lower bound), so a GPU slower than the prior would otherwise
+        keep the prior's speed until it is swamped."""
         self._parameters = parameters or CostParameters()
+        self._speeds = dict(speeds or {})
+        self._accelerators: dict[str, str] = {}
         self._windows: dict[str, _Window] = {}
         self._estimates: dict[str, EndpointCost] = {}
         self._mean_prompt: float | None = None
@@ -364,21 +388,37 @@ class CostLearner:
         )
 
     def update(self, snapshot: Snapshot) -> None:
-        present = set()
+        accelerators: dict[str, str] = {}
         for endpoint in snapshot.endpoints:
-            present.add(endpoint.address)
+            accelerators[endpoint.address] = endpoint.accelerator
+        self._accelerators = accelerators
+        for endpoint in snapshot.endpoints:
             if endpoint.stats is not None:
                 self._observe(endpoint.address, endpoint.stats)
-        for gone in self._windows.keys() - present:
+        for gone in self._windows.keys() - accelerators.keys():
             del self._windows[gone]
             self._estimates.pop(gone, None)
+        by_type: dict[str, list[EndpointCost]] = {}
+        for address, estimate in self._estimates.items():
+            if (kind := accelerators.get(address, "")) and estimate.samples > 0:
+                by_type.setdefault(kind, []).append(estimate)
         self._model = CostModel(
             estimates=dict(self._estimates),
             parameters=self._parameters,
             mean_prompt_tokens=self._mean_prompt,
             mean_output_tokens=self._mean_output,
             prior=_fleet_prior(self._estimates.values()),
+            accelerators=accelerators,
+            priors={
+                **{kind: self._type_prior(kind) for kind in self._speeds},
+                **{kind: _fleet_prior(group) for kind, group in by_type.items()},
+            },
         )
+
+    def _type_prior(self, kind: str) -> EndpointCost:
+        """What an endpoint of GPU type `kind` is taken for before it has been learned."""
+        speed = self._speeds.get(kind)
+        return EndpointCost() if speed is None else EndpointCost(tokens_per_second=speed)
 
     def _observe(self, address: str, stats: EndpointStats) -> None:
         window = self._windows.get(address)
@@ -395,13 +435,13 @@ class CostLearner:
         dt = stats.read_at - window.start.read_at
         if dt < _MIN_WINDOW_SECONDS:
             return
-        self._estimates[address] = self._learn(self._estimates.get(address), window, stats, dt)
+        old = self._estimates.get(address) or self._type_prior(self._accelerators.get(address, ""))
+        self._estimates[address] = self._learn(old, window, stats, dt)
         self._windows[address] = _window(stats)
 
     def _learn(
-        self, old: EndpointCost | None, window: _Window, end: EndpointStats, dt: float
+        self, est: EndpointCost, window: _Window, end: EndpointStats, dt: float
     ) -> EndpointCost:
-        est = old or EndpointCost()
         start = window.start
         hits = end.prefix_cache_hits - start.prefix_cache_hits
         queries = end.prefix_cache_queries - start.prefix_cache_queries
@@ -440,7 +480,8 @@ class CostLearner:
 
 
 def _fleet_prior(estimates: Iterable[EndpointCost]) -> EndpointCost:
-    """What an endpoint we have not learned yet is taken for: the mean speed of those we have.
+    """What an endpoint we have not learned yet is taken for: the mean speed of those we have
+    (of its own GPU type when it has one and some of that type are learned).
 
     With the fixed prior instead, a fleet splits into the endpoints that have served (their
     learned speed, a little above or below the prior) and the idle ones (the prior), and when

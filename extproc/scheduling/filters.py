@@ -73,3 +73,26 @@ class LowKvCacheFilter:
     ) -> Sequence[Candidate]:
         kept = [c for c in candidates if c.stats is None or c.stats.kv_usage <= self.threshold]
         return kept or candidates
+
+
+class PrefillFilter:
+    """Keeps endpoints that take prefills (role `prefill` or `both`), llm-d's `prefill-filter`.
+    Unlike the others it may leave none: a role is a deployment's decision, not a preference."""
+
+    name = "prefill-filter"
+
+    def filter(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> Sequence[Candidate]:
+        return [c for c in candidates if c.endpoint.prefills]
+
+
+class DecodeFilter:
+    """Keeps endpoints that generate (role `decode` or `both`), llm-d's `decode-filter`."""
+
+    name = "decode-filter"
+
+    def filter(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> Sequence[Candidate]:
+        return [c for c in candidates if c.endpoint.decodes]

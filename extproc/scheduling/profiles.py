@@ -36,13 +36,16 @@ from typing import Literal, TypeAlias, cast
 from extproc.config import ConfigError
 from extproc.scheduling.cost import CostModel, CostParameters, CostScorer
 from extproc.scheduling.filters import (
+    DecodeFilter,
     LoraAffinityFilter,
     LowKvCacheFilter,
     LowQueueFilter,
     PreferUnsaturated,
+    PrefillFilter,
 )
 from extproc.scheduling.framework import Profile, WeightedScorer
 from extproc.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker
+from extproc.scheduling.price import PriceScorer
 from extproc.scheduling.scorers import (
     InFlightTokensScorer,
     KvCacheUtilizationScorer,
@@ -151,12 +154,23 @@ def _cost(params: _Params, ctx: _Context) -> Plugin:
     return CostScorer(ctx.cost_model, parameters if parameters != d else None)
 
 
+def _price(params: _Params, ctx: _Context) -> Plugin:
+    return PriceScorer(ctx.cost_model, params.number("ttftTargetSeconds", 0.5, minimum=0.001))
+
+
 def _low_queue(params: _Params, ctx: _Context) -> Plugin:
     return LowQueueFilter(params.number("threshold", 5.0))
 
 
 def _low_kv(params: _Params, ctx: _Context) -> Plugin:
     return LowKvCacheFilter(params.number("threshold", 0.8, maximum=1.0))
+
+
+def _pd_handler(params: _Params, ctx: _Context) -> Plugin:
+    params.ignored(
+        "threshold", "hashBlockSize", "prefixPluginName", "decodeProfile", "prefillProfile"
+    )
+    return None
 
 
 def _picker(factory: Callable[[random.Random], Picker]) -> Callable[[_Params, _Context], Plugin]:
@@ -187,11 +201,19 @@ PLUGIN_TYPES: Mapping[str, PluginType] = MappingProxyType(
         "in-flight-tokens-scorer": PluginType("scorer", _no_params(InFlightTokensScorer)),
         "session-affinity-scorer": PluginType("scorer", _no_params(SessionAffinityScorer)),
         "cost-scorer": PluginType("scorer", _cost),
+        "price-scorer": PluginType("scorer", _price),
+        # llm-d's prefill/decode filters: endpoints by role (`fleet.role_label`).
+        "prefill-filter": PluginType("filter", _no_params(PrefillFilter)),
+        "decode-filter": PluginType("filter", _no_params(DecodeFilter)),
         "max-score-picker": PluginType("picker", _picker(MaxScorePicker)),
         "random-picker": PluginType("picker", _picker(RandomPicker)),
         "round-robin-picker": PluginType("picker", _picker(lambda _rng: RoundRobinPicker())),
         # One profile per request is all we run; the field's configs list this handler.
         "single-profile-handler": PluginType("handler", _no_params(lambda: None)),
+        # llm-d's P/D handlers: here the `disaggregation` section does their work (its
+        # threshold, and the prefiller header), naming the two profiles by strategy.
+        "pd-profile-handler": PluginType("handler", _pd_handler),
+        "prefill-header-handler": PluginType("handler", _no_params(lambda: None)),
     }
 )
 

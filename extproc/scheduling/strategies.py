@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from extproc.scheduling.cost import CostModel, CostScorer
 from extproc.scheduling.filters import PreferUnsaturated
 from extproc.scheduling.framework import Profile, WeightedScorer
 from extproc.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker
+from extproc.scheduling.price import PriceScorer
 from extproc.scheduling.scorers import (
     InFlightTokensScorer,
     KvCacheUtilizationScorer,
@@ -30,9 +32,17 @@ from extproc.scheduling.types import Scorer
 
 CostModelSource = Callable[[], CostModel]
 
-# Strategies that are a single scorer, and so can be blended with weights. Each factory gets
-# the cost model's source (only `cost` reads it).
-_SCORERS: Mapping[str, Callable[[CostModelSource], Scorer]] = MappingProxyType(
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """What scorer factories may read: the cost model's source, the `cheapest` target."""
+
+    cost_model: CostModelSource
+    ttft_target_seconds: float
+
+
+# Strategies that are a single scorer, and so can be blended with weights.
+_SCORERS: Mapping[str, Callable[[_Inputs], Scorer]] = MappingProxyType(
     {
         "least-request": lambda _: LeastRequestScorer(),
         "least-queue": lambda _: QueueScorer(),
@@ -42,7 +52,8 @@ _SCORERS: Mapping[str, Callable[[CostModelSource], Scorer]] = MappingProxyType(
         "prefix-cache": lambda _: PrefixCacheScorer(),
         "lora-affinity": lambda _: LoraAffinityScorer(),
         "session-affinity": lambda _: SessionAffinityScorer(),
-        "cost": CostScorer,
+        "cost": lambda inputs: CostScorer(inputs.cost_model),
+        "cheapest": lambda inputs: PriceScorer(inputs.cost_model, inputs.ttft_target_seconds),
     }
 )
 _PLAIN = ("random", "round-robin")
@@ -113,10 +124,11 @@ class Strategies:
         *,
         profiles: Mapping[str, Profile] | None = None,
         cost_model: CostModelSource | None = None,
+        ttft_target_seconds: float = 0.5,
     ) -> None:
         self._rng = rng or random.Random()
         self._configured = dict(profiles or {})
-        self._cost_model: CostModelSource = cost_model or CostModel
+        self._inputs = _Inputs(cost_model or CostModel, ttft_target_seconds)
         self._profiles: dict[tuple[str, bool], Profile] = {}
 
     def names(self) -> list[str]:
@@ -143,10 +155,10 @@ class Strategies:
         if name == "round-robin":
             return Profile(name, filters, (), RoundRobinPicker())
         blend = parse_blend(_DEFAULT_BLENDS.get(name, name))
-        if adapter and all(s not in ("lora-affinity", "cost") for s, _ in blend):
+        if adapter and all(s not in ("lora-affinity", "cost", "cheapest") for s, _ in blend):
             # An adapter's request goes where the adapter is in the running batch, else where a
             # slot is free, whatever the strategy: a cold adapter costs a load before any token.
             # (The cost model prices adapter loads itself.)
             blend.append(("lora-affinity", _LORA_WEIGHT))
-        scorers = tuple(WeightedScorer(_SCORERS[s](self._cost_model), w) for s, w in blend)
+        scorers = tuple(WeightedScorer(_SCORERS[s](self._inputs), w) for s, w in blend)
         return Profile(name, filters, scorers, MaxScorePicker(self._rng))

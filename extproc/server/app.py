@@ -34,6 +34,7 @@ from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
 from extproc.server.health import Health
 from extproc.server.logs import configure_logging
+from extproc.server.prefill import HttpPrefiller
 from extproc.server.stream import StreamHandler
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
@@ -82,14 +83,14 @@ class PickerServer:
         self.config = config
         self.metrics = PickerMetrics()
         self.store = SnapshotStore()
-        self.pool = PoolState(self.store)
+        self.pool = PoolState(self.store, prices=config.fleet.prices)
         self.inflight = InFlight()
         self.index = (
             PrefixIndex(max_entries=config.kv_events.max_entries)
             if config.kv_events.enabled
             else None
         )
-        self.cost = CostLearner()
+        self.cost = CostLearner(speeds=config.fleet.speeds)
         self.blocks = PromptBlocks(blocks_settings(config))
         precise = self.index is not None and config.prefix.index != "approximate"
         self.learned = None if precise else ApproxPrefixIndex()
@@ -105,6 +106,11 @@ class PickerServer:
             if self.tenancy is not None
             else None
         )
+        self.prefiller = (
+            HttpPrefiller(config.disaggregation.prefill_timeout_seconds)
+            if config.disaggregation.mode == "centralized"
+            else None
+        )
         self.pipeline = Pipeline(
             config,
             self.store,
@@ -116,6 +122,7 @@ class PickerServer:
             learned=self.learned,
             cost=self.cost,
             tenancy=self.tenancy,
+            prefiller=self.prefiller,
         )
         self.pool.on_publish(self._on_snapshot)
         self.health = Health()
@@ -230,6 +237,8 @@ class PickerServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.pipeline.aclose()
+        if self.prefiller is not None:
+            await self.prefiller.aclose()
         if self.tenancy is not None:
             await self.tenancy.aclose()
         await self.state.stop()
@@ -283,7 +292,11 @@ def strategies_for(config: Config, cost: CostLearner | None = None) -> Strategie
         )
     except ConfigError as exc:
         raise ConfigError(f"scheduling.endpoint_picker_config.{exc.key}", exc.problem) from exc
-    return Strategies(profiles=profiles, cost_model=cost.current if cost is not None else None)
+    return Strategies(
+        profiles=profiles,
+        cost_model=cost.current if cost is not None else None,
+        ttft_target_seconds=config.scheduling.ttft_target_seconds,
+    )
 
 
 def discovery_for(
@@ -295,7 +308,7 @@ def discovery_for(
     """Where endpoints come from: InferencePools, the config file at `config_path` (reloaded on
     change, with the same flag overrides), or the fixed list in `config`."""
     if config.discovery.kubernetes is not None:
-        return KubernetesDiscovery(config.discovery.kubernetes)
+        return KubernetesDiscovery(config.discovery.kubernetes, fleet=config.fleet)
     if config_path is not None:
         return StaticDiscovery(config_path, overrides=overrides)
     return FixedDiscovery(config.endpoints)
@@ -384,11 +397,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         except ConfigError as exc:
             raise ConfigError(f"--endpoints {exc.key}", exc.problem) from exc
         config = dataclasses.replace(config, endpoints=endpoints)
-    try:
-        configured = strategies_for(config).names()
-        validate_strategy_name(config.routing.strategy, configured=configured)
-    except ValueError as exc:
-        raise ConfigError("routing.strategy", str(exc)) from exc
+    configured = strategies_for(config).names()
+    for key, name in (
+        ("routing.strategy", config.routing.strategy),
+        ("disaggregation.prefill_strategy", config.disaggregation.prefill_strategy),
+        ("disaggregation.decode_strategy", config.disaggregation.decode_strategy),
+    ):
+        try:
+            validate_strategy_name(name, configured=configured)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from exc
     if config.discovery.kubernetes is not None and config.endpoints:
         raise ConfigError(
             "discovery.kubernetes",

@@ -40,9 +40,13 @@ RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 
 
 def _routing(
-    targets: str, request_id: str, explanation: str | None, content_length: int | None = None
+    targets: str,
+    request_id: str,
+    explanation: str | None,
+    content_length: int | None = None,
+    extra: tuple[tuple[str, str], ...] = (),
 ) -> tuple[CommonResponse, Struct]:
-    headers = [(DESTINATION, targets)]
+    headers = [(DESTINATION, targets), *extra]
     if explanation is not None:
         headers.append((SCORES, explanation))
     if content_length is not None:
@@ -70,23 +74,30 @@ def route_in_headers(
     request_id: str,
     explanation: str | None = None,
     content_length: int | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
 ) -> ProcessingResponse:
     """The answer to the request headers: destination header, envoy.lb metadata, new route.
-    `content_length` is the length of a rewritten body, which follows as streamed chunks."""
-    common, metadata = _routing(targets, request_id, explanation, content_length)
+    `content_length` is the length of a rewritten body, which follows as streamed chunks;
+    `headers` are set on the upstream request too (the prefill endpoint's name)."""
+    common, metadata = _routing(targets, request_id, explanation, content_length, headers)
     return ProcessingResponse(
         request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
     )
 
 
 def route_in_body(
-    targets: str, *, request_id: str, explanation: str | None = None, body: bytes | None = None
+    targets: str,
+    *,
+    request_id: str,
+    explanation: str | None = None,
+    body: bytes | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
 ) -> ProcessingResponse:
     """The same answer given on the body, for BUFFERED mode where headers were answered first
     (Envoy still holds them, so the header mutation applies). `body` replaces the buffered body;
     Envoy leaves content-length as the client sent it, so it is set here."""
     content_length = len(body) if body is not None else None
-    common, metadata = _routing(targets, request_id, explanation, content_length)
+    common, metadata = _routing(targets, request_id, explanation, content_length, headers)
     if body is not None:
         common.body_mutation.body = body
     return ProcessingResponse(request_body=BodyResponse(response=common), dynamic_metadata=metadata)

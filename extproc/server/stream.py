@@ -226,13 +226,14 @@ class StreamHandler:
         state.request_id = f"{self._prefix}-{next(self._names)}"
         targets = ",".join(outcome.targets)
         log.debug(
-            "routed %s %s model=%s tenant=%s strategy=%s to %s",
+            "routed %s %s model=%s tenant=%s strategy=%s to %s prefill=%s",
             state.head.method,
             state.head.path,
             outcome.request.model,
             outcome.tenant.name if outcome.tenant is not None else "-",
             outcome.strategy,
             targets,
+            outcome.prefill or "-",
         )
         explanation = outcome.explanation
         if in_headers:
@@ -241,9 +242,14 @@ class StreamHandler:
                 request_id=state.request_id,
                 explanation=explanation,
                 content_length=len(outcome.body) if outcome.body is not None else None,
+                headers=outcome.headers,
             )
         return reply.route_in_body(
-            targets, request_id=state.request_id, explanation=explanation, body=outcome.body
+            targets,
+            request_id=state.request_id,
+            explanation=explanation,
+            body=outcome.body,
+            headers=outcome.headers,
         )
 
     def _refuse(self, error: OpenAIError) -> NoReturn:

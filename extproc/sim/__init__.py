@@ -1,6 +1,8 @@
 """A simulated vLLM fleet: N servers in one asyncio process, each with vLLM's HTTP surface, a
 discrete-step engine (continuous batching, chunked prefill, a block-level prefix cache with
-vLLM's exact hashes, preemption, LoRA), vLLM's metrics and KV-cache events over ZMQ.
+vLLM's exact hashes, preemption, LoRA, prefill/decode disaggregation as vLLM's NixlConnector and
+the llm-d routing sidecar do it), vLLM's metrics and KV-cache events over ZMQ. Servers may run
+different GPU profiles (a mixed fleet) and count their busy time.
 
 Modules, bottom up: `profiles` (step-time tables), `cache` (the KV block pool), `engine` (the
 step loop), `metrics`, `events` (ZMQ publisher and replay), `faults`, `server` (HTTP), `fleet`

@@ -12,7 +12,7 @@ import sys
 
 from extproc.prefix.hashing import HASH_ALGOS, resolve_seed
 from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE, SimConfig, SimFleet
-from extproc.sim.profiles import PROFILES
+from extproc.sim.profiles import PROFILES, parse_profile_spec
 
 logger = logging.getLogger("extproc.sim")
 
@@ -24,13 +24,32 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _profile_spec(text: str) -> tuple[str, ...]:
+    try:
+        return parse_profile_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
-    p.add_argument("--pods", type=int, default=1, help="number of simulated servers")
+    p.add_argument(
+        "--pods",
+        type=int,
+        default=None,
+        help="number of simulated servers (default: 1, or as many as --profiles names)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="first port; server i uses port+i")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--profile", default="h100-8b", choices=sorted(PROFILES))
+    p.add_argument(
+        "--profiles",
+        type=_profile_spec,
+        default=(),
+        metavar="NAME:N,...",
+        help="a mixed fleet, e.g. a100-8b:4,h100-8b:4 (server i runs the i-th; sets --pods)",
+    )
     p.add_argument("--speed", type=float, default=1.0, help="divide every simulated duration")
     p.add_argument(
         "--tokenizer",
@@ -63,18 +82,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events-legacy-arrays", action="store_true")
     p.add_argument("--kv-events-bytes-hashes", action="store_true", help="raw digests, not ints")
     p.add_argument("--no-kv-events-replay", action="store_true")
+    p.add_argument(
+        "--kv-transfer-bandwidth",
+        type=float,
+        default=25e9,
+        help="bytes/s of a decode server's link for KV pulls (assumption: 200 Gb/s RDMA)",
+    )
+    p.add_argument("--kv-transfer-latency-seconds", type=float, default=0.001)
+    p.add_argument(
+        "--kv-transfer-timeout-seconds",
+        type=float,
+        default=480.0,
+        help="held prefill blocks are freed after this (vLLM: VLLM_NIXL_ABORT_REQUEST_TIMEOUT)",
+    )
     p.add_argument("--control-port", type=int, default=None, help="fleet fault-control HTTP port")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
+    profiles: tuple[str, ...] = args.profiles
     return SimConfig(
-        pods=args.pods,
+        pods=args.pods or len(profiles) or 1,
         host=args.host,
         port=args.port,
         model=args.model,
         profile=args.profile,
+        profiles=profiles,
         speed=args.speed,
         tokenizer=args.tokenizer,
         block_size=args.block_size,
@@ -100,6 +134,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_events_replay=not args.no_kv_events_replay,
         kv_events_legacy_arrays=args.kv_events_legacy_arrays,
         kv_events_int_hashes=not args.kv_events_bytes_hashes,
+        kv_transfer_bandwidth=args.kv_transfer_bandwidth,
+        kv_transfer_latency_seconds=args.kv_transfer_latency_seconds,
+        kv_transfer_timeout_seconds=args.kv_transfer_timeout_seconds,
         control_port=args.control_port,
         seed=args.seed,
     )
@@ -113,9 +150,10 @@ async def serve(config: SimConfig) -> None:
     async with SimFleet(config) as fleet:
         for handle in fleet.servers:
             logger.info(
-                "server %d: %s kv-events=%s replay=%s",
+                "server %d: %s profile=%s kv-events=%s replay=%s",
                 handle.index,
                 handle.url,
+                handle.profile,
                 handle.kv_events_endpoint,
                 handle.kv_replay_endpoint,
             )

@@ -15,11 +15,20 @@ finished its prompt. Work per step is O(scheduled requests); idle servers wait o
 
 Output tokens are a fixed filler sequence; a request always produces `max_tokens` tokens and
 finishes with reason "length" (no EOS model).
+
+Prefill/decode disaggregation follows vLLM's NixlConnector. A request submitted with
+`remote_decode` (a prefill request) keeps its KV blocks when it finishes, until a decode engine
+has pulled them (`release_held`) or `kv_transfer_timeout_seconds` pass. A request submitted with
+a `KVSource` (a decode request) uses its local prefix cache, allocates blocks for the whole
+prompt, then waits off the batch (vLLM's WAITING_FOR_REMOTE_KVS) while the rest of the prompt's
+blocks cross the link; it then recomputes only the last prompt token. If the remote blocks are
+gone it prefills locally, as vLLM's default `kv_load_failure_policy` "recompute" does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +44,12 @@ from extproc.prefix.hashing import (
 from extproc.sim.cache import Block, BlockPool, CacheEvent
 from extproc.sim.profiles import StepProfile
 
+logger = logging.getLogger(__name__)
+
 _WAITING: Final = 0
 _RUNNING: Final = 1
 _FINISHED: Final = 2
+_TRANSFERRING: Final = 3  # waiting for its prompt's KV from a remote engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +75,11 @@ class EngineConfig:
     max_loras: int = 1
     lora_swap_ms: float = 2.0  # copying an adapter into a GPU slot: an assumption
     filler_token_ids: tuple[int, ...] = (1820,)  # cl100k " the"
+    # KV pulls: one 200 Gb/s RDMA link per engine and a fixed per-pull latency (assumptions), and
+    # how long a prefill keeps blocks nobody pulls (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    kv_transfer_bandwidth: float = 25e9  # bytes per second
+    kv_transfer_latency_seconds: float = 0.001
+    kv_transfer_timeout_seconds: float = 480.0
 
     @property
     def block_size(self) -> int:
@@ -71,7 +88,22 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class FinishedRequest:
-    """Timings of one finished request, in simulated seconds, for the latency histograms."""
+    """Timings of one finished request, in simulated seconds, for the latency histograms.
+
+    Times are on the fleet's shared simulated clock, so records of different servers compare.
+    `cached_tokens` is what vLLM reports in `usage.prompt_tokens_details.cached_tokens`: for a
+    decode request whose KV was pulled that is local hits plus pulled tokens (the prompt less
+    its last token); `transferred_tokens` is the pulled part.
+
+    Disaggregated requests: `prefill_arrival` is when the request first arrived at its prefill
+    server, placed on this server's clock by the prefill's duration (None when the request was
+    not disaggregated), `transfer_seconds` how long it waited
+    for its KV (link queue, latency and bytes), `transferred_blocks` how many blocks it pulled (0
+    when the remote blocks were gone and it prefilled locally). Its time to first token as a
+    client sees it is `first_token - min(arrival, prefill_arrival)` (`first_arrival`); `ttft`
+    is vLLM's, from this server's arrival. `itl_mean` is the mean gap between this request's
+    output tokens (None with fewer than two).
+    """
 
     request_id: str
     prompt_tokens: int
@@ -84,10 +116,22 @@ class FinishedRequest:
     finished: float
     preemptions: int
     max_tokens: int
+    prefill_arrival: float | None = None
+    transfer_seconds: float = 0.0
+    transferred_blocks: int = 0
+    transferred_tokens: int = 0
+    itl_mean: float | None = None
 
     @property
     def ttft(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def first_arrival(self) -> float:
+        """When the request first reached a server: its prefill server's arrival if earlier."""
+        if self.prefill_arrival is None:
+            return self.arrival
+        return min(self.arrival, self.prefill_arrival)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +153,14 @@ class EngineStats:
     steps: int
     running_loras: tuple[str, ...]
     waiting_loras: tuple[str, ...]
+    # Simulated seconds spent executing steps (what a GPU is billed for).
+    busy_seconds: float = 0.0
+    # Pulls from remote prefills: blocks and prompt tokens received, pulls that found the
+    # remote blocks gone (then prefilled locally); blocks held for remote decodes now.
+    kv_transfer_blocks: int = 0
+    kv_transfer_tokens: int = 0
+    kv_transfer_failures: int = 0
+    kv_held_blocks: int = 0
 
 
 class EngineObserver(Protocol):
@@ -136,11 +188,36 @@ class RequestRejected(ValueError):
     """The engine cannot ever run this request (it needs more KV blocks than exist)."""
 
 
+class KVSource(Protocol):
+    """The blocks a remote prefill engine holds for one request, as a decode-side pull sees them.
+
+    The server implements it over its fleet's peers; the engine asks before it pulls and
+    releases when the pull is done (vLLM's decode worker notifies the prefill worker).
+    """
+
+    def available(self) -> bool:
+        """The remote engine (the same one, still up) still holds the blocks."""
+        ...
+
+    def release(self) -> bool:
+        """The pull is done: the remote frees the blocks. False if they were already gone."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A finished prefill's blocks, kept for a remote decode until `expires`."""
+
+    blocks: tuple[Block, ...]
+    expires: float
+
+
 class EngineRequest:
     """One request inside the engine, and the HTTP handler's handle on it.
 
     `tokens` (streaming only) receives each step's new token ids and then None at the end;
-    `done` resolves with the `FinishedRequest` record.
+    `done` resolves with the `FinishedRequest` record. A prefill request (`remote_decode`) that
+    finished with its blocks held has their ids in `held_block_ids`.
     """
 
     __slots__ = (
@@ -153,6 +230,9 @@ class EngineRequest:
         "finish_reason",
         "first_token",
         "hashes",
+        "held_block_ids",
+        "kv_ready_at",
+        "kv_source",
         "last_token",
         "lora",
         "max_tokens",
@@ -160,12 +240,18 @@ class EngineRequest:
         "num_registered",
         "output_ids",
         "preemptions",
+        "prefill_arrival",
         "prompt_len",
+        "queried",
+        "remote_decode",
         "request_id",
         "salt",
         "scheduled",
         "state",
         "tokens",
+        "transfer_seconds",
+        "transferred_blocks",
+        "transferred_tokens",
     )
 
     def __init__(
@@ -179,6 +265,9 @@ class EngineRequest:
         stream: bool,
         arrival: float,
         loop: asyncio.AbstractEventLoop,
+        remote_decode: bool = False,
+        kv_source: KVSource | None = None,
+        prefill_arrival: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.all_ids: list[int] = list(prompt_ids)
@@ -202,6 +291,15 @@ class EngineRequest:
         self.state = _WAITING
         self.tokens: asyncio.Queue[list[int] | None] | None = asyncio.Queue() if stream else None
         self.done: asyncio.Future[FinishedRequest] = loop.create_future()
+        self.queried = False  # counted in the prefix-cache queries (once, as vLLM does)
+        self.remote_decode = remote_decode
+        self.held_block_ids: tuple[int, ...] | None = None
+        self.kv_source = kv_source
+        self.prefill_arrival = prefill_arrival
+        self.kv_ready_at = 0.0
+        self.transfer_seconds = 0.0
+        self.transferred_blocks = 0
+        self.transferred_tokens = 0
 
 
 @dataclass(slots=True)
@@ -213,6 +311,10 @@ class _Counters:
     prompt_tokens_cached: int = 0
     generation_tokens: int = 0
     steps: int = 0
+    busy_seconds: float = 0.0
+    kv_transfer_blocks: int = 0
+    kv_transfer_tokens: int = 0
+    kv_transfer_failures: int = 0
     finished: dict[str, int] = field(default_factory=dict)
 
 
@@ -258,6 +360,12 @@ class Engine:
         # Adapters resident in the GPU's max_loras slots, least recently used first.
         self._gpu_loras: OrderedDict[str, None] = OrderedDict()
         self._counters = _Counters()
+        # Decode requests waiting for their KV, in completion order (the link is a FIFO).
+        self._transferring: deque[EngineRequest] = deque()
+        self._link_free_at = 0.0
+        # Finished prefills' blocks kept for remote decodes, in expiry order (one timeout).
+        self._held: dict[str, _Held] = {}
+        self._held_blocks = 0
         # The last finished requests, for tests and benchmarks that want exact timings.
         self.recent: deque[FinishedRequest] = deque(maxlen=4096)
         self._wake = asyncio.Event()
@@ -277,7 +385,14 @@ class Engine:
         lora: LoraAdapter | None = None,
         cache_salt: str | None = None,
         stream: bool = False,
+        remote_decode: bool = False,
+        kv_source: KVSource | None = None,
+        prefill_seconds: float | None = None,
     ) -> EngineRequest:
+        """Queue a request. `remote_decode`: a prefill request, whose blocks are held when it
+        finishes; `kv_source`: a decode request, whose prompt KV is pulled from there;
+        `prefill_seconds`: how long its prefill took on the prefill server (its record then
+        starts that long before its arrival here)."""
         cfg = self.config
         needed = -(-(len(prompt_ids) + max_tokens) // cfg.block_size)
         if needed > cfg.num_gpu_blocks:
@@ -293,11 +408,18 @@ class Engine:
             stream=stream,
             arrival=0.0,
             loop=asyncio.get_running_loop(),
+            remote_decode=remote_decode,
+            kv_source=kv_source,
         )
         self._extend_hashes(req)
         if self._idle:
+            # One reading of the clock: the step that admits it starts at its arrival, not before.
             self._v = max(self._v, self._wall())
-        req.arrival = self.now()
+            req.arrival = self._v
+        else:
+            req.arrival = self.now()
+        if prefill_seconds is not None:
+            req.prefill_arrival = req.arrival - prefill_seconds
         self._waiting.append(req)
         self._wake.set()
         return req
@@ -308,16 +430,127 @@ class Engine:
             return
         if req.state == _WAITING:
             self._waiting.remove(req)
+        elif req.state == _TRANSFERRING:
+            # vLLM frees a pulling request's blocks once the read ends; here at once. The
+            # prefill side is not told, and keeps its blocks until they expire, as in vLLM.
+            self._transferring.remove(req)
         self._finish(req, "abort")
 
     def reset(self) -> None:
         """Abort everything and empty the cache, as a restarted server starts."""
-        for req in [*self._running, *self._waiting]:
+        for req in [*self._running, *self._waiting, *self._transferring]:
             self._finish(req, "abort")
         self._waiting.clear()
+        self._transferring.clear()
+        self._link_free_at = 0.0
+        for held in self._held.values():
+            self.pool.free(held.blocks)
+        self._held.clear()
+        self._held_blocks = 0
         self.pool.clear()
         self._gpu_loras.clear()
         self._counters = _Counters()
+
+    # -- blocks held for remote decodes ----------------------------------------------------------
+
+    def held_block_ids(self, request_id: str) -> tuple[int, ...] | None:
+        held = self._held.get(request_id)
+        return None if held is None else tuple(b.block_id for b in held.blocks)
+
+    def find_held(self, request_id: str | None, block_ids: Sequence[int]) -> str | None:
+        """The held request a pull names: by its request id, else by its exact block ids (what
+        parameters without vLLM's newer `remote_request_id` identify it by)."""
+        if request_id is not None:
+            return request_id if request_id in self._held else None
+        wanted = tuple(block_ids)
+        for held_id, held in self._held.items():
+            if wanted and tuple(b.block_id for b in held.blocks) == wanted:
+                return held_id
+        return None
+
+    def release_held(self, request_id: str) -> bool:
+        """A decode engine pulled these blocks: free them. False if they were already gone."""
+        held = self._held.pop(request_id, None)
+        if held is None:
+            return False
+        self._free_held(held)
+        return True
+
+    def _free_held(self, held: _Held) -> None:
+        self.pool.free(held.blocks)
+        self._held_blocks -= len(held.blocks)
+        self._wake.set()  # a waiting request may fit now
+
+    def _expire_held(self) -> None:
+        held = self._held
+        now = self.now()
+        while held:
+            request_id, first = next(iter(held.items()))
+            if first.expires > now:
+                return
+            del held[request_id]
+            logger.warning(
+                "releasing the %d KV blocks of request %s: no decode pulled them within %s s",
+                len(first.blocks),
+                request_id,
+                self.config.kv_transfer_timeout_seconds,
+            )
+            self._free_held(first)
+
+    # -- pulls from remote prefills --------------------------------------------------------------
+
+    def _start_pull(self, req: EngineRequest, hit_blocks: int) -> None:
+        """Queue the uncached blocks' transfer on this engine's link (one at a time, FIFO)."""
+        cfg = self.config
+        now = self.now()
+        blocks = len(req.blocks) - hit_blocks
+        size = blocks * cfg.block_size * cfg.profile.kv_bytes_per_token
+        self._link_free_at = max(now, self._link_free_at) + size / cfg.kv_transfer_bandwidth
+        req.kv_ready_at = self._link_free_at + cfg.kv_transfer_latency_seconds
+        req.transfer_seconds = req.kv_ready_at - now
+        req.transferred_blocks = blocks
+        req.transferred_tokens = req.prompt_len - hit_blocks * cfg.block_size
+        req.state = _TRANSFERRING
+        self._transferring.append(req)
+
+    def _land_pulls(self) -> None:
+        """Pulls that completed by now go back to the front of the queue, KV in place."""
+        cfg = self.config
+        now = self.now()
+        landed: list[EngineRequest] = []
+        while self._transferring and self._transferring[0].kv_ready_at <= now:
+            req = self._transferring.popleft()
+            # Nothing runs it before its KV is in (keeps virtual time <= the wall-derived clock:
+            # it landed because one of them reached its ready time).
+            self._v = max(self._v, req.kv_ready_at)
+            source, req.kv_source = req.kv_source, None
+            if source is not None and source.release():
+                c = self._counters
+                c.kv_transfer_blocks += req.transferred_blocks
+                c.kv_transfer_tokens += req.transferred_tokens
+                # vLLM's _update_waiting_for_remote_kv: every prompt token is computed but the
+                # last, which is recomputed to get logits; the received full blocks are cached.
+                req.num_computed = min(len(req.blocks) * cfg.block_size, req.prompt_len)
+                if req.num_computed == req.prompt_len:
+                    req.num_computed -= 1
+                req.cached_tokens = req.num_computed
+                self._register(req, req.num_computed // cfg.block_size)
+            else:
+                self._pull_failed(req, "the remote blocks were freed during the transfer")
+                self.pool.free(req.blocks)
+                req.blocks = []
+                req.num_computed = 0
+                req.num_registered = 0
+            req.state = _WAITING
+            landed.append(req)
+        self._waiting.extendleft(reversed(landed))
+
+    def _pull_failed(self, req: EngineRequest, why: str) -> None:
+        logger.warning("request %s: KV pull failed (%s); prefilling locally", req.request_id, why)
+        self._counters.kv_transfer_failures += 1
+        req.kv_source = None
+        req.transferred_blocks = 0
+        req.transferred_tokens = 0
 
     def pause(self) -> None:
         self._resumed.clear()
@@ -342,10 +575,12 @@ class Engine:
     def stats(self) -> EngineStats:
         c = self._counters
         waiting_loras = {r.lora.name for r in self._waiting if r.lora is not None}
+        # vLLM counts requests waiting for remote KV as waiting, for reason "deferred".
+        pulling = len(self._transferring)
         return EngineStats(
             running=len(self._running),
-            waiting=len(self._waiting),
-            waiting_deferred=self._deferred,
+            waiting=len(self._waiting) + pulling,
+            waiting_deferred=self._deferred + pulling,
             kv_usage=self.pool.usage,
             num_gpu_blocks=self.config.num_gpu_blocks,
             prefix_cache_queries=c.prefix_queries,
@@ -358,6 +593,11 @@ class Engine:
             steps=c.steps,
             running_loras=tuple(self._running_loras),
             waiting_loras=tuple(sorted(waiting_loras)),
+            busy_seconds=c.busy_seconds,
+            kv_transfer_blocks=c.kv_transfer_blocks,
+            kv_transfer_tokens=c.kv_transfer_tokens,
+            kv_transfer_failures=c.kv_transfer_failures,
+            kv_held_blocks=self._held_blocks,
         )
 
     def take_cache_events(self) -> list[CacheEvent]:
@@ -368,18 +608,16 @@ class Engine:
     async def run(self, on_step_end: Callable[[], None] | None = None) -> None:
         while not self._closed:
             await self._resumed.wait()
+            self._expire_held()
+            self._land_pulls()
             if not self._running and not self._waiting:
-                self._idle = True
-                self._wake.clear()
-                await self._wake.wait()
+                await self._wait_for_news()
                 continue
             self._idle = False
             plan = self._schedule()
             if not plan.items:
-                # Nothing fits now (only possible while blocks are held elsewhere): wait for news.
-                self._idle = True
-                self._wake.clear()
-                await self._wake.wait()
+                # Nothing fits now (blocks held elsewhere), or only pulls started: wait for news.
+                await self._wait_for_news()
                 continue
             cfg = self.config
             seconds = cfg.profile.step_seconds(
@@ -396,9 +634,36 @@ class Engine:
             self._v += seconds
             if self._closed:
                 return
+            self._counters.busy_seconds += seconds
             self._apply(plan)
             if on_step_end is not None:
                 on_step_end()
+
+    async def _wait_for_news(self) -> None:
+        """Idle until woken (a request, freed blocks) or the next timed event: a pull landing
+        or held blocks expiring."""
+        self._idle = True
+        self._wake.clear()
+        times: list[float] = []
+        if self._transferring:
+            times.append(self._transferring[0].kv_ready_at)
+        if self._held:
+            times.append(next(iter(self._held.values())).expires)
+        if not times:
+            await self._wake.wait()
+            return
+        due = min(times)
+        woken = asyncio.ensure_future(self._wake.wait())
+        timer = asyncio.ensure_future(self._sleep(max(due - self.now(), 0.0)))
+        try:
+            done, _ = await asyncio.wait((woken, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            timer.cancel()
+        if timer in done:
+            # The event is due: virtual time moves to it exactly, not to the event loop's late
+            # wake-up (which `speed` would amplify), as a step's end does.
+            self._v = max(self._v, due)
 
     def _schedule(self) -> _Plan:
         cfg = self.config
@@ -436,26 +701,42 @@ class Engine:
             if req.lora is not None and not self._lora_fits(req.lora.name):
                 skipped.append(waiting.popleft())
                 continue
-            hit_blocks: list[Block] = []
-            if req.num_computed == 0 and cfg.enable_prefix_caching:
-                # The last token is always recomputed to get logits (vLLM: num_tokens - 1).
-                max_blocks = (len(req.all_ids) - 1) // cfg.block_size
-                hit_blocks = self.pool.longest_prefix(req.hashes, max_blocks)
-            num_cached = len(hit_blocks) * cfg.block_size
-            num_new = min(len(req.all_ids) - num_cached, budget)
-            self.pool.touch(hit_blocks)
-            req.blocks = list(hit_blocks)
-            if not self._allocate(req, num_cached + num_new):
-                self.pool.free(req.blocks)
-                req.blocks = []
-                break
-            waiting.popleft()
-            if req.preemptions == 0:
-                self._counters.prefix_queries += len(req.all_ids)
-                self._counters.prefix_hits += num_cached
-                req.cached_tokens = num_cached
-            req.num_computed = num_cached
-            req.num_registered = len(hit_blocks)
+            if req.blocks:
+                # Its KV arrived from a remote prefill: only the last prompt token is left.
+                num_new = min(len(req.all_ids) - req.num_computed, budget)
+                if not self._allocate(req, req.num_computed + num_new):
+                    break
+                waiting.popleft()
+            else:
+                hit_blocks: list[Block] = []
+                if cfg.enable_prefix_caching:
+                    # The last token is always recomputed to get logits (vLLM: num_tokens - 1).
+                    max_blocks = (len(req.all_ids) - 1) // cfg.block_size
+                    hit_blocks = self.pool.longest_prefix(req.hashes, max_blocks)
+                num_cached = len(hit_blocks) * cfg.block_size
+                if req.kv_source is not None and not req.kv_source.available():
+                    self._pull_failed(req, "the remote engine holds no such blocks")
+                pulling = req.kv_source is not None
+                # A pull allocates the whole prompt now and computes nothing in this step.
+                num_new = 0 if pulling else min(len(req.all_ids) - num_cached, budget)
+                self.pool.touch(hit_blocks)
+                req.blocks = list(hit_blocks)
+                if not self._allocate(req, req.prompt_len if pulling else num_cached + num_new):
+                    self.pool.free(req.blocks)
+                    req.blocks = []
+                    break
+                waiting.popleft()
+                if not req.queried:
+                    # Local hits only: pulled tokens are not prefix-cache hits (as in vLLM).
+                    req.queried = True
+                    self._counters.prefix_queries += len(req.all_ids)
+                    self._counters.prefix_hits += num_cached
+                    req.cached_tokens = num_cached
+                req.num_computed = num_cached
+                req.num_registered = len(hit_blocks)
+                if pulling:
+                    self._start_pull(req, len(hit_blocks))
+                    continue
             if req.scheduled is None:
                 req.scheduled = self.now()
             req.state = _RUNNING
@@ -498,6 +779,7 @@ class Engine:
         return True
 
     def _preempt(self, req: EngineRequest) -> None:
+        # A preempted request recomputes locally, pulled KV included (as vLLM's would).
         self._running.remove(req)
         self._leave_running(req)
         self.pool.free(req.blocks)
@@ -527,20 +809,7 @@ class Engine:
             if req.state != _RUNNING:
                 continue  # aborted while the step ran
             req.num_computed += num_new
-            if cfg.enable_prefix_caching:
-                full = min(req.num_computed // cfg.block_size, len(req.hashes))
-                if full > req.num_registered:
-                    self.pool.cache_full_blocks(
-                        req.blocks,
-                        req.hashes[:full],
-                        start=req.num_registered,
-                        token_ids=req.all_ids,
-                        block_size=cfg.block_size,
-                        lora_id=req.lora.lora_id if req.lora else None,
-                        lora_name=req.lora.name if req.lora else None,
-                        extra_keys=req.extra_keys if any(req.extra_keys) else None,
-                    )
-                    req.num_registered = full
+            self._register(req, req.num_computed // cfg.block_size)
             if req.num_computed < len(req.all_ids):
                 continue  # still prefilling
             token = self._next_filler()
@@ -561,6 +830,25 @@ class Engine:
             if len(req.output_ids) >= req.max_tokens:
                 self._finish(req, "length")
         self.observer.on_step(plan.tokens, itls)
+
+    def _register(self, req: EngineRequest, full_blocks: int) -> None:
+        """Register the request's first `full_blocks` blocks in the prefix cache."""
+        cfg = self.config
+        if not cfg.enable_prefix_caching:
+            return
+        full = min(full_blocks, len(req.hashes))
+        if full > req.num_registered:
+            self.pool.cache_full_blocks(
+                req.blocks,
+                req.hashes[:full],
+                start=req.num_registered,
+                token_ids=req.all_ids,
+                block_size=cfg.block_size,
+                lora_id=req.lora.lora_id if req.lora else None,
+                lora_name=req.lora.name if req.lora else None,
+                extra_keys=req.extra_keys if any(req.extra_keys) else None,
+            )
+            req.num_registered = full
 
     def _next_filler(self) -> int:
         filler = self.config.filler_token_ids
@@ -595,7 +883,16 @@ class Engine:
             self._running.remove(req)
             self._leave_running(req)
         if req.blocks:
-            self.pool.free(req.blocks)
+            if req.remote_decode and reason == "length":
+                # vLLM's delayed free: a finished prefill keeps its KV for the decode's pull.
+                held = _Held(
+                    tuple(req.blocks), self.now() + self.config.kv_transfer_timeout_seconds
+                )
+                self._held[req.request_id] = held
+                self._held_blocks += len(held.blocks)
+                req.held_block_ids = tuple(b.block_id for b in held.blocks)
+            else:
+                self.pool.free(req.blocks)
             req.blocks = []
         req.state = _FINISHED
         req.finish_reason = reason
@@ -613,6 +910,11 @@ class Engine:
             finished=self.now(),
             preemptions=req.preemptions,
             max_tokens=req.max_tokens,
+            prefill_arrival=req.prefill_arrival,
+            transfer_seconds=req.transfer_seconds,
+            transferred_blocks=req.transferred_blocks,
+            transferred_tokens=req.transferred_tokens,
+            itl_mean=_itl_mean(req),
         )
         self.recent.append(record)
         if reason != "abort":
@@ -622,3 +924,10 @@ class Engine:
         if not req.done.done():
             req.done.set_result(record)
         self._wake.set()
+
+
+def _itl_mean(req: EngineRequest) -> float | None:
+    gaps = len(req.output_ids) - 1
+    if gaps < 1 or req.first_token is None or req.last_token is None:
+        return None
+    return (req.last_token - req.first_token) / gaps

@@ -9,13 +9,18 @@
 One tokenizer and one ZMQ context are built at start-up and shared by every server. An optional
 control server (`control_port`) exposes each server's faults, kill and revive over HTTP, since a
 killed server cannot answer on its own port.
+
+Every server of a fleet counts simulated time from one origin, so records of different servers
+compare (a disaggregated request's prefill and decode halves), and finds the others by host and
+port (`SimFleet._peer`) to pull KV blocks from them. `profiles` gives servers different GPU
+profiles (a mixed fleet); each server then sizes its engine from its own profile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -45,6 +50,9 @@ class SimConfig:
     port: int = 0  # first server's port, the others follow; 0 picks free ports
     model: str = DEFAULT_MODEL
     profile: str = "h100-8b"
+    # One profile name per server (a mixed fleet; `profiles.parse_profile_spec` reads
+    # "a100-8b:4,h100-8b:4"); empty: `profile` for every server.
+    profiles: tuple[str, ...] = ()
     speed: float = 1.0
     tokenizer: str = "cl100k_base"
     block_size: int = 16
@@ -70,6 +78,12 @@ class SimConfig:
     kv_events_replay: bool = True
     kv_events_legacy_arrays: bool = False
     kv_events_int_hashes: bool = True
+    # Disaggregation: a decode server's link for KV pulls (assumptions: one 200 Gb/s RDMA NIC
+    # and 1 ms per pull), and how long a prefill server holds blocks no decode pulls (vLLM's
+    # VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    kv_transfer_bandwidth: float = 25e9  # bytes per second
+    kv_transfer_latency_seconds: float = 0.001
+    kv_transfer_timeout_seconds: float = 480.0
     control_port: int | None = None
     seed: int = 0
 
@@ -80,12 +94,22 @@ class SimConfig:
             raise ValueError("speed must be positive")
         if self.max_loras < 1:
             raise ValueError("max_loras must be at least 1")
+        if self.profiles and len(self.profiles) != self.pods:
+            raise ValueError(f"profiles names {len(self.profiles)} servers but pods is {self.pods}")
+        for name in {self.profile, *self.profiles}:
+            get_profile(name)
+        if self.kv_transfer_bandwidth <= 0:
+            raise ValueError("kv_transfer_bandwidth must be positive")
+        if self.kv_transfer_latency_seconds < 0 or self.kv_transfer_timeout_seconds < 0:
+            raise ValueError("kv_transfer latency and timeout must not be negative")
 
-    def engine_config(self, tokenizer: Tokenizer) -> EngineConfig:
-        profile = get_profile(self.profile)
+    def server_profile(self, index: int) -> str:
+        return self.profiles[index] if self.profiles else self.profile
+
+    def engine_config(self, tokenizer: Tokenizer, profile_name: str | None = None) -> EngineConfig:
+        """The engine of a server running `profile_name` (default: `profile`)."""
+        profile = get_profile(profile_name or self.profile)
         if self.step_overhead_ms is not None:
-            from dataclasses import replace
-
             profile = replace(profile, overhead_ms=self.step_overhead_ms)
         return EngineConfig(
             profile=profile,
@@ -100,6 +124,9 @@ class SimConfig:
             max_loras=self.max_loras,
             lora_swap_ms=self.lora_swap_ms,
             filler_token_ids=tuple(tokenizer.encode(_FILLER_TEXT)) or (0,),
+            kv_transfer_bandwidth=self.kv_transfer_bandwidth,
+            kv_transfer_latency_seconds=self.kv_transfer_latency_seconds,
+            kv_transfer_timeout_seconds=self.kv_transfer_timeout_seconds,
         )
 
     def server_config(self, index: int, engine: EngineConfig) -> ServerConfig:
@@ -172,6 +199,16 @@ class ServerHandle:
     def adapters(self) -> tuple[str, ...]:
         return self._server.adapters
 
+    @property
+    def profile(self) -> str:
+        """The name of the step-time profile (GPU type) this server runs."""
+        return self._server.profile
+
+    @property
+    def engine_id(self) -> str:
+        """The engine id its prefill answers name (`remote_engine_id`); new on every revive."""
+        return self._server.engine_id
+
     def stats(self) -> EngineStats:
         return self._server.engine.stats()
 
@@ -208,6 +245,10 @@ class ServerHandle:
             if record.request_id == request_id:
                 return record
         return None
+
+    def finished_requests(self) -> tuple[FinishedRequest, ...]:
+        """The recently finished requests' records, oldest first (the last 4096)."""
+        return tuple(self._server.engine.recent)
 
     def metrics_text(self) -> str:
         return self._server.metrics.render().decode()
@@ -260,12 +301,22 @@ class SimFleet:
             tokenizer = self._tokenizer
         else:
             tokenizer = await asyncio.to_thread(load_tokenizer, cfg.tokenizer)
-        engine = cfg.engine_config(tokenizer)
+        engines = {
+            name: cfg.engine_config(tokenizer, name)
+            for name in dict.fromkeys(cfg.server_profile(i) for i in range(cfg.pods))
+        }
         if cfg.kv_events:
             self._zmq = zmq.asyncio.Context()
+        origin = asyncio.get_running_loop().time()
         try:
             for index in range(cfg.pods):
-                server = SimServer(cfg.server_config(index, engine), tokenizer, self._zmq)
+                server = SimServer(
+                    cfg.server_config(index, engines[cfg.server_profile(index)]),
+                    tokenizer,
+                    self._zmq,
+                    peers=self._peer,
+                    clock_origin=origin,
+                )
                 self._servers.append(server)
                 await server.start()
             if cfg.control_port is not None:
@@ -284,6 +335,13 @@ class SimFleet:
         if self._zmq is not None:
             self._zmq.term()
             self._zmq = None
+
+    def _peer(self, host: str, port: int) -> SimServer | None:
+        """The fleet's server listening on host:port (where a decode pulls KV blocks from)."""
+        for server in self._servers:
+            if server.port == port and server.config.host == host:
+                return server
+        return None
 
     async def __aenter__(self) -> SimFleet:
         await self.start()
@@ -323,7 +381,13 @@ class SimFleet:
     async def _list(self, request: web.Request) -> web.Response:
         return web.json_response(
             [
-                {"index": s.config.index, "url": s.url, "alive": s.alive, **s.kv_event_sources()}
+                {
+                    "index": s.config.index,
+                    "url": s.url,
+                    "alive": s.alive,
+                    "profile": s.profile,
+                    **s.kv_event_sources(),
+                }
                 for s in self._servers
             ]
         )

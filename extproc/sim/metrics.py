@@ -7,6 +7,9 @@ observed as requests finish, and rendered again at most once a second. Each serv
 
 `vllm:lora_requests_info` follows vLLM's quirk: a new series per distinct (running, waiting)
 adapter set, its value the unix time it was last current; older series stay, newest wins.
+
+Families named `sim:...` are the simulator's own, not vLLM's (busy time, KV pulls and held
+blocks): benchmarks read them; a router should not expect them from a real server.
 """
 
 from __future__ import annotations
@@ -144,6 +147,31 @@ class _StatsCollector(Collector):
         for reason in ("stop", "length", "abort", "error"):
             success.add_metric([*lv, reason], s.finished_by_reason.get(reason, 0))
         yield success
+        yield counter(
+            "sim:busy_seconds",
+            "Simulator only: simulated seconds the engine spent executing steps.",
+            s.busy_seconds,
+        )
+        yield counter(
+            "sim:kv_transfer_blocks",
+            "Simulator only: KV blocks pulled from remote prefill engines.",
+            s.kv_transfer_blocks,
+        )
+        yield counter(
+            "sim:kv_transfer_tokens",
+            "Simulator only: prompt tokens whose KV was pulled from remote prefill engines.",
+            s.kv_transfer_tokens,
+        )
+        yield counter(
+            "sim:kv_transfer_failures",
+            "Simulator only: KV pulls that found the remote blocks gone (prefilled locally).",
+            s.kv_transfer_failures,
+        )
+        yield gauge(
+            "sim:kv_held_blocks",
+            "Simulator only: KV blocks of finished prefills held for remote decodes.",
+            s.kv_held_blocks,
+        )
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",

@@ -126,3 +126,19 @@ def get_profile(name: str) -> StepProfile:
         raise ValueError(
             f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}"
         ) from None
+
+
+def parse_profile_spec(spec: str) -> tuple[str, ...]:
+    """One profile name per server from "a100-8b:4,h100-8b:4" (a name alone counts once)."""
+    out: list[str] = []
+    for part in spec.split(","):
+        name, sep, count = part.strip().partition(":")
+        get_profile(name)
+        try:
+            n = int(count) if sep else 1
+        except ValueError:
+            raise ValueError(f"bad server count in profile spec {part.strip()!r}") from None
+        if n < 1:
+            raise ValueError(f"bad server count in profile spec {part.strip()!r}")
+        out += [name] * n
+    return tuple(out)

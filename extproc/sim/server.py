@@ -12,6 +12,16 @@ Routes (vLLM's paths, bodies, status codes and error envelope
 Faults (`faults.Faults`) act here: a hung server never answers, an error rate turns inference
 requests into 500s, frozen metrics repeat the last text, and `kill` closes the listener and every
 connection, wipes the engine as a restart would, and `revive` brings it back on the same port.
+
+Prefill/decode disaggregation, as vLLM with the NixlConnector and the llm-d routing sidecar:
+- a body with `kv_transfer_params.do_remote_decode` is a prefill request: its blocks are held
+  after it finishes and its JSON answer carries the `kv_transfer_params` that locate them;
+- a body with `kv_transfer_params.do_remote_prefill` is a decode request: its engine pulls the
+  blocks from the server at `remote_host:remote_port`, found in-process through the injected
+  `PeerLookup` (the fleet's), by engine id and `remote_request_id`;
+- a request with the `x-prefiller-host-port` header and no `kv_transfer_params` is first sent
+  to that server as a prefill request (what the sidecar in front of vLLM does), then served
+  here as the decode request.
 """
 
 from __future__ import annotations
@@ -23,17 +33,27 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
+import aiohttp
 import zmq.asyncio
 from aiohttp import web
 
 from extproc.prefix.hashing import cache_salt_error
 from extproc.prefix.tokenizers import Tokenizer
-from extproc.sim.engine import Engine, EngineConfig, EngineRequest, LoraAdapter, RequestRejected
+from extproc.sim.engine import (
+    Engine,
+    EngineConfig,
+    EngineRequest,
+    FinishedRequest,
+    KVSource,
+    LoraAdapter,
+    RequestRejected,
+)
 from extproc.sim.events import EventFormat, KVEventPublisher
 from extproc.sim.faults import Faults
 from extproc.sim.metrics import ServerMetrics
@@ -43,6 +63,20 @@ logger = logging.getLogger(__name__)
 VLLM_VERSION: Final = "0.33.0"
 _JSON: Final = "application/json"
 _LONG_TEXT: Final = 20_000  # characters: tokenize longer prompts off the event loop
+# The llm-d routing sidecar's header: "prefill this request on host:port first".
+PREFILLER_HEADER: Final = "x-prefiller-host-port"
+# What the sidecar sends its prefiller (llm-d's nixlv2 connector): "keep the KV for a decode".
+_PREFILL_PARAMS: Final[Mapping[str, Any]] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+# Finds a server of the same fleet by the host and port it listens on.
+PeerLookup = Callable[[str, int], "SimServer | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,15 +140,74 @@ class _Prepared:
     cache_salt: str | None
     stream: bool
     include_usage: bool
+    kv: _KVTransfer
+
+
+@dataclass(frozen=True, slots=True)
+class _KVTransfer:
+    """What a request's `kv_transfer_params` ask of the engine."""
+
+    remote_decode: bool = False  # a prefill request: hold the KV for a remote decode
+    kv_source: KVSource | None = None  # a decode request: pull the prompt's KV from there
+    prefill_seconds: float | None = None  # the simulator's `sim_prefill_seconds`
+
+
+@dataclass(frozen=True, slots=True)
+class _RemoteBlocks:
+    """One decode request's view of the blocks a prefill server holds (a `KVSource`).
+
+    vLLM's decode worker handshakes with `remote_host:remote_port` and reads from the engine it
+    finds there; here the peer is looked up in the fleet, and must still be up and run the
+    engine the parameters name (a restarted server has a new engine id).
+    """
+
+    peers: PeerLookup
+    host: str | None
+    port: int | None
+    engine_id: str | None
+    request_id: str | None
+    block_ids: tuple[int, ...]
+
+    def _engine(self) -> Engine | None:
+        if self.host is None or self.port is None:
+            return None
+        peer = self.peers(self.host, self.port)
+        if peer is None or not peer.alive or peer.engine_id != self.engine_id:
+            return None
+        return peer.engine
+
+    def available(self) -> bool:
+        engine = self._engine()
+        return engine is not None and engine.find_held(self.request_id, self.block_ids) is not None
+
+    def release(self) -> bool:
+        engine = self._engine()
+        if engine is None:
+            return False
+        held = engine.find_held(self.request_id, self.block_ids)
+        return held is not None and engine.release_held(held)
+
+
+def _no_peers(host: str, port: int) -> SimServer | None:
+    return None
 
 
 class SimServer:
     def __init__(
-        self, config: ServerConfig, tokenizer: Tokenizer, zmq_ctx: zmq.asyncio.Context | None
+        self,
+        config: ServerConfig,
+        tokenizer: Tokenizer,
+        zmq_ctx: zmq.asyncio.Context | None,
+        *,
+        peers: PeerLookup = _no_peers,
+        clock_origin: float | None = None,
     ) -> None:
+        """`peers` finds the fleet's other servers (for KV pulls); `clock_origin` is the event
+        loop time that is simulated time 0, shared by a fleet's servers so their times compare."""
         self.config = config
         self.tokenizer = tokenizer
         self._zmq_ctx = zmq_ctx
+        self._peers = peers
         self.faults = Faults()
         self._rng = random.Random(config.seed * 7919 + config.index)
         self._ids = itertools.count()
@@ -128,8 +221,11 @@ class SimServer:
         self._revive_task: asyncio.Task[None] | None = None
         self._kill_task: asyncio.Task[None] | None = None
         self._loop_time = asyncio.get_running_loop().time
-        self._t0 = self._loop_time()
+        self._t0 = self._loop_time() if clock_origin is None else clock_origin
         self._speed = config.speed
+        self._generation = 0
+        self.engine_id = self._new_engine_id()
+        self._http: aiohttp.ClientSession | None = None
         self.engine = Engine(config.engine, wall=self._wall_sim, sleep=self._sim_sleep)
         self.metrics = self._new_metrics()
         self.engine.observer = self.metrics
@@ -148,6 +244,15 @@ class SimServer:
 
     async def _sim_sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds / self._speed)
+
+    def _new_engine_id(self) -> str:
+        """A uuid as vLLM's engine ids are, new for every (re)start, reproducible from the seed."""
+        rng = random.Random(f"{self.config.seed}-{self.config.index}-{self._generation}")
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    @property
+    def profile(self) -> str:
+        return self.config.engine.profile.name
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -183,6 +288,9 @@ class SimServer:
         if self.publisher is not None:
             await self.publisher.close()
             self.publisher = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def kill(self, down_for: float | None = None) -> None:
         """Die as a crashed process does; with `down_for` (simulated seconds) come back after."""
@@ -207,6 +315,8 @@ class SimServer:
         """Come back as a fresh process: empty cache, counters from zero, event seq from 0."""
         if self._alive:
             return
+        self._generation += 1
+        self.engine_id = self._new_engine_id()
         self.metrics = self._new_metrics()
         self.engine.observer = self.metrics
         self.faults = Faults()
@@ -349,14 +459,104 @@ class SimServer:
     # -- inference -----------------------------------------------------------------------------
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_body(request)
+        body = await self._prefill_remotely(request, await self._json_body(request))
         prepared = await self._prepare(body, chat=False)
         return await self._generate(request, prepared, chat=False)
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_body(request)
+        body = await self._prefill_remotely(request, await self._json_body(request))
         prepared = await self._prepare(body, chat=True)
         return await self._generate(request, prepared, chat=True)
+
+    # -- disaggregation ------------------------------------------------------------------------
+
+    async def _prefill_remotely(self, request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+        """The llm-d routing sidecar in front of this server (its nixlv2 connector): with the
+        prefiller header and no `kv_transfer_params`, send the request to the prefiller as a
+        one-token, non-streamed prefill request, and return the body to serve here with the
+        `kv_transfer_params` it answered. If the prefill fails, the body as it came (served
+        here in full)."""
+        target = request.headers.get(PREFILLER_HEADER)
+        if not target or body.get("kv_transfer_params") is not None:
+            return body
+        prefill = {k: v for k, v in body.items() if k != "stream_options"}
+        prefill["kv_transfer_params"] = dict(_PREFILL_PARAMS)
+        prefill["stream"] = False
+        prefill["max_tokens"] = 1
+        if "max_completion_tokens" in prefill:
+            prefill["max_completion_tokens"] = 1
+        headers = {"x-request-id": request.headers.get("x-request-id") or str(uuid.uuid4())}
+        url = f"http://{target}{request.path}"
+        try:
+            async with self._client().post(url, json=prefill, headers=headers) as resp:
+                status = resp.status
+                answer = await resp.json(content_type=None) if status == HTTPStatus.OK else None
+        except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
+            logger.warning("prefill on %s failed (%r); serving the request in full", target, exc)
+            return body
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if not isinstance(params, dict):
+            logger.warning(
+                "prefill on %s answered %d without kv_transfer_params; serving the request in full",
+                target,
+                status,
+            )
+            return body
+        return {**body, "kv_transfer_params": params}
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            # No connection cap: the sidecar opens as many prefill calls as it has requests.
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._http
+
+    def _kv_transfer(self, body: Mapping[str, Any]) -> _KVTransfer:
+        params = body.get("kv_transfer_params")
+        if not isinstance(params, dict):
+            return _KVTransfer()
+        source: KVSource | None = None
+        if params.get("do_remote_prefill") is True:
+            # Unusable parameters still make a source: the engine then finds nothing to pull,
+            # logs it and prefills locally, as vLLM's "recompute" failure policy does.
+            host, port = params.get("remote_host"), params.get("remote_port")
+            engine_id, request_id = params.get("remote_engine_id"), params.get("remote_request_id")
+            source = _RemoteBlocks(
+                peers=self._peers,
+                host=host if isinstance(host, str) else None,
+                port=port if isinstance(port, int) and not isinstance(port, bool) else None,
+                engine_id=engine_id if isinstance(engine_id, str) else None,
+                request_id=request_id if isinstance(request_id, str) else None,
+                block_ids=_int_tuple(params.get("remote_block_ids")),
+            )
+        # The prefill's duration, placed back from the arrival here on this server's clock:
+        # engines' virtual clocks drift apart under load (a busy one falls behind the wall),
+        # durations do not. The hand-off between the two (HTTP, a router) is left out, as a
+        # router's own time is left out of every request's TTFT here.
+        took = params.get("sim_prefill_seconds")
+        return _KVTransfer(
+            remote_decode=params.get("do_remote_decode") is True,
+            kv_source=source,
+            prefill_seconds=float(took) if _is_number(took) else None,
+        )
+
+    def _kv_transfer_params(self, req: EngineRequest, record: FinishedRequest) -> dict[str, Any]:
+        """vLLM NixlConnector's `request_finished` answer for a prefill request whose blocks are
+        held, plus `sim_prefill_seconds` (how long the prefill took, for the decode side's
+        record of when the request began)."""
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": list(req.held_block_ids or ()),
+            "remote_engine_id": self.engine_id,
+            "remote_request_id": req.request_id,
+            "remote_host": self.config.host,
+            "remote_port": self.port,
+            "tp_size": 1,
+            "sim_prefill_seconds": record.finished - record.first_arrival,
+        }
 
     def _resolve_model(self, body: Mapping[str, Any]) -> tuple[str, LoraAdapter | None]:
         model = body.get("model")
@@ -449,6 +649,7 @@ class SimServer:
             cache_salt=salt if isinstance(salt, str) else None,
             stream=stream,
             include_usage=include_usage,
+            kv=self._kv_transfer(body),
         )
 
     async def _generate(
@@ -464,6 +665,9 @@ class SimServer:
                 lora=p.lora,
                 cache_salt=p.cache_salt,
                 stream=p.stream,
+                remote_decode=p.kv.remote_decode,
+                kv_source=p.kv.kv_source,
+                prefill_seconds=p.kv.prefill_seconds,
             )
         except RequestRejected as exc:
             raise _bad_request(str(exc)) from None
@@ -504,6 +708,8 @@ class SimServer:
                 "choices": [choice],
                 "usage": usage,
             }
+            if req.held_block_ids is not None:
+                payload["kv_transfer_params"] = self._kv_transfer_params(req, record)
             return web.Response(text=json.dumps(payload), content_type=_JSON)
         finally:
             self._in_flight -= 1
@@ -744,6 +950,8 @@ class SimServer:
                 "num_gpu_blocks": eng.num_gpu_blocks,
                 "dp_size": 1,
                 "tp_size": 1,
+                # The simulator's own: which step-time profile (GPU type) this server runs.
+                "sim_profile": eng.profile.name,
             }
         )
 
@@ -796,6 +1004,10 @@ class SimServer:
                 "prefix_cache_hits": s.prefix_cache_hits,
                 "steps": s.steps,
                 "sim_time": self.sim_now(),
+                "busy_seconds": s.busy_seconds,
+                "kv_held_blocks": s.kv_held_blocks,
+                "profile": self.profile,
+                "engine_id": self.engine_id,
             }
         )
 
@@ -811,3 +1023,13 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
 
 def _sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_tuple(value: object) -> tuple[int, ...]:
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        return ()
+    return tuple(v for v in value if isinstance(v, int) and not isinstance(v, bool))

@@ -52,6 +52,12 @@ class InFlight:
         endpoint is predicted to compute in `prefill_seconds` once the work ahead is done."""
         self._requests[address] = self._requests.get(address, 0) + 1
         self._tokens[address] = self._tokens.get(address, 0) + tokens
+        self.prefill(address, prefill_seconds, now=now)
+
+    def prefill(self, address: str, prefill_seconds: float, *, now: float | None = None) -> None:
+        """`address` was given a prompt to compute (a whole request's, or only the prefill of a
+        disaggregated one, which no response of ours will show ending: it is counted in the
+        backlog and the picks since the scrape, not in the in-flight requests)."""
         now = time.monotonic() if now is None else now
         if prefill_seconds > 0:
             self._busy_until[address] = max(now, self._busy_until.get(address, now)) + (

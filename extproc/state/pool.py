@@ -19,8 +19,10 @@ from extproc.state.snapshot import Endpoint, Snapshot, SnapshotStore
 
 
 class PoolState:
-    def __init__(self, store: SnapshotStore) -> None:
+    def __init__(self, store: SnapshotStore, *, prices: Mapping[str, float] | None = None) -> None:
         self._store = store
+        # Accelerator -> cost per hour, for endpoints that do not state their own.
+        self._prices = dict(prices or {})
         self._endpoints: tuple[EndpointConfig, ...] = ()
         self._models: dict[str, ModelsReading] = {}
         self._metrics: Mapping[str, EndpointReading] = MappingProxyType({})
@@ -73,6 +75,9 @@ class PoolState:
                     adapters=reading.adapters if reading else {},
                     stats=metrics.stats if metrics else None,
                     health=metrics.health if metrics else None,
+                    role=config.role,
+                    accelerator=config.accelerator,
+                    cost_per_hour=config.cost_per_hour or self._prices.get(config.accelerator, 0.0),
                 )
             )
         snapshot = Snapshot.of(built, self._version)

@@ -27,6 +27,20 @@ class Endpoint:
     # Live load from the metrics collector: the last good scrape, and how scrapes have gone.
     stats: EndpointStats | None = None
     health: ScrapeHealth | None = None
+    # What it is, from config or pod labels: its prefill/decode role, GPU type and price.
+    role: str = "both"  # "prefill" | "decode" | "both"
+    accelerator: str = ""
+    cost_per_hour: float = 0.0
+
+    @property
+    def prefills(self) -> bool:
+        """It may be given a disaggregated request's prefill."""
+        return self.role != "decode"
+
+    @property
+    def decodes(self) -> bool:
+        """It may generate (a disaggregated request's decode, or a whole request)."""
+        return self.role != "prefill"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any
 import kmock
 import pytest
 
-from extproc.config import EndpointConfig
+from extproc.config import EndpointConfig, FleetConfig
 from extproc.state.discovery.kubernetes import (
     Backoff,
     KubernetesDiscovery,
@@ -376,3 +376,36 @@ def test_rbac_grants_exactly_what_discovery_reads() -> None:
         }
     ]
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({}, ("both", "", 0.0)),
+        ({"llm-d.ai/role": "prefill"}, ("prefill", "", 0.0)),
+        ({"llm-d.ai/role": "decode"}, ("decode", "", 0.0)),
+        ({"llm-d.ai/role": "prefill-decode"}, ("both", "", 0.0)),
+        (
+            {"extproc.io/accelerator": "a100", "extproc.io/cost-per-hour": "1.29"},
+            ("both", "a100", 1.29),
+        ),
+        ({"extproc.io/cost-per-hour": "cheap"}, ("both", "", 0.0)),
+        ({"extproc.io/cost-per-hour": "-3"}, ("both", "", 0.0)),
+    ],
+    ids=["none", "prefill", "decode", "llm-d-both", "gpu-and-price", "bad-price", "negative-price"],
+)
+def test_role_accelerator_and_price_come_from_pod_labels(
+    labels: dict[str, str], expected: tuple[str, str, float]
+) -> None:
+    state = _pod_state("a", "10.0.0.1", labels={**LLAMA, **labels})
+    pool = PoolSpec("llama", (("app", "llama"),), (8000,))
+    (endpoint,) = derive_endpoints([pool], [state])
+    assert (endpoint.role, endpoint.accelerator, endpoint.cost_per_hour) == expected
+
+
+def test_the_label_names_are_configurable() -> None:
+    fleet = FleetConfig(role_label="example.com/role", accelerator_label="example.com/gpu")
+    labels = {**LLAMA, "example.com/role": "decode", "example.com/gpu": "h100"}
+    pool = PoolSpec("llama", (("app", "llama"),), (8000,))
+    (endpoint,) = derive_endpoints([pool], [_pod_state("a", "10.0.0.1", labels=labels)], fleet)
+    assert (endpoint.role, endpoint.accelerator) == ("decode", "h100")

@@ -54,7 +54,13 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.watch import watch as _kubernetes_watch
 
-from extproc.config import ConfigError, EndpointConfig, KubernetesDiscoveryConfig
+from extproc.config import (
+    ConfigError,
+    EndpointConfig,
+    EndpointRole,
+    FleetConfig,
+    KubernetesDiscoveryConfig,
+)
 from extproc.state.discovery import OnChange, ordered
 
 log = logging.getLogger(__name__)
@@ -151,10 +157,13 @@ class KubernetesDiscovery:
         settings: KubernetesSettings,
         *,
         client_configuration: Any | None = None,
+        fleet: FleetConfig | None = None,
     ) -> None:
-        """`client_configuration` (a `kubernetes.client.Configuration`) skips config loading."""
+        """`client_configuration` (a `kubernetes.client.Configuration`) skips config loading;
+        `fleet` names the pod labels giving an endpoint's role, accelerator and price."""
         self._settings = settings
         self._client_configuration = client_configuration
+        self._fleet = fleet or FleetConfig()
 
     async def run(self, on_change: OnChange) -> None:
         settings = self._settings
@@ -190,7 +199,7 @@ class KubernetesDiscovery:
             namespace,
             ", ".join(settings.pools) or "all",
         )
-        state = _State(selected=frozenset(settings.pools))
+        state = _State(selected=frozenset(settings.pools), fleet=self._fleet)
         delivered: tuple[EndpointConfig, ...] | None = None
         for reflector in reflectors:
             reflector.start(loop)
@@ -233,8 +242,9 @@ class KubernetesDiscovery:
 class _State:
     """The latest pools and pods, owned by the event loop; derives the endpoint set."""
 
-    def __init__(self, *, selected: frozenset[str]) -> None:
+    def __init__(self, *, selected: frozenset[str], fleet: FleetConfig) -> None:
         self._selected = selected  # empty: all pools
+        self._fleet = fleet
         self._pools: dict[str, PoolSpec] = {}
         self._pods: dict[str, PodState] = {}
         self._listed: set[str] = set()
@@ -273,13 +283,15 @@ class _State:
         """The set, or None until both resources have been listed once."""
         if self._listed != {"pools", "pods"}:
             return None
-        return derive_endpoints(self._pools.values(), self._pods.values())
+        return derive_endpoints(self._pools.values(), self._pods.values(), self._fleet)
 
 
 def derive_endpoints(
-    pools: Iterable[PoolSpec], pods: Iterable[PodState]
+    pools: Iterable[PoolSpec], pods: Iterable[PodState], fleet: FleetConfig | None = None
 ) -> tuple[EndpointConfig, ...]:
-    """One endpoint per (Ready pod with an IP that a pool selects) x (that pool's target port)."""
+    """One endpoint per (Ready pod with an IP that a pool selects) x (that pool's target port),
+    with the role, accelerator and price its labels give (`fleet` names the labels)."""
+    fleet = fleet or FleetConfig()
     pods = [pod for pod in pods if pod.ready and pod.ip]
     found: list[EndpointConfig] = []
     for pool in sorted(pools, key=lambda p: p.name):
@@ -290,17 +302,43 @@ def derive_endpoints(
             kv_events = pod.kv_events
             if kv_events.isdigit():
                 kv_events = f"tcp://{host}:{kv_events}"
+            role, accelerator, cost = _described(pod, fleet)
             for port in pool.ports:
                 try:
                     found.append(
                         EndpointConfig(
-                            address=f"{host}:{port}", models=pod.models, kv_events=kv_events
+                            address=f"{host}:{port}",
+                            models=pod.models,
+                            kv_events=kv_events,
+                            role=role,
+                            accelerator=accelerator,
+                            cost_per_hour=cost,
                         )
                     )
                 except ConfigError as exc:
                     log.warning("pod %s: %s: %s", pod.name, exc.key, exc.problem)
     # A pod selected by two pools with the same port is one endpoint.
     return ordered(found)
+
+
+def _described(pod: PodState, fleet: FleetConfig) -> tuple[EndpointRole, str, float]:
+    """A pod's role, accelerator and cost per hour, from its labels (a bad price is logged and
+    left to `fleet.prices`)."""
+    # llm-d's values; its `prefill-decode` (or no label, or anything else) serves whole requests.
+    label = pod.labels.get(fleet.role_label)
+    role: EndpointRole = (
+        "prefill" if label == "prefill" else "decode" if label == "decode" else "both"
+    )
+    cost = 0.0
+    if (text := pod.labels.get(fleet.cost_label)) is not None:
+        try:
+            cost = float(text)
+        except ValueError:
+            cost = -1.0
+        if not 0 <= cost < float("inf"):
+            log.warning("pod %s: label %s=%r is not a price", pod.name, fleet.cost_label, text)
+            cost = 0.0
+    return role, pod.labels.get(fleet.accelerator_label, ""), cost
 
 
 def parse_pool(obj: Mapping[str, Any]) -> PoolSpec | None:
