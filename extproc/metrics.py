@@ -116,7 +116,8 @@ class PickerMetrics:
             "Requests to a pool with prefill and decode endpoints, by mode and outcome "
             "(disaggregated; local: the decode endpoint prefills, the prompt's uncached part "
             "being under the threshold or no prefill endpoint being better; prefill_failed: "
-            "the centralized prefill failed and the decode endpoint computed it all).",
+            "of the disaggregated ones, those whose centralized prefill failed, so that the "
+            "decode endpoint computed it all).",
             ["mode", "outcome"],
             registry=r,
         )

@@ -85,6 +85,17 @@ def test_serve_exits_non_zero_on_config_errors(args: list[str], message: str) ->
     assert message in result.stderr
 
 
+def test_an_unknown_disaggregation_strategy_stops_start_up(tmp_path: Path) -> None:
+    config = _write(tmp_path, "disaggregation: {mode: p2p, prefill_strategy: fastest}")
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "serve", "--config", str(config),
+         "--endpoints", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "disaggregation.prefill_strategy: unknown strategy 'fastest'" in result.stderr
+
+
 def test_configuration_reference_is_generated_from_the_schema() -> None:
     from extproc.config import reference_markdown
 

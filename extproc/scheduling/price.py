@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from extproc.scheduling.cost import CostModel
+from extproc.scheduling.cost import CostModel, Prediction
 from extproc.scheduling.types import Candidate, SchedulingRequest
 
 # Score bands: qualifying endpoints score in (QUALIFIES, 1], ranked mostly by price and, among
@@ -26,15 +26,23 @@ QUALIFIES = 0.5
 _PRICE_SHARE = 0.8
 
 
-def request_price(model: CostModel, request: SchedulingRequest, candidate: Candidate) -> float:
-    """What the request adds to the endpoint's bill (its cost per hour's unit)."""
+def request_price(
+    model: CostModel,
+    request: SchedulingRequest,
+    candidate: Candidate,
+    prediction: Prediction | None = None,
+) -> float:
+    """What the request adds to the endpoint's bill (its cost per hour's unit). `prediction`:
+    the model's for this candidate, when the caller has it already."""
     per_second = candidate.endpoint.cost_per_hour / 3600.0
     if per_second <= 0:
         return 0.0
+    prediction = prediction or model.predict(request, candidate)
+    prefill = prediction.prefill_seconds + prediction.interference_seconds  # CostModel.work
     stats = candidate.stats
     batch = (stats.running if stats is not None else candidate.load.requests) + candidate.queue
     decode = model.output_tokens(request) * model.estimate(candidate.address).step_seconds
-    return per_second * (model.work(request, candidate) + decode / (batch + 1.0))
+    return per_second * (prefill + decode / (batch + 1.0))
 
 
 class PriceScorer:
@@ -48,13 +56,17 @@ class PriceScorer:
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> Sequence[float]:
         model = self._model()
-        ttfts = [model.predict(request, c).total for c in candidates]
+        predictions = [model.predict(request, c) for c in candidates]
+        ttfts = [p.total for p in predictions]
         fastest = min(ttfts)
         speed = [fastest / t if t > 0 else 1.0 for t in ttfts]
         qualifying = [t <= self._target for t in ttfts]
         if not any(qualifying):
             return [QUALIFIES * s for s in speed]
-        prices = [request_price(model, request, c) for c in candidates]
+        prices = [
+            request_price(model, request, c, p)
+            for c, p in zip(candidates, predictions, strict=True)
+        ]
         cheapest = min(p for p, ok in zip(prices, qualifying, strict=True) if ok)
         width = 1.0 - QUALIFIES
         return [
