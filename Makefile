@@ -14,12 +14,15 @@ help: ## Show this help
 REDIS_SERVER := $(shell command -v redis-server 2>/dev/null)
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo -n)
 
-$(STAMP): pyproject.toml
+# tests/manifests/upstream: npm packages that ship the upstream CRD schemas the manifest tests
+# validate against (test-only, nothing there runs; docs/dependencies.md).
+$(STAMP): pyproject.toml tests/manifests/upstream/package-lock.json
 	@test -n "$(REDIS_SERVER)" || $(SUDO) apt-get install -y -q redis-server \
 	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error --prefix tests/manifests/upstream
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv and install extproc with its dev tools

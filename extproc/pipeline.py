@@ -97,8 +97,10 @@ class Routed:
     lease: Lease | None = None  # the tenant's limits held until the response ends
     # The body to send instead of the client's (a cache salt added, or where its KV cache is).
     body: bytes | None = None
-    # Request headers to set upstream (the prefill endpoint's name, in `p2p` mode).
+    # Request headers to set upstream (the prefill endpoint's name, in `p2p` mode), and those to
+    # take off it: a client's own prefiller header would send its prompt wherever it names.
     headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
     prefill: str | None = None  # the endpoint that computes the prompt, when disaggregated
 
     @property
@@ -370,6 +372,9 @@ class Pipeline:
             lease=lease,
             body=new_body,
             headers=headers,
+            # The prefill sidecar trusts this header, so only the picker may set it: a client's
+            # copy is removed whenever the picker sets none (every mode; harmless without one).
+            remove_headers=() if headers else (self._disaggregation.prefiller_header,),
             prefill=prefill.address if prefill is not None else None,
         )
 

@@ -7,6 +7,7 @@ the machine is: only counts, ranges and the presence of numbers are checked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -17,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from extproc.demo import STRATEGIES, STRATEGY_SUMMARIES, StrategyResult, _in_short
+from extproc.demo import (
+    CONCENTRATION_REASONS,
+    STRATEGIES,
+    STRATEGY_SUMMARIES,
+    StrategyResult,
+    _in_short,
+    _routing,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -92,6 +100,14 @@ def test_hit_rate_and_ttft_are_numbers(demo: DemoRun, strategy: str) -> None:
     assert result["prompt_tokens_mean"] > 1000  # long shared system prompts
 
 
+@pytest.mark.parametrize("strategy", ["prefix-cache", "cost"])
+def test_prefix_aware_strategies_reuse_more_than_round_robin(demo: DemoRun, strategy: str) -> None:
+    # Round-robin sends each system prompt to every pod, so each pod computes it once; the
+    # prefix-aware strategies compute it once in the fleet. The quick form has 12 questions per
+    # prompt, so the gap is some 20 points; 10 leaves room for the simulator's eviction.
+    assert _result(demo, strategy)["hit_rate"] > _result(demo, "round-robin")["hit_rate"] + 0.10
+
+
 def test_printed_report_explains_itself(demo: DemoRun) -> None:
     text = demo.stdout
     for heading in ("What ran", "Workload", "Results", "Compared with round-robin"):
@@ -112,6 +128,14 @@ def test_report_says_how_requests_were_routed(demo: DemoRun) -> None:
     for text in (demo.stdout, demo.markdown):
         assert "How requests were routed" in text
         assert "busiest pod took" in text
+
+
+def test_routing_explains_a_pile_up_only_when_there_is_one() -> None:
+    even = _result_for("prefix-cache", p90=100.0, hit=0.8)
+    piled = dataclasses.replace(even, per_pod=(8, 0, 0, 0))
+    reason = CONCENTRATION_REASONS["prefix-cache"]
+    assert reason not in _routing([even])[0]
+    assert _routing([piled])[0].endswith(f"the busiest pod took 100%: {reason}")
 
 
 def test_report_ends_with_a_verdict_against_round_robin(demo: DemoRun) -> None:

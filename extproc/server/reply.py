@@ -43,8 +43,10 @@ def _routing(
     targets: str,
     request_id: str,
     explanation: str | None,
+    *,
     content_length: int | None = None,
     extra: tuple[tuple[str, str], ...] = (),
+    remove: tuple[str, ...] = (),
 ) -> tuple[CommonResponse, Struct]:
     headers = [(DESTINATION, targets), *extra]
     if explanation is not None:
@@ -59,7 +61,8 @@ def _routing(
                 append_action=_OVERWRITE,
             )
             for key, value in headers
-        ]
+        ],
+        remove_headers=list(remove),
     )
     metadata = Struct()
     metadata.get_or_create_struct(LB_NAMESPACE)[DESTINATION] = targets
@@ -75,11 +78,20 @@ def route_in_headers(
     explanation: str | None = None,
     content_length: int | None = None,
     headers: tuple[tuple[str, str], ...] = (),
+    remove: tuple[str, ...] = (),
 ) -> ProcessingResponse:
     """The answer to the request headers: destination header, envoy.lb metadata, new route.
     `content_length` is the length of a rewritten body, which follows as streamed chunks;
-    `headers` are set on the upstream request too (the prefill endpoint's name)."""
-    common, metadata = _routing(targets, request_id, explanation, content_length, headers)
+    `headers` are set on the upstream request too (the prefill endpoint's name), and `remove`
+    taken off it (the client's own copy of a header only the picker may set)."""
+    common, metadata = _routing(
+        targets,
+        request_id,
+        explanation,
+        content_length=content_length,
+        extra=headers,
+        remove=remove,
+    )
     return ProcessingResponse(
         request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
     )
@@ -92,12 +104,20 @@ def route_in_body(
     explanation: str | None = None,
     body: bytes | None = None,
     headers: tuple[tuple[str, str], ...] = (),
+    remove: tuple[str, ...] = (),
 ) -> ProcessingResponse:
     """The same answer given on the body, for BUFFERED mode where headers were answered first
     (Envoy still holds them, so the header mutation applies). `body` replaces the buffered body;
     Envoy leaves content-length as the client sent it, so it is set here."""
     content_length = len(body) if body is not None else None
-    common, metadata = _routing(targets, request_id, explanation, content_length, headers)
+    common, metadata = _routing(
+        targets,
+        request_id,
+        explanation,
+        content_length=content_length,
+        extra=headers,
+        remove=remove,
+    )
     if body is not None:
         common.body_mutation.body = body
     return ProcessingResponse(request_body=BodyResponse(response=common), dynamic_metadata=metadata)

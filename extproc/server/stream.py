@@ -243,6 +243,7 @@ class StreamHandler:
                 explanation=explanation,
                 content_length=len(outcome.body) if outcome.body is not None else None,
                 headers=outcome.headers,
+                remove=outcome.remove_headers,
             )
         return reply.route_in_body(
             targets,
@@ -250,6 +251,7 @@ class StreamHandler:
             explanation=explanation,
             body=outcome.body,
             headers=outcome.headers,
+            remove=outcome.remove_headers,
         )
 
     def _refuse(self, error: OpenAIError) -> NoReturn:

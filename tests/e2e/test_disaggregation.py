@@ -43,13 +43,15 @@ async def _until_listed(stack: Stack, model: str) -> None:
     pytest.fail(f"the picker never listed {model}:\n{stack.logs()}")
 
 
-async def _complete(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
+async def _complete(
+    stack: Stack, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession() as session,
         session.post(
             f"{stack.url}/v1/completions",
             data=json.dumps(body).encode(),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **(headers or {})},
         ) as response,
     ):
         raw = await response.read()
@@ -95,3 +97,33 @@ async def test_a_long_prompt_is_prefilled_on_one_server_and_decoded_on_another(
         short = await _complete(stack, {"model": model, "prompt": "Hello there.", "max_tokens": 3})
         assert short["usage"]["completion_tokens"] == 3
         assert servers[0].stats().generation_tokens == 1
+
+
+async def test_a_clients_own_prefiller_header_never_reaches_the_sidecar(
+    logs: Path, sim: SimFleet
+) -> None:
+    """The sidecar on a decode pod prefills wherever `x-prefiller-host-port` says, so a client
+    could point it at any address; the picker removes the client's header when it sets none."""
+    prefill, *decode = (url.removeprefix("http://") for url in sim.urls)
+    config = {
+        "discovery": {"models_refresh_seconds": 0.2},
+        "disaggregation": {"mode": "p2p", "threshold_tokens": 256},
+        "endpoints": [{"address": prefill, "role": "prefill"}]
+        + [{"address": a, "role": "decode"} for a in decode],
+    }
+    model = sim.config.model
+    with (
+        run_picker(logs, [], config=config, ready=False) as picker,
+        run_envoy(
+            logs, extproc=picker.address, endpoints=[prefill, *decode], picker=picker
+        ) as stack,
+    ):
+        await _until_listed(stack, model)
+        # Under the threshold: the picker keeps the request whole and names no prefiller.
+        answer = await _complete(
+            stack,
+            {"model": model, "prompt": "Hello there.", "max_tokens": 3},
+            headers={"x-prefiller-host-port": prefill},
+        )
+        assert answer["usage"]["completion_tokens"] == 3
+        assert sim.servers[0].stats().prompt_tokens == 0, "the client's header reached a sidecar"

@@ -30,7 +30,8 @@ _GENERATOR_KEYS = frozenset({"name", "files", "literals", "behavior", "options"}
 _GENERATOR_OPTIONS = frozenset({"labels", "disableNameSuffixHash"})
 
 # Kinds kustomize knows to be cluster-scoped among those we ship or may ship: its namespace
-# transformer leaves them alone.
+# transformer leaves them alone. It knows only built-in kinds' scopes, so it sets the namespace
+# on cluster-scoped custom resources too (our GatewayClass); the API server drops it.
 CLUSTER_SCOPED = frozenset(
     {
         "Namespace",

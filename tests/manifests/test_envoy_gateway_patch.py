@@ -1,7 +1,9 @@
 """The EnvoyPatchPolicy of manifests/gateway/envoy-gateway, applied to a cluster shaped like the
-one Envoy Gateway generates for the route (STATIC hosts stand in for its EDS; it sets
-lb_policy LEAST_REQUEST), is a valid Envoy config, and the real Envoy then routes by the address
-written to envoy.lb / x-gateway-destination-endpoint, as the picker writes it.
+one Envoy Gateway generates for the route (STATIC hosts stand in for its EDS; releases before 1.8
+set lb_policy LEAST_REQUEST, which Envoy ignores once load_balancing_policy is set; 1.8 and later
+set a load_balancing_policy, which the patch's `add` replaces), is a valid Envoy config, and the
+real Envoy then routes by the address written to envoy.lb / x-gateway-destination-endpoint, as
+the picker writes it.
 """
 
 from __future__ import annotations
@@ -46,13 +48,34 @@ def apply_json_patch(document: dict[str, Any], operations: list[dict[str, Any]])
     return out
 
 
-def _patched_cluster(hosts: list[int]) -> dict[str, Any]:
+# How Envoy Gateway writes the route cluster's balancer: before 1.8, and from 1.8 on.
+BALANCERS: dict[str, dict[str, Any]] = {
+    "lb_policy": {"lb_policy": "LEAST_REQUEST"},
+    "load_balancing_policy": {
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.least_request",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies"
+                            ".least_request.v3.LeastRequest"
+                        },
+                    }
+                }
+            ]
+        }
+    },
+}
+
+
+def _patched_cluster(hosts: list[int], balancer: str) -> dict[str, Any]:
     (patch,) = yaml.safe_load(POLICY.read_text())["spec"]["jsonPatches"]
     generated = {
         "name": patch["name"],
         "type": "STATIC",
         "connect_timeout": "10s",
-        "lb_policy": "LEAST_REQUEST",
+        **BALANCERS[balancer],
         "per_connection_buffer_limit_bytes": 32768,
         "load_assignment": {
             "cluster_name": patch["name"],
@@ -75,9 +98,11 @@ def _patched_cluster(hosts: list[int]) -> dict[str, Any]:
     return apply_json_patch(generated, [patch["operation"]])
 
 
-def _bootstrap(*, listen: int, admin: int, hosts: list[int], picked: str) -> dict[str, Any]:
+def _bootstrap(
+    *, listen: int, admin: int, hosts: list[int], picked: str, balancer: str
+) -> dict[str, Any]:
     """A listener whose set_metadata filter writes `picked` where the picker's answer goes."""
-    cluster = _patched_cluster(hosts)
+    cluster = _patched_cluster(hosts, balancer)
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
@@ -137,9 +162,12 @@ def _bootstrap(*, listen: int, admin: int, hosts: list[int], picked: str) -> dic
     }
 
 
-def test_patched_cluster_is_valid_envoy_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("balancer", BALANCERS)
+def test_patched_cluster_is_valid_envoy_config(tmp_path: Path, balancer: str) -> None:
     path = tmp_path / "envoy.yaml"
-    config = _bootstrap(listen=18080, admin=19901, hosts=[18001, 18002], picked="127.0.0.1:18002")
+    config = _bootstrap(
+        listen=18080, admin=19901, hosts=[18001, 18002], picked="127.0.0.1:18002", balancer=balancer
+    )
     path.write_text(yaml.safe_dump(config))
     result = validate_config(path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -173,12 +201,15 @@ def backends() -> Iterator[list[int]]:
 
 
 @pytest.mark.e2e
-def test_envoy_routes_by_the_picked_address(backends: list[int]) -> None:
+@pytest.mark.parametrize("balancer", BALANCERS)
+def test_envoy_routes_by_the_picked_address(backends: list[int], balancer: str) -> None:
     first, second = backends
     listen, admin, unknown = free_ports(3)
     # The first address is no host of the cluster (a pod Envoy does not know yet): skipped.
     picked = f"127.0.0.1:{unknown},127.0.0.1:{second},127.0.0.1:{first}"
-    config = _bootstrap(listen=listen, admin=admin, hosts=backends, picked=picked)
+    config = _bootstrap(
+        listen=listen, admin=admin, hosts=backends, picked=picked, balancer=balancer
+    )
     with running_envoy(yaml.safe_dump(config), admin_port=admin, concurrency=1):
         served = []
         for _ in range(6):

@@ -3,9 +3,10 @@ with the picker's config loader and the Envoy files.
 
 How: `kustomize.py` builds each kustomization (and `kubectl kustomize` must agree when kubectl is
 installed); `schemas.py` validates each object (Kubernetes' strict schemas, our CRDs' own
-schemas, and small hand-written schemas for third-party CRD kinds); `wiring.py` checks the names
-objects use for each other. A file no kustomization reaches fails the suite, so nothing under
-manifests/ escapes these checks.
+schemas, the upstream schemas of the Gateway API and Prometheus Operator kinds from the npm
+packages in `upstream/`, and small hand-written schemas for the other third-party CRD kinds);
+`wiring.py` checks the names objects use for each other. A file no kustomization reaches fails
+the suite, so nothing under manifests/ escapes these checks.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ processes export, and the dashboard is well formed and covers what operators loo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ def test_dashboard_is_well_formed() -> None:
         ("Per-pod load", "vllm:num_requests_waiting"),
         ("Picker", "strategy:extproc_pick_duration_seconds:p99_1m"),
         ("Tenants", "tenant_kind:extproc_tenant_tokens:rate5m"),
+        ("Prefill/decode", "mode_outcome:extproc_disaggregation_decisions:rate5m"),
     ],
 )
 def test_dashboard_covers(row: str, metric: str) -> None:
@@ -124,3 +126,18 @@ def test_dashboard_covers(row: str, metric: str) -> None:
         elif current == row:
             found |= any(metric in promql.metric_names(t["expr"]) for t in panel["targets"])
     assert found, f"row {row!r} has no panel on {metric}"
+
+
+def test_every_alert_links_a_runbook_section_that_exists() -> None:
+    root = OBSERVABILITY.parents[1]
+    alerts = [r for r in _rules() if "alert" in r]
+    assert alerts
+    for alert in alerts:
+        path, _, anchor = alert["annotations"]["runbook"].partition("#")
+        # GitHub's heading anchors: lower case, spaces to hyphens, punctuation dropped.
+        headings = {
+            re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in (root / path).read_text().splitlines()
+            if line.startswith("#")
+        }
+        assert anchor in headings, f"{alert['alert']}: no section #{anchor} in {path}"

@@ -2,9 +2,10 @@
 
 Schemas say each object is well formed; these say the install works as a whole: a Service
 selects pods that have its target port, an InferencePool selects pods that listen on its target
-ports and names the picker's Service and port, a route's parent and backends exist, a policy's
-targets exist, the Envoy Gateway patch names the cluster Envoy Gateway generates for the route,
-probes use ports the container has. Each check returns readable problems; none is fatal alone.
+ports and names the picker's Service and port, a Gateway's class is the overlay's (when it ships
+one), a route's parent and backends exist, a policy's targets exist, the Envoy Gateway patch
+names the cluster Envoy Gateway generates for the route, probes use ports the container has.
+Each check returns readable problems; none is fatal alone.
 """
 
 from __future__ import annotations
@@ -28,8 +29,16 @@ class PodTemplate:
     annotations: Mapping[str, str]
     spec: Mapping[str, Any]
 
+    def running_containers(self) -> list[Mapping[str, Any]]:
+        """The containers that serve while the pod runs: its containers and its native sidecars
+        (init containers with `restartPolicy: Always`, which keep running beside them)."""
+        sidecars = [
+            c for c in self.spec.get("initContainers", ()) if c.get("restartPolicy") == "Always"
+        ]
+        return [*self.spec.get("containers", ()), *sidecars]
+
     def container_ports(self) -> list[Mapping[str, Any]]:
-        return [p for c in self.spec.get("containers", ()) for p in c.get("ports", ())]
+        return [p for c in self.running_containers() for p in c.get("ports", ())]
 
     def has_port(self, port: int | str) -> bool:
         key = "name" if isinstance(port, str) else "containerPort"
@@ -92,6 +101,7 @@ def check(built: Build) -> list[str]:
         *_workloads(built),
         *_services(built),
         *_pools(built),
+        *_gateways(built),
         *_routes(built),
         *_policies(built),
         *_rbac(built),
@@ -108,7 +118,10 @@ def _workloads(built: Build) -> Iterator[str]:
             config_map = volume.get("configMap", {}).get("name")
             if config_map and built.find("ConfigMap", config_map) is None:
                 yield f"{template.owner}: volume {volume['name']!r}: no ConfigMap {config_map!r}"
-        for container in template.spec.get("containers", ()):
+        for container in [
+            *template.spec.get("containers", ()),
+            *template.spec.get("initContainers", ()),
+        ]:
             mounts = {m["name"] for m in container.get("volumeMounts", ())}
             missing = mounts - {v["name"] for v in template.spec.get("volumes", ())}
             if missing:
@@ -163,6 +176,15 @@ def _backend(built: Build, ref: Obj) -> str | None:
     if built.find(kind, ref["name"]) is None:
         return f"no {kind} {ref['name']!r}"
     return None
+
+
+def _gateways(built: Build) -> Iterator[str]:
+    # Without a GatewayClass of its own, an overlay uses one the cluster has (gateway-api).
+    classes = {c["metadata"]["name"] for c in built.of_kind("GatewayClass")}
+    for gateway in built.of_kind("Gateway"):
+        name = gateway["spec"]["gatewayClassName"]
+        if classes and name not in classes:
+            yield f"{_name(gateway)}: no GatewayClass {name!r} (the overlay has {sorted(classes)})"
 
 
 def _routes(built: Build) -> Iterator[str]:
