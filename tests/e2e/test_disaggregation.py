@@ -31,6 +31,18 @@ async def sim() -> AsyncIterator[SimFleet]:
         yield fleet
 
 
+def _split_pool(sim: SimFleet, mode: str) -> tuple[str, list[str], dict[str, Any]]:
+    """The first server prefills, the others decode; the picker's config for `mode`."""
+    prefill, *decode = (url.removeprefix("http://") for url in sim.urls)
+    config = {
+        "discovery": {"models_refresh_seconds": 0.2},
+        "disaggregation": {"mode": mode, "threshold_tokens": 256},
+        "endpoints": [{"address": prefill, "role": "prefill"}]
+        + [{"address": a, "role": "decode"} for a in decode],
+    }
+    return prefill, decode, config
+
+
 async def _until_listed(stack: Stack, model: str) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(100):
@@ -64,13 +76,7 @@ async def _complete(
 async def test_a_long_prompt_is_prefilled_on_one_server_and_decoded_on_another(
     logs: Path, sim: SimFleet, mode: str
 ) -> None:
-    prefill, *decode = (url.removeprefix("http://") for url in sim.urls)
-    config = {
-        "discovery": {"models_refresh_seconds": 0.2},
-        "disaggregation": {"mode": mode, "threshold_tokens": 256},
-        "endpoints": [{"address": prefill, "role": "prefill"}]
-        + [{"address": a, "role": "decode"} for a in decode],
-    }
+    prefill, decode, config = _split_pool(sim, mode)
     model = sim.config.model
     with (
         run_picker(logs, [], config=config, ready=False) as picker,
@@ -104,13 +110,7 @@ async def test_a_clients_own_prefiller_header_never_reaches_the_sidecar(
 ) -> None:
     """The sidecar on a decode pod prefills wherever `x-prefiller-host-port` says, so a client
     could point it at any address; the picker removes the client's header when it sets none."""
-    prefill, *decode = (url.removeprefix("http://") for url in sim.urls)
-    config = {
-        "discovery": {"models_refresh_seconds": 0.2},
-        "disaggregation": {"mode": "p2p", "threshold_tokens": 256},
-        "endpoints": [{"address": prefill, "role": "prefill"}]
-        + [{"address": a, "role": "decode"} for a in decode],
-    }
+    prefill, decode, config = _split_pool(sim, "p2p")
     model = sim.config.model
     with (
         run_picker(logs, [], config=config, ready=False) as picker,
