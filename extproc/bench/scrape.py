@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from extproc.bench.processes import cpu_seconds
 from extproc.state.collector import CollectedState, CollectorMetrics, MetricsCollector
 from extproc.state.metrics_text import parse_vllm_metrics, parse_vllm_metrics_reference
 
@@ -239,11 +240,6 @@ def metrics_servers(page: bytes, count: int) -> Iterator[tuple[int, list[int]]]:
                 child.wait()
 
 
-def _process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def _own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -306,7 +302,7 @@ async def measure(
             ok0 = counted("extproc_scrape_duration_seconds_count")
             errors0 = counted("extproc_scrape_errors_total")
             round0 = latest[0].round
-            cpu0, server0 = _own_cpu_seconds(), _process_cpu_seconds(server_pid)
+            cpu0, server0 = _own_cpu_seconds(), cpu_seconds(server_pid)
             loop = asyncio.get_running_loop()
             wall0 = loop.time()
             snapshot_ages: list[float] = []
@@ -320,7 +316,7 @@ async def measure(
                 await asyncio.sleep(rng.expovariate(samples_per_second))
             wall = loop.time() - wall0
             cpu = _own_cpu_seconds() - cpu0
-            server_cpu = _process_cpu_seconds(server_pid) - server0
+            server_cpu = cpu_seconds(server_pid) - server0
             rounds = latest[0].round - round0
             ok = counted("extproc_scrape_duration_seconds_count") - ok0
             errors = counted("extproc_scrape_errors_total") - errors0

@@ -8,8 +8,9 @@ pulled the blocks instead of computing them. A short prompt is served by a decod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ async def sim() -> AsyncIterator[SimFleet]:
         yield fleet
 
 
-def _split_pool(sim: SimFleet, mode: str) -> tuple[str, list[str], dict[str, Any]]:
-    """The first server prefills, the others decode; the picker's config for `mode`."""
+@contextlib.contextmanager
+def _split_stack(logs: Path, sim: SimFleet, mode: str) -> Iterator[Stack]:
+    """The picker and Envoy over `sim`: its first server prefills, the others decode."""
     prefill, *decode = (url.removeprefix("http://") for url in sim.urls)
     config = {
         "discovery": {"models_refresh_seconds": 0.2},
@@ -40,7 +42,13 @@ def _split_pool(sim: SimFleet, mode: str) -> tuple[str, list[str], dict[str, Any
         "endpoints": [{"address": prefill, "role": "prefill"}]
         + [{"address": a, "role": "decode"} for a in decode],
     }
-    return prefill, decode, config
+    with (
+        run_picker(logs, [], config=config, ready=False) as picker,
+        run_envoy(
+            logs, extproc=picker.address, endpoints=[prefill, *decode], picker=picker
+        ) as stack,
+    ):
+        yield stack
 
 
 async def _until_listed(stack: Stack, model: str) -> None:
@@ -76,14 +84,8 @@ async def _complete(
 async def test_a_long_prompt_is_prefilled_on_one_server_and_decoded_on_another(
     logs: Path, sim: SimFleet, mode: str
 ) -> None:
-    prefill, decode, config = _split_pool(sim, mode)
     model = sim.config.model
-    with (
-        run_picker(logs, [], config=config, ready=False) as picker,
-        run_envoy(
-            logs, extproc=picker.address, endpoints=[prefill, *decode], picker=picker
-        ) as stack,
-    ):
+    with _split_stack(logs, sim, mode) as stack:
         await _until_listed(stack, model)
         answer = await _complete(stack, {"model": model, "prompt": PROMPT, "max_tokens": 12})
         assert answer["usage"]["completion_tokens"] == 12
@@ -110,14 +112,9 @@ async def test_a_clients_own_prefiller_header_never_reaches_the_sidecar(
 ) -> None:
     """The sidecar on a decode pod prefills wherever `x-prefiller-host-port` says, so a client
     could point it at any address; the picker removes the client's header when it sets none."""
-    prefill, decode, config = _split_pool(sim, "p2p")
+    prefill = sim.urls[0].removeprefix("http://")
     model = sim.config.model
-    with (
-        run_picker(logs, [], config=config, ready=False) as picker,
-        run_envoy(
-            logs, extproc=picker.address, endpoints=[prefill, *decode], picker=picker
-        ) as stack,
-    ):
+    with _split_stack(logs, sim, "p2p") as stack:
         await _until_listed(stack, model)
         # Under the threshold: the picker keeps the request whole and names no prefiller.
         answer = await _complete(

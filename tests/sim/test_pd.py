@@ -14,20 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.prefix.tokenizers import Tokenizer
+from extproc.request.kv_transfer import PREFILL_PARAMS
 from extproc.sim import ServerHandle, SimConfig, SimFleet
 from extproc.sim.engine import FinishedRequest
 from extproc.sim.profiles import get_profile
 from tests.sim.conftest import post, until, words
 
-# What a router (or llm-d's sidecar) sends a prefill server.
-PREFILL_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 BANDWIDTH = 25e9
 LATENCY = 0.001
 KV_BYTES_PER_BLOCK = 16 * get_profile("h100-8b").kv_bytes_per_token
