@@ -370,6 +370,10 @@ class TenantConfig:
                 )
 
 
+# Shortest `cache_salt_key` taken: a guessable key makes the salt computable again.
+MIN_SALT_KEY_CHARS = 16
+
+
 @dataclass(frozen=True, slots=True)
 class TenancyConfig:
     """Tenants, their limits, fair sharing and KV-cache isolation (docs/tenancy.md). This
@@ -377,11 +381,15 @@ class TenancyConfig:
 
     enabled: bool = _key(False, "Identify a tenant for every request and apply its policy.")
     identity: tuple[IdentitySource, ...] = _key(
-        ("api-key", "header", "default"),
+        ("api-key", "default"),
         "Where the tenant comes from, first match wins: `api-key` (Authorization: Bearer), "
-        "`header` (set by an authenticator in front, e.g. Envoy's JWT filter), `default`.",
+        "`header` (opt-in: the `header` below, trusted as is, so it must be set by an "
+        "authenticator in front, e.g. Envoy's JWT filter, and removed from clients' requests; "
+        "the bundled Envoy configs remove `x-tenant-id`), `default`.",
     )
-    header: str = _key("x-tenant-id", "Header naming the tenant, for the `header` source.")
+    header: str = _key(
+        "x-tenant-id", "Header naming the tenant, for the `header` source (when listed)."
+    )
     default_tenant: str = _key(
         "", "Tenant of requests that name none; empty: such requests are refused with 401."
     )
@@ -437,12 +445,22 @@ class TenancyConfig:
     cache_salt_key: str = _key(
         "",
         "Secret mixed into the derived `cache_salt` (a keyed hash of the tenant and any salt "
-        "the client sent); the same on every replica so the salt, and the cache, are stable.",
+        "the client sent); the same on every replica so the salt, and the cache, are stable. "
+        f"Required (at least {MIN_SALT_KEY_CHARS} characters) when a tenant has "
+        "`cache_isolation`: without it the salt is a hash anyone can compute, and another "
+        "tenant sending it would share the isolated tenant's KV cache.",
     )
 
     def __post_init__(self) -> None:
         if self.default_tenant and self.default_tenant not in self.tenants:
             raise ConfigError("default_tenant", f"no tenant named {self.default_tenant!r}")
+        isolated = sorted(name for name, t in self.tenants.items() if t.cache_isolation)
+        if isolated and len(self.cache_salt_key) < MIN_SALT_KEY_CHARS:
+            raise ConfigError(
+                "cache_salt_key",
+                f"tenants {isolated} have cache_isolation, which needs a secret key of at least "
+                f"{MIN_SALT_KEY_CHARS} characters (the same on every replica)",
+            )
         owners: dict[str, str] = {}
         for name, tenant in self.tenants.items():
             for digest in tenant.api_keys:

@@ -89,6 +89,17 @@ def _observer_filter() -> dict[str, Any]:
 
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
+
+def _disable_observer_where_ext_proc_is_off(hcm: dict[str, Any]) -> None:
+    """Routes that never ask the picker (the allow-list's 404) must not report their responses
+    to it either: the observer would tell it about requests it never saw."""
+    for host in hcm.get("route_config", {}).get("virtual_hosts", []):
+        for route in host.get("routes", []):
+            per_filter = route.get("typed_per_filter_config", {})
+            if per_filter.get(_EXT_PROC_FILTER, {}).get("disabled"):
+                per_filter[_OBSERVER_FILTER] = dict(per_filter[_EXT_PROC_FILTER])
+
+
 # ext_proc processing modes per body mode. Streamed is what the endpoint-picker protocol asks for
 # (trailers must be SEND with FULL_DUPLEX_STREAMED). Buffered is the older Envoy Gateway shape
 # (request Buffered, response Streamed), still met in the field.
@@ -126,6 +137,7 @@ def render_bootstrap(
     failure_mode: FailureMode = "FailClose",
     body_mode: BodyMode = "streamed",
     message_timeout_ms: int = 10_000,
+    request_timeout_ms: int = 60_000,
     variant: Variant = "override-host",
     response_path: ResponsePath = "inline",
     access_log: bool = True,
@@ -135,12 +147,17 @@ def render_bootstrap(
 
     `endpoints` are the pool's `ip:port` addresses (override-host only: ORIGINAL_DST reaches
     whatever the picker names). `extproc` may be `host:port` with a DNS name.
+    `request_timeout_ms` is the HTTP connection manager's request_timeout: it bounds upload plus
+    pick (plus any fair-queue wait) in every body mode; `message_timeout_ms` only applies outside
+    FULL_DUPLEX_STREAMED (docs/envoy.md, "Timeouts"). 0 disables either.
     """
     config = _load(template or ENVOY_DIR / TEMPLATES[variant])
     _check_choice("failure_mode", failure_mode, FailureMode)
     _check_choice("body_mode", body_mode, BodyMode)
     if message_timeout_ms < 0:
         raise ValueError(f"message_timeout_ms: expected >= 0, got {message_timeout_ms}")
+    if request_timeout_ms < 0:
+        raise ValueError(f"request_timeout_ms: expected >= 0, got {request_timeout_ms}")
 
     config["admin"]["address"]["socket_address"] = {
         "address": "127.0.0.1",
@@ -152,6 +169,7 @@ def render_bootstrap(
     hcm = _named(listener["filter_chains"][0]["filters"], _HCM_FILTER)["typed_config"]
     if not access_log:
         hcm.pop("access_log", None)
+    hcm["request_timeout"] = f"{request_timeout_ms / 1000:g}s"
     ext_proc = _named(hcm["http_filters"], _EXT_PROC_FILTER)["typed_config"]
     ext_proc["failure_mode_allow"] = failure_mode == "FailOpen"
     ext_proc["processing_mode"] = dict(_PROCESSING_MODES[body_mode])
@@ -160,6 +178,7 @@ def render_bootstrap(
         ext_proc["processing_mode"].update(_OBSERVED)
         filters = hcm["http_filters"]
         filters.insert(filters.index(_named(filters, _EXT_PROC_FILTER)), _observer_filter())
+        _disable_observer_where_ext_proc_is_off(hcm)
     ext_proc["message_timeout"] = f"{message_timeout_ms / 1000:g}s"
 
     clusters = config["static_resources"]["clusters"]
@@ -387,6 +406,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10_000,
         help="ext_proc per-message timeout (default 10000)",
     )
+    parser.add_argument(
+        "--request-timeout-ms",
+        type=int,
+        default=60_000,
+        help="bound on request upload + pick + fair-queue wait (HCM request_timeout; default "
+        "60000; keep it above tenancy.queue_timeout_seconds)",
+    )
     parser.add_argument("--concurrency", type=int, default=None, help="Envoy worker threads")
     parser.add_argument("--log-level", default="warning", help="Envoy log level")
     parser.add_argument(
@@ -409,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
             failure_mode=args.failure_mode,
             body_mode=args.body_mode,
             message_timeout_ms=args.message_timeout_ms,
+            request_timeout_ms=args.request_timeout_ms,
             variant=args.variant,
             response_path=args.response_path,
             access_log=not args.no_access_log,

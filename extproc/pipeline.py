@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from extproc.config import Config
 from extproc.metrics import PickerMetrics
@@ -97,6 +97,8 @@ class Routed:
     lease: Lease | None = None  # the tenant's limits held until the response ends
     # The body to send instead of the client's (a cache salt added, or where its KV cache is).
     body: bytes | None = None
+    # The tenant's cache salt when the picker set it in `body` (cache isolation).
+    cache_salt: str | None = None
     # Request headers to set upstream (the prefill endpoint's name, in `p2p` mode), and those to
     # take off it: a client's own prefiller header would send its prompt wherever it names.
     headers: tuple[tuple[str, str], ...] = ()
@@ -125,6 +127,14 @@ class PrefixMatcher(Protocol):
     ) -> dict[str, int]: ...
 
     def held(self, endpoints: Collection[str]) -> dict[str, int]: ...
+
+
+class _Choice(NamedTuple):
+    """The strategy a request is scheduled by, its profile, and the candidates by role."""
+
+    strategy: str
+    profile: Profile
+    split: Roles
 
 
 class Prefiller(Protocol):
@@ -175,6 +185,14 @@ class Pipeline:
         )
         self._tenancy = tenancy
         self._disaggregation = config.disaggregation
+        self._named_strategies = frozenset(
+            {
+                *strategies.names(),
+                config.routing.strategy,
+                config.disaggregation.decode_strategy,
+                config.disaggregation.prefill_strategy,
+            }
+        )
         if self._disaggregation.mode == "centralized" and prefiller is None:
             raise ValueError("disaggregation.mode centralized needs a Prefiller")
         self._prefiller = prefiller
@@ -216,8 +234,14 @@ class Pipeline:
                 return self._refused(head, parsed, tenant=tenant, reason=parsed.code)
             request = parsed
         if tenant is not None and not tenant.may_use(request.model):
-            assert request.model is not None
-            error = errors.model_not_allowed(request.model)
+            # A request whose model the picker cannot tell (an unknown path, a body that is
+            # not a JSON object) is refused too: a limited tenant must not get past its limit
+            # by spelling the path or the body another way.
+            error = (
+                errors.model_not_allowed(request.model)
+                if request.model is not None
+                else errors.model_unclassified()
+            )
             return self._refused(head, error, tenant=tenant, reason="model_not_allowed")
 
         candidates = self._candidates(request.model, head.subset)
@@ -287,13 +311,59 @@ class Pipeline:
             if isinstance(held, OpenAIError):
                 return held
             lease = held
+        try:
+            placed = await self._place(
+                head,
+                request,
+                scheduling_request,
+                _Choice(strategy, profile, split),
+                tenant=tenant,
+                lease=lease,
+                salt=salt,
+                probe=probe,
+                started=started,
+            )
+        except BaseException:
+            # It raised, or the client hung up (cancelled) while it waited: nothing is counted
+            # in flight yet, and the tenant's slot and prompt tokens must not stay taken.
+            self._give_back(lease, scheduling_request.prompt_tokens)
+            raise
+        if isinstance(placed, OpenAIError):
+            self._give_back(lease, scheduling_request.prompt_tokens)
+            return placed
+        if placed.prefill is None or self._disaggregation.mode != "centralized":
+            return placed
+        try:
+            return await self._centralized_prefill(head, placed)
+        except BaseException:
+            # Counted in flight already: give everything back as the response's end would.
+            self.finish(placed, served=None, usage=None)
+            raise
+
+    async def _place(
+        self,
+        head: RequestHead,
+        request: ParsedRequest,
+        scheduling_request: SchedulingRequest,
+        choice: _Choice,
+        *,
+        tenant: Tenant | None,
+        lease: Lease | None,
+        salt: str | None,
+        probe: PromptProbe | None,
+        started: float,
+    ) -> Routed | OpenAIError:
+        """From the tenant's limits to the decision: the fair queue, admission, the schedule,
+        and the in-flight count. A refusal returned here leaves nothing counted."""
+        strategy, profile, split = choice
+        candidates = list(split.decode)
+        if tenant is not None:
             queued_at = time.perf_counter()
             waited = await self._fair_share(
                 head, tenant, request.model, scheduling_request, candidates
             )
             started += time.perf_counter() - queued_at  # the pick's cost, not the queue's
             if isinstance(waited, OpenAIError):
-                self._give_back(lease, scheduling_request.prompt_tokens)
                 return waited
             if waited is not None:
                 split = self._matched(self._roles(request, waited), scheduling_request.block_hashes)
@@ -303,9 +373,9 @@ class Pipeline:
         admission = admit(
             scheduling_request, candidates, thresholds=self._thresholds, cost_model=cost_model
         )
+        label = self._strategy_label(strategy)
         if isinstance(admission, Shed):
-            self._metrics.requests.labels(strategy, admission.outcome).inc()
-            self._give_back(lease, scheduling_request.prompt_tokens)
+            self._metrics.requests.labels(label, admission.outcome).inc()
             return self._refused(
                 head,
                 errors.shed(admission.reason, self._config.routing.retry_after_seconds),
@@ -317,32 +387,17 @@ class Pipeline:
         else:
             ranked = profile.schedule(scheduling_request, candidates)
         if not ranked.order:
-            self._give_back(lease, scheduling_request.prompt_tokens)
             return self._refused(head, errors.no_ready_endpoint("this request", 1), tenant=tenant)
         targets = tuple(c.address for c in ranked.order[: 1 + self._config.routing.fallbacks])
         prefill = self._prefill_endpoint(scheduling_request, ranked.order[0], split, cost_model)
-        if probe is not None:
-            self._learn(probe, targets[0] if prefill is None else prefill.address)
-        self._count_work(scheduling_request, ranked.order[0], prefill, cost_model)
-        self._metrics.inflight.labels(targets[0]).inc()
-        self._metrics.requests.labels(strategy, admission.outcome).inc()
-        self._metrics.pick_seconds.labels(strategy).observe(time.perf_counter() - started)
-        new_body = None
-        payload = request.payload
-        if tenant is not None:
-            self._served_tenant(tenant, scheduling_request.prompt_tokens)
-            if salt is not None and tenant.cache_isolation and request.api in _KV_APIS:
-                new_body = with_cache_salt(payload, salt)
-                payload = {**payload, "cache_salt": salt}
-        headers: tuple[tuple[str, str], ...] = ()
-        if prefill is not None and self._disaggregation.mode == "p2p":
-            headers = ((self._disaggregation.prefiller_header, prefill.address),)
-        elif prefill is not None:
-            params = await self._remote_prefill(head, prefill.address, payload)
-            if params is None:
-                prefill = None  # the decode endpoint computes the whole prompt
-            else:
-                new_body = decode_body(payload, params)
+        salted = (
+            tenant is not None
+            and salt is not None
+            and tenant.cache_isolation
+            and request.api in _KV_APIS
+        )
+        # The body is rewritten before anything is counted: nothing after the count may fail.
+        new_body = with_cache_salt(request.payload, salt) if salted and salt else None
         explanation = None
         if self._config.scheduling.explain:
             explanation = (
@@ -356,11 +411,23 @@ class Pipeline:
                 explanation += f"; prefill {prefill.address}"
             log.info(
                 "decision %s %s: %s",
-                strategy,
+                label,
                 targets[0],
                 explanation,
                 extra={"request_id": head.request_id, "endpoint": targets[0]},
             )
+
+        if probe is not None:
+            self._learn(probe, targets[0] if prefill is None else prefill.address)
+        self._count_work(scheduling_request, ranked.order[0], prefill, cost_model)
+        self._metrics.inflight.labels(targets[0]).inc()
+        self._metrics.requests.labels(label, admission.outcome).inc()
+        self._metrics.pick_seconds.labels(label).observe(time.perf_counter() - started)
+        if tenant is not None:
+            self._served_tenant(tenant, scheduling_request.prompt_tokens)
+        headers: tuple[tuple[str, str], ...] = ()
+        if prefill is not None and self._disaggregation.mode == "p2p":
+            headers = ((self._disaggregation.prefiller_header, prefill.address),)
         return Routed(
             request,
             strategy,
@@ -371,12 +438,26 @@ class Pipeline:
             tenant=tenant,
             lease=lease,
             body=new_body,
+            cache_salt=salt if salted else None,
             headers=headers,
             # The prefill sidecar trusts this header, so only the picker may set it: a client's
             # copy is removed whenever the picker sets none (every mode; harmless without one).
             remove_headers=() if headers else (self._disaggregation.prefiller_header,),
             prefill=prefill.address if prefill is not None else None,
         )
+
+    async def _centralized_prefill(self, head: RequestHead, routed: Routed) -> Routed:
+        """`centralized`: the prefill endpoint computes the prompt now and the decode endpoint
+        gets the client's body plus where that KV cache is; when the prefill fails (logged,
+        counted), the decode endpoint computes the prompt itself."""
+        assert routed.prefill is not None
+        payload = routed.request.payload
+        if routed.cache_salt is not None:
+            payload = {**payload, "cache_salt": routed.cache_salt}
+        params = await self._remote_prefill(head, routed.prefill, payload)
+        if params is None:
+            return dataclasses.replace(routed, prefill=None)
+        return dataclasses.replace(routed, body=decode_body(payload, params))
 
     def finish(self, routed: Routed, *, served: str | None, usage: Usage | None) -> None:
         """The response has ended (or the stream broke): release the in-flight count."""
@@ -629,9 +710,19 @@ class Pipeline:
             try:
                 self._strategies.get(value)
             except ValueError as exc:
-                return errors.bad_header(name, f"Invalid routing strategy in '{name}': {exc}.")
+                return errors.bad_header(
+                    name, f"Invalid routing strategy in '{name}': {errors.client_text(str(exc))}."
+                )
             return value
         return self._config.routing.strategy
+
+    def _strategy_label(self, strategy: str) -> str:
+        """`strategy` as a metric label. Names come from request headers, and each distinct
+        label value is a series kept for good: named strategies and the configured ones keep
+        their names, every other blend is `custom`."""
+        if strategy in self._named_strategies:
+            return strategy
+        return "custom"
 
     def _model_list(self, tenant: Tenant | None) -> LocalAnswer:
         snapshot = self._store.current

@@ -25,9 +25,11 @@ from extproc.bench.tenants import (
     run_tenants,
     steady_p90_ms,
     summarize_tenant,
+    tenant_key,
     write_report,
 )
 from extproc.config import load_config
+from extproc.tenancy.policy import key_digest
 
 
 def _ok(tenant: str, ttft: float, tokens: int = 10) -> Outcome:
@@ -79,8 +81,10 @@ def test_picker_config_is_valid(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(picker_config(options, fair_sharing=False)))
     config = load_config(path)
     assert config.tenancy.enabled and not config.tenancy.fair_sharing
-    assert config.tenancy.identity == ("header",)
+    assert config.tenancy.identity == ("api-key",)
     assert set(config.tenancy.tenants) == {NOISY, "steady-1", "steady-2"}
+    digests = {t.api_keys[0] for t in config.tenancy.tenants.values()}
+    assert digests == {key_digest(tenant_key(n)) for n in config.tenancy.tenants}
     assert config.scheduling.saturation_requests == options.saturation_requests
 
 

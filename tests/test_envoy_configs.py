@@ -7,6 +7,8 @@ does not know, a wrong enum or a broken template fails here rather than in an e2
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from pathlib import Path
 from typing import Any, get_args
 
@@ -14,7 +16,8 @@ import pytest
 import yaml
 
 from extproc import envoy_runner
-from extproc.config import BodyMode, FailureMode
+from extproc.config import BodyMode, FailureMode, TenancyConfig
+from extproc.request.openai import Api, api_of
 
 SHIPPED = sorted(envoy_runner.ENVOY_DIR.glob("*.yaml"))
 
@@ -178,3 +181,94 @@ def test_observer_response_path_adds_a_non_blocking_filter(body_mode: str) -> No
     assert (modes["response_header_mode"], modes["response_body_mode"]) == ("SKIP", "NONE")
     (observer,) = [f for f in _http_filters(config) if f["name"] == "extproc.response_observer"]
     assert observer["typed_config"]["observability_mode"] is True
+
+
+# --- hardening: every shipped bootstrap, and what `extproc envoy` renders from them -------------
+
+KUBERNETES = envoy_runner.ENVOY_DIR / "envoy-kubernetes.yaml"
+
+
+def _ingress_hcm(config: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "ingress"]
+    typed: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return typed
+
+
+def _bootstraps() -> list[Any]:
+    params = [
+        pytest.param(yaml.safe_load(p.read_text()), id=p.name) for p in SHIPPED if p != KUBERNETES
+    ]
+    params.append(pytest.param(yaml.safe_load(KUBERNETES.read_text()), id=KUBERNETES.name))
+    for variant in envoy_runner.TEMPLATES:
+        rendered = envoy_runner.render_bootstrap(variant=variant, response_path="observer")
+        params.append(pytest.param(yaml.safe_load(rendered), id=f"rendered-{variant}-observer"))
+    return params
+
+
+@pytest.mark.parametrize("config", _bootstraps())
+def test_client_tenant_header_is_removed_before_ext_proc(config: dict[str, Any]) -> None:
+    """The tenant header must go before the picker reads it: a header_mutation filter ahead of
+    every ext_proc filter (route-level removal runs in the router, after ext_proc)."""
+    filters = _ingress_hcm(config)["http_filters"]
+    names = [f["name"] for f in filters]
+    mutation = names.index("envoy.filters.http.header_mutation")
+    assert all(
+        mutation < i
+        for i, f in enumerate(filters)
+        if f["typed_config"]["@type"].endswith("ext_proc.v3.ExternalProcessor")
+    )
+    removed = [
+        m["remove"]
+        for m in filters[mutation]["typed_config"]["mutations"]["request_mutations"]
+        if "remove" in m
+    ]
+    assert TenancyConfig().header in removed
+    assert "x-gateway-destination-endpoint" in removed
+
+
+@pytest.mark.parametrize("config", _bootstraps())
+def test_only_the_api_paths_are_routed(config: dict[str, Any]) -> None:
+    hcm = _ingress_hcm(config)
+    assert (hcm["normalize_path"], hcm["merge_slashes"]) == (True, True)
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    *routed, catch_all = host["routes"]
+    patterns = [r["match"]["safe_regex"]["regex"] for r in routed]
+    assert all("cluster" in r["route"] for r in routed)
+
+    def allowed(path: str) -> bool:
+        return any(re.fullmatch(p, path) for p in patterns)
+
+    # Every API the picker classifies is routed, and nothing it does not know besides /health.
+    api_paths = ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"]
+    assert {api_of(p) for p in api_paths} == set(Api) - {Api.OTHER}
+    for path in [*api_paths, "/health"]:
+        assert allowed(path), path
+    for path in ["/sim/state", "/metrics", "/v1/load_lora_adapter", "/v1/completionsx", "/"]:
+        assert not allowed(path), path
+    # Everything else: Envoy's own 404 in the OpenAI envelope, the picker not asked.
+    assert catch_all["match"] == {"prefix": "/"}
+    assert catch_all["direct_response"]["status"] == 404
+    body = json.loads(catch_all["direct_response"]["body"]["inline_string"])
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    per_filter = catch_all["typed_per_filter_config"]
+    for f in _ingress_hcm(config)["http_filters"]:
+        if f["typed_config"]["@type"].endswith("ext_proc.v3.ExternalProcessor"):
+            assert per_filter[f["name"]]["disabled"] is True, f["name"]
+
+
+@pytest.mark.parametrize("config", _bootstraps())
+def test_envoys_own_errors_are_openai_errors(config: dict[str, Any]) -> None:
+    hcm = _ingress_hcm(config)
+    assert hcm["request_timeout"] == "60s"
+    mappers = hcm["local_reply_config"]["mappers"]
+    # Only Envoy's own failures, by response code details: the picker's replies keep theirs.
+    assert "body_format" not in hcm["local_reply_config"]
+    expressions = [m["filter"]["extension_filter"]["typed_config"]["expression"] for m in mappers]
+    assert any("ext_proc_error" in e for e in expressions)
+    for mapper in mappers:
+        body = json.loads(mapper["body"]["inline_string"])
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert mapper["body_format_override"]["content_type"] == "application/json"
+    (picker_down,) = [m for m in mappers if "ext_proc_error" in str(m["filter"])]
+    assert [h["header"]["key"] for h in picker_down["headers_to_add"]] == ["retry-after"]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from extproc.request.errors import OpenAIError
-from extproc.request.openai import Api, ParsedRequest, Prompt, parse_request
+from extproc.request.openai import Api, ParsedRequest, Prompt, api_of, parse_request
 
 
 def _parse(path: str, payload: Any) -> ParsedRequest:
@@ -68,6 +68,36 @@ def test_embeddings_and_query_strings() -> None:
     assert parsed.prompt.texts == ("a", "bc")
 
 
+def test_a_surrogate_pair_is_text_not_an_error() -> None:
+    parsed = parse_request("/v1/completions", b'{"model": "m", "prompt": "a\\ud83d\\ude00b"}')
+    assert isinstance(parsed, ParsedRequest) and parsed.prompt.texts == ("a\U0001f600b",)
+
+
+@pytest.mark.parametrize(
+    ("path", "api"),
+    [
+        ("/v1/%63ompletions", Api.COMPLETIONS),
+        ("/v1/chat/%43ompletions", Api.OTHER),  # paths are case-sensitive, as at the server
+        ("//v1//chat/completions/", Api.CHAT),
+        ("/v1/./embeddings?x=1", Api.EMBEDDINGS),
+        ("/v1/models/../completions", Api.COMPLETIONS),
+        ("/../../v1/models", Api.MODELS),
+        ("/v1/chat%2Fcompletions", Api.CHAT),
+        ("/v1/completion", Api.OTHER),
+    ],
+)
+def test_paths_are_classified_as_the_server_will_route_them(path: str, api: Api) -> None:
+    assert api_of(path) is api
+
+
+def test_a_body_with_leading_white_space_still_names_its_model() -> None:
+    other = parse_request("/v1/responses", b' \n {"model": "m", "input": "x"}')
+    assert isinstance(other, ParsedRequest) and other.model == "m"
+    spelled = parse_request("/v1/%63ompletions", b' {"model": "m", "prompt": "x"}')
+    assert isinstance(spelled, ParsedRequest)
+    assert (spelled.api, spelled.model, spelled.prompt.texts) == (Api.COMPLETIONS, "m", ("x",))
+
+
 def test_other_paths_pass_through_and_keep_a_model_if_named() -> None:
     other = parse_request("/v1/responses", b'{"model": "m", "input": "x"}')
     assert isinstance(other, ParsedRequest)
@@ -124,6 +154,37 @@ def test_other_paths_pass_through_and_keep_a_model_if_named() -> None:
             "messages[0].content",
         ),
         ("/v1/embeddings", b'{"model": "m", "input": {}}', 400, "invalid_value", "input"),
+        # Input Python's json module raises on in ways other than JSONDecodeError (was a 500).
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", None),
+        (
+            "/v1/completions",
+            b'{"model": "m", "n": 1' + b"0" * 5000 + b"}",
+            400,
+            "invalid_json",
+            None,
+        ),
+        ("/v1/completions", b'{"model": "m", "prompt": "a\\ud800b"}', 400, "invalid_json", None),
+        (
+            "/v1/chat/completions",
+            b'{"model": "m", "messages": [{"role": "\\udfff"}]}',
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "/v1/completions",
+            b'{"model": "m", "prompt": "x", "max_tokens": 1' + b"0" * 400 + b"}",
+            400,
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            b'{"model": "m", "prompt": [4294967296]}',
+            400,
+            "invalid_value",
+            "prompt",
+        ),
     ],
 )
 def test_bad_bodies_name_the_problem(

@@ -5,11 +5,16 @@ stream when the collector returns. Real simulator (with KV events), real gRPC, r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
+from extproc._generated import state_pb2 as pb
+from extproc._generated import state_pb2_grpc as pb_grpc
 from extproc.config import (
     CollectorConfig,
     Config,
@@ -22,6 +27,8 @@ from extproc.server.app import PickerServer
 from extproc.server.collector_app import CollectorServer
 from extproc.sim import SimConfig, SimFleet
 from extproc.state.discovery.static import FixedDiscovery
+from extproc.state.prefix_index import PrefixIndex
+from extproc.state.shared import KEEPALIVE, RecordingIndex, SharedStateClient, StateService
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -123,3 +130,39 @@ async def test_a_picker_follows_the_collector_and_falls_back(fleet: SimFleet) ->
     finally:
         await picker.stop()
         await collector.stop()
+
+
+class _HungService(StateService):
+    """Sends the full state, then never another update, on a connection that stays open: a
+    collector that is stopped or deadlocked looks like this from the picker's side."""
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StateUpdate]:
+        yield pb.StateUpdate(version=1, full=True)
+        await asyncio.Event().wait()
+
+
+async def test_a_hung_collector_is_noticed_and_the_picker_scrapes_by_itself() -> None:
+    server = grpc.aio.server(options=KEEPALIVE)
+    pb_grpc.add_StateServiceServicer_to_server(_HungService(RecordingIndex()), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    states: list[bool] = []
+    client = SharedStateClient(
+        f"127.0.0.1:{port}",
+        PrefixIndex(),
+        on_update=lambda _: None,
+        on_connected=states.append,
+        retry_seconds=5.0,
+        silent_after=0.3,
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        await _until(lambda: states == [True], "the picker following the stream")
+        await _until(lambda: states == [True, False], "the silence noticed")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await server.stop(None)

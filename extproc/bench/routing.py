@@ -427,7 +427,8 @@ def envoy_bootstrap(ports: Ports, endpoints: Sequence[str]) -> str:
         hcm["http_filters"] = [f for f in hcm["http_filters"] if "ext_proc" not in f["name"]]
         for host in hcm["route_config"]["virtual_hosts"]:
             for route in host["routes"]:
-                route["route"]["cluster"] = name
+                if "route" in route:  # not the allow-list's direct 404
+                    route["route"]["cluster"] = name
         resources["listeners"].append(listener)
     return str(yaml.safe_dump(config, sort_keys=False, width=1000))
 

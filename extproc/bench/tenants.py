@@ -1,6 +1,6 @@
 """`extproc bench tenants`: the noisy neighbour. One tenant floods, the others do not.
 
-    this process (one open-loop Poisson client per tenant, header x-tenant-id)
+    this process (one open-loop Poisson client per tenant, an API key each)
         --HTTP--> Envoy --ext_proc--> the picker (`extproc serve`, tenancy on)
         --HTTP--> a small simulated fleet (`extproc.bench.simhost`, own process)
 
@@ -77,8 +77,8 @@ from extproc.bench.processes import (
 from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
 from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE
+from extproc.tenancy.policy import key_digest
 
-TENANT_HEADER: Final = "x-tenant-id"
 NOISY: Final = "noisy"
 DEFAULT_OUTPUT: Final = Path("reports/tenants")
 TARGET_RATIO: Final = 1.5  # issue 6: well-behaved p90 TTFT within 1.5x of no flood
@@ -288,7 +288,10 @@ def _error_code(payload: bytes, status: int) -> str:
 
 async def _send(http: aiohttp.ClientSession, url: str, planned: Planned, start: float) -> Outcome:
     sent = time.perf_counter()
-    headers = {"content-type": "application/json", TENANT_HEADER: planned.tenant}
+    headers = {
+        "content-type": "application/json",
+        "authorization": f"Bearer {tenant_key(planned.tenant)}",
+    }
     ttft: float | None = None
     last = b""
     try:
@@ -519,15 +522,23 @@ def picker_config(
         "scheduling": {"saturation_requests": options.saturation_requests},
         "tenancy": {
             "enabled": True,
-            "identity": ["header"],
-            "header": TENANT_HEADER,
+            "identity": ["api-key"],
             "fair_sharing": fair_sharing,
             "headroom_requests": options.headroom_requests if headroom else 0,
             "queue_timeout_seconds": options.queue_timeout_seconds,
             "max_queued_per_tenant": options.max_queued_per_tenant,
-            "tenants": {name: {"weight": 1.0} for name in options.names},
+            "tenants": {
+                name: {"weight": 1.0, "api_keys": [key_digest(tenant_key(name))]}
+                for name in options.names
+            },
         },
     }
+
+
+def tenant_key(tenant: str) -> str:
+    """The benchmark tenant's API key: a client's own `x-tenant-id` is removed by the bundled
+    Envoy, so tenants are told apart by keys, as real clients are."""
+    return f"sk-bench-{tenant}-0123456789abcdef"
 
 
 def _picker_argv(options: TenantsOptions, ports: Ports, config: Path) -> list[str]:

@@ -25,6 +25,22 @@ class OpenAIError:
         return json.dumps({"error": error}).encode()
 
 
+# How much of a client's own string (a model name, a header value) goes into a message or a log
+# line: enough to recognise it, never enough to flood either.
+CLIENT_TEXT_LIMIT = 120
+
+
+def client_text(value: str, *, limit: int = CLIENT_TEXT_LIMIT) -> str:
+    """`value`, as a client sent it, made safe to echo and log: control characters (a newline
+    would forge a log line), quotes and non-ASCII escaped as in a Python literal, and cut to
+    `limit` characters with the length of the rest said."""
+    shown = value if len(value) <= limit else value[:limit]
+    quoted = ascii(shown)[1:-1]
+    if len(value) > limit:
+        quoted += f"... ({len(value) - limit} more characters)"
+    return quoted
+
+
 def invalid_json(detail: str) -> OpenAIError:
     return OpenAIError(
         400, f"Request body is not valid JSON: {detail}", "invalid_request_error", "invalid_json"
@@ -48,7 +64,7 @@ def missing_model() -> OpenAIError:
 def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(
         404,
-        f"The model '{model}' does not exist or is not served by this pool.",
+        f"The model '{client_text(model)}' does not exist or is not served by this pool.",
         "invalid_request_error",
         "model_not_found",
         param="model",
@@ -110,7 +126,18 @@ def unauthorized(code: str, message: str) -> OpenAIError:
 def model_not_allowed(model: str) -> OpenAIError:
     return OpenAIError(
         403,
-        f"This API key or tenant may not use the model '{model}'.",
+        f"This API key or tenant may not use the model '{client_text(model)}'.",
+        "permission_error",
+        "model_not_allowed",
+        param="model",
+    )
+
+
+def model_unclassified() -> OpenAIError:
+    return OpenAIError(
+        403,
+        "This API key or tenant may use only some models, and the model of this request cannot "
+        "be told: send a JSON body naming 'model' to an OpenAI API path.",
         "permission_error",
         "model_not_allowed",
         param="model",

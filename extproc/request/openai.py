@@ -7,10 +7,12 @@ that no later step changes travels to the model server byte for byte as the clie
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+from urllib.parse import unquote
 
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
@@ -35,8 +37,33 @@ _API_BY_PATH = {
 _MODEL_APIS = frozenset({Api.COMPLETIONS, Api.CHAT, Api.EMBEDDINGS})
 
 
+# The largest `max_tokens` and token id taken: far above any model's context or vocabulary, and
+# below what the cost model's float arithmetic and vLLM's int32/int64 fields hold.
+MAX_TOKENS_LIMIT = 2**31 - 1
+# A `\uD800`-`\uDFFF` escape in the raw body: the only way a JSON text can carry a surrogate, so
+# only bodies with one are checked for a lone half (which no tokenizer or UTF-8 encoder takes).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def api_of(path: str) -> Api:
-    return _API_BY_PATH.get(path.split("?", 1)[0].rstrip("/"), Api.OTHER)
+    return _API_BY_PATH.get(normalize_path(path), Api.OTHER)
+
+
+def normalize_path(path: str) -> str:
+    """The path the model server will route on, as the picker classifies it.
+
+    The query is dropped; percent-escapes are decoded (the server decodes them before routing,
+    so `/v1/%63ompletions` is completions there and must be here); empty and `.` segments go,
+    and `..` removes the segment before it, as RFC 3986 and Envoy's `normalize_path` do."""
+    decoded = unquote(path.split("?", 1)[0].split("#", 1)[0], errors="replace")
+    segments: list[str] = []
+    for segment in decoded.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    return "/" + "/".join(segments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +99,9 @@ def parse_request(path: str, body: bytes) -> ParsedRequest | OpenAIError:
     api = api_of(path)
     if api not in _MODEL_APIS:
         return _parse_other(api, body)
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return errors.invalid_json(str(exc))
+    payload = _loads(body)
+    if isinstance(payload, OpenAIError):
+        return payload
     if not isinstance(payload, dict):
         return errors.invalid_json(f"expected a JSON object, got {type(payload).__name__}")
     model = payload.get("model")
@@ -88,9 +114,13 @@ def parse_request(path: str, body: bytes) -> ParsedRequest | OpenAIError:
         return prompt
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
     if max_tokens is not None and (
-        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0
+        not isinstance(max_tokens, int)
+        or isinstance(max_tokens, bool)
+        or not 0 <= max_tokens <= MAX_TOKENS_LIMIT
     ):
-        return errors.invalid_field("max_tokens", "'max_tokens' must be a non-negative integer.")
+        return errors.invalid_field(
+            "max_tokens", f"'max_tokens' must be an integer from 0 to {MAX_TOKENS_LIMIT}."
+        )
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         return errors.invalid_field("stream", "'stream' must be true or false.")
@@ -107,16 +137,40 @@ def parse_request(path: str, body: bytes) -> ParsedRequest | OpenAIError:
 
 
 def _parse_other(api: Api, body: bytes) -> ParsedRequest:
-    # Unknown APIs are routed by load alone; a JSON body naming a model still narrows the choice.
+    # Unknown APIs are routed by load alone; a JSON body naming a model still narrows the choice
+    # (and a tenant limited to some models is held to them: leading white space must not hide
+    # the model). Anything else (multipart audio, say) passes unparsed, its model unknown.
     model = None
-    if body[:1] == b"{":
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            payload = None
+    if body.lstrip()[:1] == b"{":
+        payload = _loads(body)
         if isinstance(payload, dict) and isinstance(payload.get("model"), str):
             model = payload["model"]
     return ParsedRequest(api=api, model=model)
+
+
+def _loads(body: bytes) -> Any:
+    """The decoded body, or the 400 to answer: every way a client's bytes can fail to be JSON
+    the picker can work with (not UTF-8, not JSON, nested past the parser's recursion limit, an
+    integer past Python's digit limit, a lone surrogate) is the client's error, never ours."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return errors.invalid_json(str(exc))
+    except RecursionError:
+        return errors.invalid_json("nested too deeply")
+    except ValueError as exc:  # the integer digit limit (not a JSONDecodeError)
+        return errors.invalid_json(str(exc))
+    if _SURROGATE_ESCAPE.search(body) is not None and _has_lone_surrogate(payload):
+        return errors.invalid_json("a string holds a lone UTF-16 surrogate")
+    return payload
+
+
+def _has_lone_surrogate(payload: Any) -> bool:
+    try:
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _prompt(api: Api, payload: Mapping[str, Any]) -> Prompt | OpenAIError:
@@ -160,7 +214,7 @@ def _texts_or_tokens(value: Any) -> Prompt | None:
 
 
 def _is_token(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS_LIMIT
 
 
 def _message_text(message: Mapping[str, Any]) -> str:

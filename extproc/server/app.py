@@ -53,6 +53,8 @@ from extproc.tenancy.tenants import Tenancy
 
 log = logging.getLogger("extproc")
 
+_MESSAGE_MARGIN = 1 << 20
+
 
 class _ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, handler: StreamHandler) -> None:
@@ -142,6 +144,8 @@ class PickerServer:
                 on_update=self.pool.set_metrics,
                 on_connected=lambda up: self.state.set_local(not up),
                 name=socket.gethostname(),
+                # As old as the collector's figures may get before they count as stale.
+                silent_after=config.collector.staleness_seconds,
             )
             if config.collector.source
             else None
@@ -163,7 +167,15 @@ class PickerServer:
             default_body_mode=server.default_body_mode,
             awaiting_response_seconds=server.response_observer_timeout_seconds,
         )
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                # In BUFFERED mode a whole body is one message: gRPC's own 4 MiB default would
+                # refuse bodies the picker accepts (Envoy then answers an empty 503). The margin
+                # is for the headers and framing that ride with the body.
+                ("grpc.max_receive_message_length", server.max_body_bytes + _MESSAGE_MARGIN),
+            ]
+        )
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(
             _ExternalProcessor(handler), self._grpc
         )

@@ -23,7 +23,7 @@ from extproc._generated import state_pb2_grpc as pb_grpc
 from extproc.config import Config, ConfigError
 from extproc.server.app import config_from_args, discovery_for
 from extproc.state.discovery import Discovery
-from extproc.state.shared import RecordingIndex, StateService
+from extproc.state.shared import KEEPALIVE, RecordingIndex, StateService
 from extproc.state.side import StateSide
 
 log = logging.getLogger("extproc.collector")
@@ -58,7 +58,7 @@ class CollectorServer:
 
     async def start(self) -> None:
         host = self.config.server.host
-        self._grpc = grpc.aio.server()
+        self._grpc = grpc.aio.server(options=KEEPALIVE)
         pb_grpc.add_StateServiceServicer_to_server(self.service, self._grpc)  # type: ignore[no-untyped-call]
         self.port = self._grpc.add_insecure_port(f"{host}:{self._port}")
         await self.state.start()

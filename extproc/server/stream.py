@@ -213,7 +213,11 @@ class StreamHandler:
         try:
             outcome = await self._pipeline.route(state.head, body)
         except Exception:
-            log.exception("routing failed for %s %s", state.head.method, state.head.path)
+            log.exception(
+                "routing failed for %s %s",
+                errors.client_text(state.head.method),
+                errors.client_text(state.head.path),
+            )
             self._metrics.stream_errors.labels("pick_failed").inc()
             outcome = errors.internal_error()
         if isinstance(outcome, OpenAIError):

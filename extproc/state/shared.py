@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 
 # A watcher this far behind is cut off; it reconnects and starts again from a full state.
 _QUEUE_LIMIT = 256
+# gRPC keepalive on the shared-state stream, for both ends (a server refuses pings more often
+# than it allows): a peer that stops answering pings is found within about 15 s.
+KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+)
 
 
 class RecordingIndex(PrefixIndex):
@@ -236,6 +243,7 @@ class SharedStateClient:
         on_connected: Callable[[bool], None],
         name: str = "",
         retry_seconds: float = 1.0,
+        silent_after: float = 2.0,
     ) -> None:
         self._address = address
         self._index = index
@@ -243,22 +251,44 @@ class SharedStateClient:
         self._on_connected = on_connected
         self._name = name
         self._retry = retry_seconds
+        self._silent_after = silent_after
 
     async def run(self) -> None:
-        """Follow the stream until cancelled, reconnecting after `retry_seconds` when it breaks."""
+        """Follow the stream until cancelled, reconnecting after `retry_seconds` when it breaks
+        or falls silent."""
         while True:
             try:
                 await self._follow()
             except grpc.aio.AioRpcError as exc:
                 log.warning("shared collector %s: %s", self._address, exc.code().name)
+            except TimeoutError:
+                log.warning(
+                    "shared collector %s: no update for %.1fs, scraping by ourselves",
+                    self._address,
+                    self._silent_after,
+                )
             self._on_connected(False)
             await asyncio.sleep(self._retry)
 
     async def _follow(self) -> None:
-        async with grpc.aio.insecure_channel(self._address) as channel:
+        # The collector sends an update every round, so silence means it is hung (stopped,
+        # deadlocked, its host gone without a reset): TCP alone would wait for good. Keepalive
+        # pings catch a dead peer below gRPC; the timeout on each update catches a live
+        # connection to a process that no longer works.
+        async with grpc.aio.insecure_channel(self._address, options=KEEPALIVE) as channel:
             stub = pb_grpc.StateServiceStub(channel)  # type: ignore[no-untyped-call]
             connected = False
-            async for update in stub.Watch(pb.WatchRequest(picker=self._name)):
+            call = stub.Watch(pb.WatchRequest(picker=self._name))
+            updates = aiter(call)
+            while True:
+                try:
+                    async with asyncio.timeout(self._silent_after):
+                        update = await anext(updates)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    call.cancel()
+                    raise
                 if update.full:
                     for endpoint in self._index.endpoints():
                         self._index.clear(endpoint)

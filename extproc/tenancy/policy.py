@@ -33,7 +33,9 @@ class Tenant:
     cache_isolation: bool = False
 
     def may_use(self, model: str | None) -> bool:
-        return not self.models or model is None or model in self.models
+        """A tenant limited to some models may use only those: a request whose model is not
+        known (None) is refused, since it could be any."""
+        return not self.models or model in self.models
 
     @property
     def sheddable(self) -> bool:

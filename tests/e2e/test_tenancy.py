@@ -25,13 +25,18 @@ from .harness import MODEL_A, MODEL_B, Fleet, Picker, Stack, run_envoy, run_pick
 pytestmark = pytest.mark.e2e
 
 KEYS = {"acme": "sk-e2e-acme-0123456789", "globex": "sk-e2e-globex-9876543210"}
-SALT_KEY = "e2e-salt-key"
+SALT_KEY = "e2e-salt-key-0123456789"
+# The trusted tenant header, as a trusted filter in front of the picker would set it. The bundled
+# Envoy drops the default x-tenant-id from client requests (docs/envoy.md, "Tenant header";
+# tests/e2e/test_envoy_hardening.py), so these tests name one it passes through.
+TRUSTED_HEADER = "x-e2e-tenant"
 
 
 def _tenancy(**more: Any) -> dict[str, Any]:
     return {
         "enabled": True,
         "identity": ["api-key", "header"],
+        "header": TRUSTED_HEADER,
         "cache_salt_key": SALT_KEY,
         "tenants": {
             "acme": {"api_keys": [key_digest(KEYS["acme"])], "cache_isolation": True},
@@ -90,7 +95,7 @@ REFUSALS = [
         id="bad-key",
     ),
     pytest.param(
-        {"x-tenant-id": "initech", "content-type": "application/json"},
+        {TRUSTED_HEADER: "initech", "content-type": "application/json"},
         MODEL_A,
         401,
         "unknown_tenant",
@@ -216,8 +221,8 @@ async def test_tenants_share_no_kv_blocks_but_a_tenant_shares_its_own(
         assert await cached(_bearer("acme")) > 0  # the same tenant again: its blocks are there
         # Control: two tenants without isolation do share the cache.
         header = {"content-type": "application/json"}
-        assert await cached({**header, "x-tenant-id": "open-a"}) == 0
-        assert await cached({**header, "x-tenant-id": "open-b"}) > 0
+        assert await cached({**header, TRUSTED_HEADER: "open-a"}) == 0
+        assert await cached({**header, TRUSTED_HEADER: "open-b"}) > 0
 
 
 # --- refusals of a saturated pool and of a missing Redis, through Envoy -------------------------
@@ -234,6 +239,7 @@ async def test_a_saturated_pool_queues_sheds_and_times_out_through_envoy(
     tenancy = {
         "enabled": True,
         "identity": ["header"],
+        "header": TRUSTED_HEADER,
         "queue_timeout_seconds": 1.0,
         "max_queued_per_tenant": 1,
         "tenants": {"steady": {}, "batch": {"priority": -1}},
@@ -254,13 +260,13 @@ async def test_a_saturated_pool_queues_sheds_and_times_out_through_envoy(
             async with session.post(
                 f"{stack.url}/v1/completions",
                 data=json.dumps(held).encode(),
-                headers={"x-tenant-id": "steady", "content-type": "application/json"},
+                headers={TRUSTED_HEADER: "steady", "content-type": "application/json"},
             ) as streaming:
                 assert streaming.status == 200, stack.logs()
                 await streaming.content.readuntil(b"\n\n")  # the first chunk: it is in flight
                 body = {"model": MODEL_A, "prompt": "next", "max_tokens": 2}
-                steady = {"x-tenant-id": "steady", "content-type": "application/json"}
-                batch = {"x-tenant-id": "batch", "content-type": "application/json"}
+                steady = {TRUSTED_HEADER: "steady", "content-type": "application/json"}
+                batch = {TRUSTED_HEADER: "batch", "content-type": "application/json"}
                 waiting = asyncio.create_task(_post(session, stack, body, steady))
                 await asyncio.sleep(0.3)  # it is in steady's queue now, which holds one
                 answers = [
@@ -275,7 +281,7 @@ async def test_a_saturated_pool_queues_sheds_and_times_out_through_envoy(
                 own_fleet.release_streams()
                 await streaming.read()
             # The stream has ended: room again, and the same request is served.
-            headers = {"x-tenant-id": "steady", "content-type": "application/json"}
+            headers = {TRUSTED_HEADER: "steady", "content-type": "application/json"}
             status, _, raw = await _post(session, stack, body, headers)
             assert status == 200, (raw, stack.logs())
 

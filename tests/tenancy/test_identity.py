@@ -44,7 +44,6 @@ def test_an_api_key_names_its_tenant() -> None:
     [
         ({"authorization": "Bearer sk-wrong"}, "invalid_api_key"),
         ({"authorization": f"Basic {KEY_A}"}, "invalid_api_key"),
-        ({"x-tenant-id": "nobody"}, "unknown_tenant"),
         ({}, "missing_api_key"),
     ],
 )
@@ -54,8 +53,38 @@ def test_a_bad_or_missing_identity_is_refused(headers: dict[str, str], code: str
     assert KEY_A not in who.reason
 
 
+def test_by_default_a_tenant_header_names_nobody() -> None:
+    """A client's own `x-tenant-id` must not make it that tenant: the header source is opt-in,
+    for a header a trusted authenticator in front sets (and strips from clients)."""
+    who = _who({"x-tenant-id": "a"})
+    assert isinstance(who, Unidentified) and who.code == "missing_api_key"
+    with_default = _config(default_tenant="guests")
+    assert (
+        _who({"x-tenant-id": "a"}, with_default) == directory_from(with_default).tenants["guests"]
+    )
+    opted_in = _config(identity=["api-key", "header"])
+    assert _who({"x-tenant-id": "a"}, opted_in) == directory_from(opted_in).tenants["a"]
+    unknown = _who({"x-tenant-id": "nobody"}, opted_in)
+    assert isinstance(unknown, Unidentified) and unknown.code == "unknown_tenant"
+
+
+def test_a_model_limited_tenant_may_not_send_a_request_of_unknown_model() -> None:
+    limited = directory_from(_config()).tenants["a"]
+    assert not limited.may_use(None)
+    assert directory_from(_config()).tenants["guests"].may_use(None)
+
+
+@pytest.mark.parametrize("key", ["", "too-short"])
+def test_cache_isolation_needs_a_secret_salt_key(key: str) -> None:
+    tenancy = {"cache_salt_key": key, "tenants": {"a": {"cache_isolation": True}}}
+    with pytest.raises(ConfigError, match=r"tenancy\.cache_salt_key"):
+        load_config(None, {"tenancy": tenancy})
+    tenancy["cache_salt_key"] = "a-long-enough-secret-key"
+    assert load_config(None, {"tenancy": tenancy}).tenancy.cache_salt_key
+
+
 def test_a_wrong_key_does_not_fall_through_to_the_header_or_the_default() -> None:
-    config = _config(default_tenant="guests")
+    config = _config(identity=["api-key", "header", "default"], default_tenant="guests")
     who = _who({"authorization": "Bearer nope", "x-tenant-id": "a"}, config)
     assert isinstance(who, Unidentified) and who.code == "invalid_api_key"
 

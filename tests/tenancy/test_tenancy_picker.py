@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,12 +18,12 @@ from extproc.server.logs import JsonFormatter
 from extproc.tenancy.policy import key_digest
 from extproc.tenancy.salt import tenant_salt
 from tests import extproc_client as ep
+from tests.conftest import StartPicker
 from tests.redis_server import RedisServer
 
 KEYS = {"acme": "sk-acme-1111111111111111", "globex": "sk-globex-2222222222222222"}
+SALT_KEY = "salt-key-for-the-tenancy-tests"
 PROMPT = {"model": "model-a", "prompt": "Hello there, how are you today?", "max_tokens": 5}
-
-Start = Callable[..., Awaitable[tuple[PickerServer, grpc.aio.Channel]]]
 
 
 def _config(addresses: list[str], tenancy: dict[str, Any], **more: Any) -> Config:
@@ -42,27 +41,17 @@ def _config(addresses: list[str], tenancy: dict[str, Any], **more: Any) -> Confi
         "collector": {"enabled": False},
         "routing": {"strategy": "least-request", "fallbacks": 0},
         "endpoints": [{"address": a} for a in addresses],
-        "tenancy": {"enabled": True, "tenants": tenants, **tenancy},
+        # The header source is opt-in; these tests exercise it as a trusted front would set it.
+        "tenancy": {
+            "enabled": True,
+            "identity": ["api-key", "header", "default"],
+            "cache_salt_key": SALT_KEY,
+            "tenants": tenants,
+            **tenancy,
+        },
         **more,
     }
     return load_config(None, {k: v for k, v in raw.items()})
-
-
-@pytest.fixture
-async def start_picker() -> AsyncIterator[Start]:
-    running: list[tuple[PickerServer, grpc.aio.Channel]] = []
-
-    async def start(config: Config) -> tuple[PickerServer, grpc.aio.Channel]:
-        picker = PickerServer(config)
-        await picker.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}")
-        running.append((picker, channel))
-        return picker, channel
-
-    yield start
-    for picker, channel in running:
-        await channel.close()
-        await picker.stop()
 
 
 async def _send(
@@ -110,7 +99,7 @@ def _sample(picker: PickerServer, name: str, **labels: str) -> float:
 )
 async def test_identity_and_model_refusals(
     model_servers: Any,
-    start_picker: Start,
+    start_picker: StartPicker,
     headers: dict[str, str],
     payload: dict[str, Any],
     status: int,
@@ -141,7 +130,7 @@ async def test_identity_and_model_refusals(
 
 
 async def test_a_rate_limit_answers_429_with_retry_after_and_the_limit(
-    model_servers: Any, start_picker: Start
+    model_servers: Any, start_picker: StartPicker
 ) -> None:
     server = await model_servers("model-b")
     picker, channel = await start_picker(_config([server.address], {}))
@@ -163,13 +152,13 @@ async def test_a_rate_limit_answers_429_with_retry_after_and_the_limit(
 
 @pytest.mark.parametrize("mode", [ep.STREAMED, ep.BUFFERED], ids=["streamed", "buffered"])
 async def test_an_isolated_tenant_gets_its_cache_salt_written_into_the_body(
-    model_servers: Any, start_picker: Start, mode: int
+    model_servers: Any, start_picker: StartPicker, mode: int
 ) -> None:
     server = await model_servers("model-a")
-    _, channel = await start_picker(_config([server.address], {"cache_salt_key": "k"}))
+    _, channel = await start_picker(_config([server.address], {}))
     sent = {**PROMPT, "cache_salt": "per-user-7"}
     stream, reply = await _send(channel, sent, _bearer("acme"), mode=mode)
-    expected_salt = tenant_salt("acme", "per-user-7", key="k")
+    expected_salt = tenant_salt("acme", "per-user-7", key=SALT_KEY)
     if mode == ep.STREAMED:
         set_headers = {
             h.header.key: h.header.raw_value.decode()
@@ -191,7 +180,7 @@ async def test_an_isolated_tenant_gets_its_cache_salt_written_into_the_body(
 
 
 async def test_a_tenant_without_isolation_keeps_its_body_byte_for_byte(
-    model_servers: Any, start_picker: Start
+    model_servers: Any, start_picker: StartPicker
 ) -> None:
     server = await model_servers("model-a")
     config = _config([server.address], {"tenants": {"plain": {}}, "default_tenant": "plain"})
@@ -209,7 +198,7 @@ async def test_a_tenant_without_isolation_keeps_its_body_byte_for_byte(
 
 
 async def test_two_replicas_share_one_limit_through_redis(
-    model_servers: Any, start_picker: Start, redis_server: RedisServer
+    model_servers: Any, start_picker: StartPicker, redis_server: RedisServer
 ) -> None:
     server = await model_servers("model-b")
     tenancy = {"limits_backend": "redis", "redis_url": redis_server.url}
@@ -235,7 +224,7 @@ async def test_two_replicas_share_one_limit_through_redis(
 
 
 async def test_under_saturation_requests_wait_their_turn_and_time_out(
-    model_servers: Any, start_picker: Start
+    model_servers: Any, start_picker: StartPicker
 ) -> None:
     server = await model_servers("model-a")
     config = _config(
@@ -271,7 +260,7 @@ async def test_under_saturation_requests_wait_their_turn_and_time_out(
 
 @pytest.mark.parametrize("headroom", [0, 2])
 async def test_headroom_keeps_slots_for_a_tenant_under_its_share(
-    model_servers: Any, start_picker: Start, headroom: int
+    model_servers: Any, start_picker: StartPicker, headroom: int
 ) -> None:
     """One endpoint with 4 slots, two tenants of weight 1 (a share of 2 slots each). With
     headroom 2, a tenant holding its share finds the pool saturated at 2 requests, so the other
@@ -309,7 +298,7 @@ async def test_headroom_keeps_slots_for_a_tenant_under_its_share(
 
 
 async def test_a_sheddable_tenant_is_refused_under_saturation_not_queued(
-    model_servers: Any, start_picker: Start
+    model_servers: Any, start_picker: StartPicker
 ) -> None:
     server = await model_servers("model-a")
     config = _config(
@@ -330,7 +319,7 @@ async def test_a_sheddable_tenant_is_refused_under_saturation_not_queued(
 
 
 async def test_refusals_are_logged_as_json_with_the_request_id_and_never_the_key(
-    model_servers: Any, start_picker: Start, caplog: pytest.LogCaptureFixture
+    model_servers: Any, start_picker: StartPicker, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = await model_servers("model-a")
     _, channel = await start_picker(_config([server.address], {}))
@@ -352,7 +341,7 @@ async def test_refusals_are_logged_as_json_with_the_request_id_and_never_the_key
 
 
 async def test_with_redis_down_and_failing_closed_the_answer_is_503(
-    model_servers: Any, start_picker: Start, redis_server: RedisServer
+    model_servers: Any, start_picker: StartPicker, redis_server: RedisServer
 ) -> None:
     server = await model_servers("model-b")
     tenancy = {
