@@ -107,6 +107,17 @@ class ServerConfig:
         "response before its in-flight count is released anyway.",
         minimum=1,
     )
+    secure_serving: bool = _key(
+        False,
+        "Serve the ext_proc port (and `extproc collector`'s stream) over TLS, as gateways that "
+        "resolve an InferencePool's endpoint picker themselves expect. Without `cert_path` a "
+        "self-signed certificate is made at start.",
+    )
+    cert_path: str = _key(
+        "",
+        "Directory holding `tls.crt` and `tls.key` (a Kubernetes TLS Secret mounted as a "
+        "volume) for `secure_serving`; read again when they change.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +201,14 @@ class CollectorConfig:
         "",
         "`host:port` of a shared `extproc collector` to follow instead of scraping; while its "
         "stream is down the picker scrapes by itself.",
+    )
+    source_tls: bool = _key(
+        False, "Follow `source` over TLS (the collector runs with `--secure-serving`)."
+    )
+    source_ca_file: str = _key(
+        "",
+        "PEM file of the CA that signed the collector's certificate, for `source_tls`. Empty: "
+        "trust the certificate the collector presents (its self-signed one) on each connect.",
     )
     stale_policy: StalePolicy = _key(
         "saturated",

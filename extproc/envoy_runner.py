@@ -142,6 +142,8 @@ def render_bootstrap(
     response_path: ResponsePath = "inline",
     access_log: bool = True,
     template: Path | None = None,
+    extproc_tls: bool = False,
+    extproc_ca: Path | None = None,
 ) -> str:
     """Return the Envoy bootstrap (YAML) for these settings.
 
@@ -186,6 +188,8 @@ def render_bootstrap(
     host, picker_port = _split(extproc, "extproc")
     picker["type"] = "STATIC" if _is_ip(host) else "STRICT_DNS"
     picker["load_assignment"]["endpoints"] = [{"lb_endpoints": [_lb_endpoint(host, picker_port)]}]
+    if extproc_tls or extproc_ca is not None:
+        picker["transport_socket"] = _upstream_tls(extproc_ca)
 
     pool = _named(clusters, "pool")
     if "load_assignment" in pool:  # override-host: the pool is a fixed list of hosts
@@ -201,6 +205,23 @@ def render_bootstrap(
             {"lb_endpoints": [_lb_endpoint(ip, p) for ip, p in hosts]}
         ]
     return yaml.safe_dump(config, sort_keys=False, width=1000)
+
+
+def _upstream_tls(ca: Path | None) -> dict[str, Any]:
+    """TLS to the picker (`extproc serve --secure-serving`). Without `ca` the certificate is
+    not checked, as the field's gateways treat the picker's self-signed one; with `ca` it must
+    chain to that CA (the picker's name is not checked: it is reached by address)."""
+    context: dict[str, Any] = {"alpn_protocols": ["h2"]}
+    if ca is not None:
+        context["validation_context"] = {"trusted_ca": {"filename": str(ca)}}
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "UpstreamTlsContext",
+            "common_tls_context": context,
+        },
+    }
 
 
 def envoy_binary() -> Path:
@@ -413,6 +434,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bound on request upload + pick + fair-queue wait (HCM request_timeout; default "
         "60000; keep it above tenancy.queue_timeout_seconds)",
     )
+    parser.add_argument(
+        "--extproc-tls",
+        action="store_true",
+        help="connect to the picker over TLS (it runs with --secure-serving)",
+    )
+    parser.add_argument(
+        "--extproc-ca",
+        type=Path,
+        help="PEM CA the picker's certificate must chain to (implies --extproc-tls; without "
+        "it the certificate is not checked)",
+    )
     parser.add_argument("--concurrency", type=int, default=None, help="Envoy worker threads")
     parser.add_argument("--log-level", default="warning", help="Envoy log level")
     parser.add_argument(
@@ -439,6 +471,8 @@ def run(args: argparse.Namespace) -> int:
             variant=args.variant,
             response_path=args.response_path,
             access_log=not args.no_access_log,
+            extproc_tls=args.extproc_tls,
+            extproc_ca=args.extproc_ca,
         )
     except (ValueError, OSError) as exc:
         print(f"extproc envoy: {exc}", file=sys.stderr)

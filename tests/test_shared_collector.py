@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +31,7 @@ from extproc.sim import SimConfig, SimFleet
 from extproc.state.discovery.static import FixedDiscovery
 from extproc.state.prefix_index import PrefixIndex
 from extproc.state.shared import KEEPALIVE, RecordingIndex, SharedStateClient, StateService
+from tests.certs import authority, write_server_pair
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -166,3 +169,32 @@ async def test_a_hung_collector_is_noticed_and_the_picker_scrapes_by_itself() ->
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await server.stop(None)
+
+
+@pytest.mark.parametrize("with_ca", [False, True], ids=["self-signed", "own-ca"])
+async def test_a_picker_follows_a_collector_over_tls(
+    fleet: SimFleet, tmp_path: Path, with_ca: bool
+) -> None:
+    base = _config(fleet)
+    server = dataclasses.replace(base.server, secure_serving=True)
+    if with_ca:
+        ca = authority()
+        write_server_pair(ca, tmp_path / "certs")
+        (tmp_path / "ca.pem").write_bytes(ca.pem)
+        server = dataclasses.replace(server, cert_path=str(tmp_path / "certs"))
+    config = dataclasses.replace(base, server=server)
+    collector = CollectorServer(config, FixedDiscovery(config.endpoints), port=0, metrics_port=0)
+    await collector.start()
+    source = dataclasses.replace(
+        _config(fleet, source=f"127.0.0.1:{collector.port}").collector,
+        source_tls=True,
+        source_ca_file=str(tmp_path / "ca.pem") if with_ca else "",
+    )
+    picker = PickerServer(dataclasses.replace(_config(fleet), collector=source))
+    await picker.start()
+    try:
+        await _until(lambda: collector.service.watchers == 1, "the picker watching over TLS")
+        await _until(lambda: not picker.state.local, "the picker following the stream")
+    finally:
+        await picker.stop()
+        await collector.stop()

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import start_http_server
 
-from extproc.config import Config, ConfigError, EndpointConfig, load_config
+from extproc.config import Config, ConfigError, EndpointConfig, ServerConfig, load_config
 from extproc.metrics import PickerMetrics
 from extproc.pipeline import Pipeline
 from extproc.prefix.approx_index import ApproxPrefixIndex
@@ -36,6 +37,7 @@ from extproc.server.health import Health
 from extproc.server.logs import configure_logging
 from extproc.server.prefill import HttpPrefiller
 from extproc.server.stream import StreamHandler
+from extproc.server.tls import server_credentials
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
 from extproc.state.discovery.static import FixedDiscovery, StaticDiscovery
@@ -43,7 +45,7 @@ from extproc.state.inflight import InFlight
 from extproc.state.models import ModelsReading
 from extproc.state.pool import PoolState
 from extproc.state.prefix_index import PrefixIndex
-from extproc.state.shared import SharedStateClient
+from extproc.state.shared import ChannelTls, SharedStateClient
 from extproc.state.side import StateSide
 from extproc.state.snapshot import Snapshot, SnapshotStore
 from extproc.tenancy.limits import Limiter, LocalLimiter
@@ -146,6 +148,7 @@ class PickerServer:
                 name=socket.gethostname(),
                 # As old as the collector's figures may get before they count as stale.
                 silent_after=config.collector.staleness_seconds,
+                tls=_collector_tls(config),
             )
             if config.collector.source
             else None
@@ -179,7 +182,7 @@ class PickerServer:
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(
             _ExternalProcessor(handler), self._grpc
         )
-        self.grpc_port = self._grpc.add_insecure_port(f"{server.host}:{server.grpc_port}")
+        self.grpc_port = add_port(self._grpc, f"{server.host}:{server.grpc_port}", server)
         self._health_grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_grpc)
         self.health_port = self._health_grpc.add_insecure_port(
@@ -203,9 +206,10 @@ class PickerServer:
         await self.health.ready()
         snapshot = self.store.current
         log.info(
-            "extproc serving ext_proc on :%d, health on :%d, metrics on :%d; strategy %s; "
+            "extproc serving ext_proc on :%d%s, health on :%d, metrics on :%d; strategy %s; "
             "%d/%d endpoints ready",
             self.grpc_port,
+            " over TLS" if self.config.server.secure_serving else "",
             self.health_port,
             self.metrics_port,
             self.config.routing.strategy,
@@ -356,6 +360,20 @@ def check_protobuf_backend() -> None:
         )
 
 
+def _collector_tls(config: Config) -> ChannelTls | None:
+    if not config.collector.source_tls:
+        return None
+    ca_file = config.collector.source_ca_file
+    return ChannelTls(ca=Path(ca_file).read_bytes() if ca_file else None)
+
+
+def add_port(server: grpc.aio.Server, address: str, config: ServerConfig) -> int:
+    """Listen on `address`, over TLS when `config.secure_serving` (docs/deploy.md, "TLS")."""
+    if not config.secure_serving:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(config.cert_path))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (see docs/configuration.md)")
     parser.add_argument("--endpoints", help="comma-separated ip:port list of model servers")
@@ -373,6 +391,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--body-mode",
         choices=["streamed", "buffered"],
         help="body mode to assume when Envoy does not announce one",
+    )
+    parser.add_argument(
+        "--secure-serving",
+        action="store_true",
+        default=None,
+        help="serve ext_proc over TLS (self-signed certificate unless --cert-path)",
+    )
+    parser.add_argument(
+        "--cert-path", help="directory with tls.crt and tls.key, read again when they change"
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument(
@@ -395,6 +422,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         "body_mode": "server.default_body_mode",
         "strategy": "routing.strategy",
         "fallbacks": "routing.fallbacks",
+        "secure_serving": "server.secure_serving",
+        "cert_path": "server.cert_path",
     }
     for attr, key in flags.items():
         value = getattr(args, attr, None)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from extproc._generated import state_pb2_grpc as pb_grpc
 from extproc.config import Config, ConfigError
-from extproc.server.app import config_from_args, discovery_for
+from extproc.server.app import add_port, config_from_args, discovery_for
 from extproc.state.discovery import Discovery
 from extproc.state.shared import KEEPALIVE, RecordingIndex, StateService
 from extproc.state.side import StateSide
@@ -60,7 +60,7 @@ class CollectorServer:
         host = self.config.server.host
         self._grpc = grpc.aio.server(options=KEEPALIVE)
         pb_grpc.add_StateServiceServicer_to_server(self.service, self._grpc)  # type: ignore[no-untyped-call]
-        self.port = self._grpc.add_insecure_port(f"{host}:{self._port}")
+        self.port = add_port(self._grpc, f"{host}:{self._port}", self.config.server)
         await self.state.start()
         await self._grpc.start()
         self._metrics_http, _ = start_http_server(
@@ -83,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=9004, help="StateService port (default 9004)")
     parser.add_argument("--metrics-port", type=int, default=9091, help="Prometheus port")
+    parser.add_argument(
+        "--secure-serving",
+        action="store_true",
+        default=None,
+        help="serve the stream over TLS (self-signed certificate unless --cert-path)",
+    )
+    parser.add_argument(
+        "--cert-path", help="directory with tls.crt and tls.key, read again when they change"
+    )
     parser.add_argument("--log-level", default="INFO")
 
 

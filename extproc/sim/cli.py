@@ -1,4 +1,7 @@
-"""`extproc sim`: run a simulated vLLM fleet until interrupted (SIGINT or SIGTERM)."""
+"""`extproc sim`: run a simulated vLLM fleet until interrupted (SIGINT or SIGTERM).
+
+`extproc sim calibrate` replays the published vLLM runs instead (`extproc.sim.calibrate`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import signal
 import sys
 
 from extproc.prefix.hashing import HASH_ALGOS, resolve_seed
+from extproc.sim import calibrate as calibrate_cli
 from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE, SimConfig, SimFleet
 from extproc.sim.profiles import PROFILES, parse_profile_spec
 
@@ -98,6 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--control-port", type=int, default=None, help="fleet fault-control HTTP port")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="sim_command", metavar="{calibrate}")
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="replay published vLLM runs on the simulated engine; simulated vs published",
+        description="Replay every calibration case (extproc/sim/calibration/*.json) in virtual "
+        "time and print simulated vs published metrics with their ratios; exit 1 when a ratio "
+        "leaves its band.",
+    )
+    calibrate_cli.add_arguments(calibrate)
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -167,6 +180,8 @@ async def serve(config: SimConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "sim_command", None) == "calibrate":
+        return calibrate_cli.run(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
         config = config_from_args(args)

@@ -373,6 +373,9 @@ class Engine:
         self._resumed.set()
         self._closed = False
         self._filler_pos = 0
+        # Requests handed over since the last step began: their CPU set-up (the profile's
+        # `per_request_ms`) is serialized with the engine loop, so the next step pays it.
+        self._unadded = 0
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -421,6 +424,7 @@ class Engine:
         if prefill_seconds is not None:
             req.prefill_arrival = req.arrival - prefill_seconds
         self._waiting.append(req)
+        self._unadded += 1
         self._wake.set()
         return req
 
@@ -442,6 +446,7 @@ class Engine:
             self._finish(req, "abort")
         self._waiting.clear()
         self._transferring.clear()
+        self._unadded = 0
         self._link_free_at = 0.0
         for held in self._held.values():
             self.pool.free(held.blocks)
@@ -624,7 +629,10 @@ class Engine:
                 tokens=plan.tokens,
                 decode_context_tokens=plan.decode_context,
                 prefill_attention_units=plan.prefill_units,
+                sequences=len(plan.items),
+                new_requests=self._unadded,
             )
+            self._unadded = 0
             seconds += plan.lora_swaps * cfg.lora_swap_ms / 1000.0
             self._step_start_v = self._v
             self._step_len = seconds
@@ -669,6 +677,21 @@ class Engine:
         cfg = self.config
         plan = _Plan()
         budget = cfg.max_num_batched_tokens
+        self._deferred = 0
+        if not cfg.profile.mixed_prefill:
+            # vLLM V0 without chunked prefill: a step of whole waiting prompts if any fits,
+            # else a decode step of the running requests (which admits nothing).
+            self._admit(plan, budget, whole_prompts=True)
+            if not plan.items:
+                self._schedule_running(plan, budget)
+            return plan
+        budget, preempted = self._schedule_running(plan, budget)
+        if not preempted:
+            self._admit(plan, budget, whole_prompts=False)
+        return plan
+
+    def _schedule_running(self, plan: _Plan, budget: int) -> tuple[int, bool]:
+        """Give running requests their next tokens; (budget left, whether one was preempted)."""
         preempted = False
         i = 0
         running = self._running
@@ -690,10 +713,15 @@ class Engine:
                 i += 1
                 continue
             break  # the request itself was preempted: nothing after it can be scheduled
+        return budget, preempted
 
-        self._deferred = 0
-        if preempted:
-            return plan
+    def _admit(self, plan: _Plan, budget: int, *, whole_prompts: bool) -> None:
+        """Admit waiting requests FCFS within the budget, `max_num_seqs` and free blocks.
+
+        `whole_prompts` (V0): a prompt is admitted only if all of its uncached tokens fit.
+        """
+        cfg = self.config
+        running = self._running
         skipped: list[EngineRequest] = []
         waiting = self._waiting
         while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
@@ -719,6 +747,8 @@ class Engine:
                 pulling = req.kv_source is not None
                 # A pull allocates the whole prompt now and computes nothing in this step.
                 num_new = 0 if pulling else min(len(req.all_ids) - num_cached, budget)
+                if whole_prompts and not pulling and num_new < len(req.all_ids) - num_cached:
+                    break
                 self.pool.touch(hit_blocks)
                 req.blocks = list(hit_blocks)
                 if not self._allocate(req, req.prompt_len if pulling else num_cached + num_new):
@@ -755,7 +785,6 @@ class Engine:
             budget -= num_new
         self._deferred = len(skipped)
         waiting.extendleft(reversed(skipped))
-        return plan
 
     def _lora_fits(self, name: str) -> bool:
         return name in self._running_loras or len(self._running_loras) < self.config.max_loras

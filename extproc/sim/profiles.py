@@ -9,6 +9,14 @@ A step's time is `linear(tokens in the step) + attention + overhead`:
   `4 * layers * hidden * q * (c0 + q/2)` FLOPs for q new tokens after c0 cached ones, at
   `attention_flops` (datasheet dense BF16 peak times an assumed 50% efficiency).
 - `overhead_ms`: scheduler and sampling CPU time per step: an assumption (1 ms), not a measurement.
+- `per_request_ms`: CPU work for each request newly handed to the engine (its tokenization, input
+  processing and sequence set-up), serialized with the engine loop, so the next step pays it.
+  Fitted to published runs (docs/simulator.md, `extproc sim calibrate`).
+- `per_seq_us`: CPU work per scheduled sequence per step (scheduling, block tables, input
+  preparation, sampling and output processing all loop over sequences). Fitted likewise.
+- `mixed_prefill`: the scheduler generation. True is vLLM V1 (chunked prefill: prompt chunks
+  and decodes share a step under the token budget); False is the V0 default of the 0.5 era
+  (prefill-only steps of whole prompts first; decodes only when no waiting prompt fits).
 
 Llama-3-8B shapes: 32 layers, hidden 4096, 8 KV heads of 128 -> 2*32*8*128*2 bytes = 128 KiB of
 KV per token, 2 MiB per 16-token block. Each number is in docs/simulator.md with its source.
@@ -40,6 +48,10 @@ class StepProfile:
     gpu_memory_bytes: int
     max_num_batched_tokens: int
     max_num_seqs: int
+    per_request_ms: float = 0.0
+    per_seq_us: float = 0.0
+    mixed_prefill: bool = True
+    generation: str = "current"  # the vLLM generation the CPU terms were fitted to
     max_model_len: int = 131_072
     layers: int = LLAMA3_8B_LAYERS
     hidden: int = LLAMA3_8B_HIDDEN
@@ -61,12 +73,20 @@ class StepProfile:
         return (y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)) / 1000.0
 
     def step_seconds(
-        self, *, tokens: int, decode_context_tokens: int, prefill_attention_units: float
+        self,
+        *,
+        tokens: int,
+        decode_context_tokens: int,
+        prefill_attention_units: float,
+        sequences: int = 0,
+        new_requests: int = 0,
     ) -> float:
         """Time of a step computing `tokens` tokens in all.
 
         `decode_context_tokens`: the summed context length of the decoding sequences.
         `prefill_attention_units`: sum over prefill chunks of `q * (c0 + q / 2)`.
+        `sequences`: requests scheduled in the step; `new_requests`: requests handed to the
+        engine since the previous step began (their CPU set-up delays this step).
         """
         if tokens <= 0:
             return 0.0
@@ -74,7 +94,9 @@ class StepProfile:
         prefill_attn = (
             4.0 * self.layers * self.hidden * prefill_attention_units / self.attention_flops
         )
-        return self.linear_seconds(tokens) + decode_attn + prefill_attn + self.overhead_ms / 1000
+        cpu_ms = self.overhead_ms + new_requests * self.per_request_ms
+        cpu_ms += sequences * self.per_seq_us / 1000.0
+        return self.linear_seconds(tokens) + decode_attn + prefill_attn + cpu_ms / 1000
 
     def num_gpu_blocks(self, block_size: int = 16) -> int:
         """KV blocks that fit beside the weights, as vLLM's memory profiling would find."""
@@ -98,7 +120,13 @@ PROFILES: Final[dict[str, StepProfile]] = {
         linear_ms=_A100_LINEAR,
         hbm_bytes_per_s=2.039e12,  # A100 80GB SXM datasheet
         attention_flops=312e12 * 0.5,  # datasheet dense BF16 x assumed 50% efficiency
-        overhead_ms=1.0,
+        # Current vLLM (V1): tokenization and detokenization run in the API server process,
+        # beside the engine; fitted to the vLLM 0.23 A100 sweep (calibration/musgrave-*.json),
+        # which pins the per-step overhead (0.5 ms) and is insensitive to the other two terms
+        # (assumptions: a fifth of the 0.5-era fits' per-request and less than half per-seq).
+        overhead_ms=0.5,
+        per_request_ms=0.5,
+        per_seq_us=10.0,
         gpu_memory_bytes=80 * GIB,
         # vLLM engine/arg_utils.py defaults for A100 and smaller GPUs.
         max_num_batched_tokens=2048,
@@ -110,11 +138,55 @@ PROFILES: Final[dict[str, StepProfile]] = {
         linear_ms=_H100_LINEAR,
         hbm_bytes_per_s=3.35e12,  # H100 SXM datasheet
         attention_flops=989e12 * 0.5,  # datasheet dense BF16 x assumed 50% efficiency
-        overhead_ms=1.0,
+        # Current vLLM (V1): tokenization and detokenization run in the API server process,
+        # beside the engine; fitted to the vLLM 0.23 A100 sweep (calibration/musgrave-*.json),
+        # which pins the per-step overhead (0.5 ms) and is insensitive to the other two terms
+        # (assumptions: a fifth of the 0.5-era fits' per-request and less than half per-seq).
+        overhead_ms=0.5,
+        per_request_ms=0.5,
+        per_seq_us=10.0,
         gpu_memory_bytes=80 * GIB,
         # vLLM engine/arg_utils.py defaults for H100/H200-class GPUs.
         max_num_batched_tokens=8192,
         max_num_seqs=1024,
+    ),
+    # vLLM 0.5-era engine (V0 scheduler, no chunked prefill, tokenization and request set-up in
+    # the engine's process): the CPU terms fitted to the LambdaLabsML/vllm-benchmark runs of
+    # vLLM 0.5.4 (extproc/sim/calibration/lambda-v054-*.json).
+    "h100-8b-v05": StepProfile(
+        name="h100-8b-v05",
+        description="Llama-3-8B class model on one H100-SXM5-80GB, vLLM 0.5-era engine",
+        linear_ms=_H100_LINEAR,
+        hbm_bytes_per_s=3.35e12,
+        attention_flops=989e12 * 0.5,
+        overhead_ms=1.5,  # fitted (the three H100 cases)
+        gpu_memory_bytes=80 * GIB,
+        # V0 without chunked prefill: max(max_model_len, 2048); 256 sequences by default.
+        max_num_batched_tokens=2048,
+        max_num_seqs=256,
+        # Fitted; the runs' earliest TTFTs (~0.2 s with 80 prompts sent at once, ~0.8 s with
+        # 320) show the same serialized few ms per request before the first step.
+        per_request_ms=3.5,
+        per_seq_us=25.0,
+        mixed_prefill=False,
+        generation="v0.5",
+    ),
+    "a100-8b-v05": StepProfile(
+        name="a100-8b-v05",
+        description="Llama-3-8B class model on one A100-SXM4-80GB, vLLM 0.5-era engine",
+        linear_ms=_A100_LINEAR,
+        hbm_bytes_per_s=2.039e12,
+        attention_flops=312e12 * 0.5,
+        overhead_ms=1.0,  # fitted (the two A100 cases)
+        gpu_memory_bytes=80 * GIB,
+        max_num_batched_tokens=2048,
+        max_num_seqs=256,
+        # Fitted: the A100 runs' host spent ~6 ms per request (their first TTFTs: ~0.7 s for
+        # 80 prompts at once); another machine than the H100 runs', so not the same figure.
+        per_request_ms=6.0,
+        per_seq_us=25.0,
+        mixed_prefill=False,
+        generation="v0.5",
     ),
 }
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 _QUEUE_LIMIT = 256
 # gRPC keepalive on the shared-state stream, for both ends (a server refuses pings more often
 # than it allows): a peer that stops answering pings is found within about 15 s.
-KEEPALIVE = (
+KEEPALIVE: tuple[tuple[str, int | str], ...] = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -231,6 +233,16 @@ class StateService(pb_grpc.StateServiceServicer):
             self._watchers.discard(queue)
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelTls:
+    """How the picker checks the collector's certificate: against `ca` (PEM), or, without
+    one, by trusting what the collector presents (its self-signed certificate, made for the
+    name `target_name`) at each connect."""
+
+    ca: bytes | None = None
+    target_name: str = "extproc"
+
+
 class SharedStateClient:
     """The picker side: follows `address`'s stream; tells `on_connected` when it is up or down."""
 
@@ -244,6 +256,7 @@ class SharedStateClient:
         name: str = "",
         retry_seconds: float = 1.0,
         silent_after: float = 2.0,
+        tls: ChannelTls | None = None,
     ) -> None:
         self._address = address
         self._index = index
@@ -252,6 +265,7 @@ class SharedStateClient:
         self._name = name
         self._retry = retry_seconds
         self._silent_after = silent_after
+        self._tls = tls
 
     async def run(self) -> None:
         """Follow the stream until cancelled, reconnecting after `retry_seconds` when it breaks
@@ -261,6 +275,8 @@ class SharedStateClient:
                 await self._follow()
             except grpc.aio.AioRpcError as exc:
                 log.warning("shared collector %s: %s", self._address, exc.code().name)
+            except OSError as exc:  # its certificate could not be fetched (TLS, no CA given)
+                log.warning("shared collector %s: %s", self._address, exc)
             except TimeoutError:
                 log.warning(
                     "shared collector %s: no update for %.1fs, scraping by ourselves",
@@ -270,12 +286,24 @@ class SharedStateClient:
             self._on_connected(False)
             await asyncio.sleep(self._retry)
 
+    async def _channel(self) -> grpc.aio.Channel:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self._address, options=KEEPALIVE)
+        ca = self._tls.ca
+        options = KEEPALIVE
+        if ca is None:
+            host, _, port = self._address.rpartition(":")
+            ca = (await asyncio.to_thread(ssl.get_server_certificate, (host, int(port)))).encode()
+            options = (*KEEPALIVE, ("grpc.ssl_target_name_override", self._tls.target_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        return grpc.aio.secure_channel(self._address, credentials, options=options)
+
     async def _follow(self) -> None:
         # The collector sends an update every round, so silence means it is hung (stopped,
         # deadlocked, its host gone without a reset): TCP alone would wait for good. Keepalive
         # pings catch a dead peer below gRPC; the timeout on each update catches a live
         # connection to a process that no longer works.
-        async with grpc.aio.insecure_channel(self._address, options=KEEPALIVE) as channel:
+        async with await self._channel() as channel:
             stub = pb_grpc.StateServiceStub(channel)  # type: ignore[no-untyped-call]
             connected = False
             call = stub.Watch(pb.WatchRequest(picker=self._name))

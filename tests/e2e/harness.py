@@ -362,6 +362,8 @@ def run_envoy(
     failure_mode: FailureMode = "FailClose",
     body_mode: BodyMode = "streamed",
     response_path: envoy_runner.ResponsePath = "inline",
+    extproc_tls: bool = False,
+    extproc_ca: Path | None = None,
 ) -> Iterator[Stack]:
     port, admin_port = free_port(), free_port()
     config = envoy_runner.render_bootstrap(
@@ -374,6 +376,8 @@ def run_envoy(
         body_mode=body_mode,
         response_path=response_path,
         message_timeout_ms=10_000,
+        extproc_tls=extproc_tls,
+        extproc_ca=extproc_ca,
     )
     log = logs / f"envoy-{port}-{failure_mode}-{body_mode}-{response_path}.log"
     with log.open("wb") as out:
