@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint bench protos clean
+.PHONY: help setup demo test fuzz lint bench protos clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,6 +32,10 @@ demo: $(STAMP) ## Run the demo: simulated fleet, real Envoy, the picker, a short
 
 test: $(STAMP) ## Run the whole test suite (unit, gRPC integration, real Envoy end to end)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# `make test` runs the same properties bounded (150 examples each, the same every run).
+fuzz: $(STAMP) ## Fuzz the parser and the decision path: thousands of random examples per property
+	EXTPROC_FUZZ=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=3600 tests/fuzz
 
 lint: $(STAMP) ## ruff, mypy (strict) and the import layers
 	$(BIN)/ruff check extproc tests benchmarks

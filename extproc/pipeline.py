@@ -663,7 +663,7 @@ class Pipeline:
         if outcome == "timeout":
             error = errors.queue_timeout(round(waited, 1), retry_after)
             return self._refused(head, error, tenant=tenant, reason="queue_timeout")
-        candidates_now = self._candidates(model, None)
+        candidates_now = self._candidates(model, head.subset)
         if isinstance(candidates_now, NoCandidates):
             error = errors.no_ready_endpoint("this request", retry_after)
             return self._refused(head, error, tenant=tenant)

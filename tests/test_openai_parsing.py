@@ -164,6 +164,14 @@ def test_other_paths_pass_through_and_keep_a_model_if_named() -> None:
             None,
         ),
         ("/v1/completions", b'{"model": "m", "prompt": "a\\ud800b"}', 400, "invalid_json", None),
+        # The same surrogate as raw UTF-8-encoded bytes, which json.loads(bytes) lets through.
+        (
+            "/v1/completions",
+            b'{"model": "m", "prompt": "a\xed\xa0\x80b"}',
+            400,
+            "invalid_json",
+            None,
+        ),
         (
             "/v1/chat/completions",
             b'{"model": "m", "messages": [{"role": "\\udfff"}]}',

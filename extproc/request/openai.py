@@ -153,7 +153,9 @@ def _loads(body: bytes) -> Any:
     the picker can work with (not UTF-8, not JSON, nested past the parser's recursion limit, an
     integer past Python's digit limit, a lone surrogate) is the client's error, never ours."""
     try:
-        payload = json.loads(body)
+        # Decoded here, strictly: json.loads(bytes) would let UTF-8-encoded surrogates through
+        # (it decodes with surrogatepass), and no tokenizer or encoder takes those.
+        payload = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return errors.invalid_json(str(exc))
     except RecursionError:
