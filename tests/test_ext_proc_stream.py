@@ -4,7 +4,7 @@ in FULL_DUPLEX_STREAMED and BUFFERED modes, against real HTTP model servers."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -21,6 +21,7 @@ from extproc.config import (
 )
 from extproc.server.app import PickerServer
 from tests import extproc_client as ep
+from tests.conftest import StartPicker
 from tests.fakes import ModelServer
 
 COMPLETION = {"model": "model-a", "prompt": "Hello there", "max_tokens": 5}
@@ -41,22 +42,13 @@ def _config(addresses: list[str], **routing: Any) -> Config:
 
 
 @pytest.fixture
-async def picker_for() -> AsyncIterator[
-    Callable[..., Awaitable[tuple[PickerServer, grpc.aio.Channel]]]
-]:
-    running: list[tuple[PickerServer, grpc.aio.Channel]] = []
-
+def picker_for(
+    start_picker: StartPicker,
+) -> Callable[..., Awaitable[tuple[PickerServer, grpc.aio.Channel]]]:
     async def start(addresses: list[str], **routing: Any) -> tuple[PickerServer, grpc.aio.Channel]:
-        picker = PickerServer(_config(addresses, **routing))
-        await picker.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}")
-        running.append((picker, channel))
-        return picker, channel
+        return await start_picker(_config(addresses, **routing))
 
-    yield start
-    for picker, channel in running:
-        await channel.close()
-        await picker.stop()
+    return start
 
 
 async def _two_servers(model_servers: Callable[..., Awaitable[ModelServer]]) -> list[ModelServer]:
