@@ -460,28 +460,47 @@ class Pipeline:
         return dataclasses.replace(routed, body=decode_body(payload, params))
 
     def finish(self, routed: Routed, *, served: str | None, usage: Usage | None) -> None:
-        """The response has ended (or the stream broke): release the in-flight count."""
+        """The response has ended (or the stream broke), its usage known or not: `ended` and
+        `settle` at once."""
+        self.ended(routed, served=served)
+        self.settle(routed, usage)
+
+    def ended(self, routed: Routed, *, served: str | None) -> None:
+        """The response has ended: its in-flight count, its tenant's concurrency slot and its
+        fair-share place are free now. Its tokens are counted by `settle`, which may come later
+        (Envoy's access log brings the usage a few ms after the stream's end)."""
         self._inflight.finish(routed.primary, routed.tokens)
         self._metrics.inflight.labels(routed.primary).dec()
         where = served or routed.primary
         self._metrics.served.labels(where).inc()
         if served is not None and served != routed.primary:
             self._metrics.fallback_served.inc()
-        if usage is not None:
-            self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
-            self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
-            self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
-            if self._cost is not None:
-                self._cost.observe_usage(usage.prompt_tokens, usage.completion_tokens)
         if routed.tenant is not None:
-            completion = usage.completion_tokens if usage is not None else 0
-            self._metrics.tenant_tokens.labels(routed.tenant.name, "completion").inc(completion)
             if self._fair is not None:
-                self._fair.charge(routed.tenant, completion)
                 self._fair.finished(routed.tenant)
             if routed.lease is not None and self._tenancy is not None:
-                self._tenancy.limiter.release(routed.lease, completion)
+                self._tenancy.limiter.release(routed.lease, 0)
         self.poke()
+
+    def settle(self, routed: Routed, usage: Usage | None) -> None:
+        """Count what the response used (None: unknown, nothing is counted) against the
+        tenant's token limit and fair share, and teach the cost model the output length."""
+        if usage is None:
+            return
+        self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+        self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
+        self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
+        if self._cost is not None:
+            self._cost.observe_usage(usage.prompt_tokens, usage.completion_tokens)
+        tenant = routed.tenant
+        if tenant is None or not usage.completion_tokens:
+            return
+        completion = usage.completion_tokens
+        self._metrics.tenant_tokens.labels(tenant.name, "completion").inc(completion)
+        if self._fair is not None:
+            self._fair.charge(tenant, completion)
+        if routed.lease is not None and self._tenancy is not None:
+            self._tenancy.limiter.release(routed.lease, completion)
 
     def poke(self) -> None:
         """Room may have freed (a response ended, new metrics): the fair queue looks again."""

@@ -21,6 +21,7 @@ from google.protobuf.struct_pb2 import Struct
 
 STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = ProcessingMode.BUFFERED
+NONE = ProcessingMode.NONE
 
 
 def request_headers(
@@ -30,8 +31,11 @@ def request_headers(
     headers: Mapping[str, str] | None = None,
     end_of_stream: bool = False,
     mode: int | None = STREAMED,
+    response_mode: int | None = None,
     subset: Sequence[str] | None = None,
 ) -> ProcessingRequest:
+    """`mode` is the request body mode Envoy announces, and the response's too unless
+    `response_mode` differs (NONE with the `ended` response path)."""
     values = {":method": method, ":path": path, ":authority": "gateway", **(headers or {})}
     header_map = HeaderMap(
         headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
@@ -41,7 +45,10 @@ def request_headers(
     )
     if mode is not None:
         message.protocol_config.CopyFrom(
-            ProtocolConfiguration(request_body_mode=mode, response_body_mode=mode)  # type: ignore[arg-type]
+            ProtocolConfiguration(
+                request_body_mode=mode,  # type: ignore[arg-type]
+                response_body_mode=mode if response_mode is None else response_mode,  # type: ignore[arg-type]
+            )
         )
     if subset is not None:
         hint = Struct()
@@ -86,6 +93,12 @@ def response_body(data: bytes, *, end_of_stream: bool) -> ProcessingRequest:
     return ProcessingRequest(response_body=HttpBody(body=data, end_of_stream=end_of_stream))
 
 
+def request_id(response: ProcessingResponse) -> str:
+    """The name the picker gave the request (dynamic metadata `extproc` / `request-id`)."""
+    fields = response.dynamic_metadata.fields["extproc"].struct_value.fields
+    return str(fields["request-id"].string_value)
+
+
 def json_body(payload: Any) -> bytes:
     return json.dumps(payload).encode()
 
@@ -112,6 +125,10 @@ class Stream:
 
     async def close(self) -> None:
         await self._call.done_writing()
+        self._call.cancel()
+
+    def cancel(self) -> None:
+        """Cut the stream without a half-close, as Envoy does when its client hangs up."""
         self._call.cancel()
 
 

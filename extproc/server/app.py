@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from google.protobuf.internal import api_implementation
@@ -33,6 +34,7 @@ from extproc.prefix.blocks import BlocksSettings, PromptBlocks
 from extproc.scheduling.cost import CostLearner
 from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
+from extproc.server.access_log import AccessLogReceiver
 from extproc.server.health import Health
 from extproc.server.logs import configure_logging
 from extproc.server.prefill import HttpPrefiller
@@ -181,6 +183,10 @@ class PickerServer:
         )
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(
             _ExternalProcessor(handler), self._grpc
+        )
+        # Envoy's access log, on the same port: the `ended` response path's usage.
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogReceiver(handler.logged), self._grpc
         )
         self.grpc_port = add_port(self._grpc, f"{server.host}:{server.grpc_port}", server)
         self._health_grpc = grpc.aio.server()

@@ -7,11 +7,18 @@ only then can the body be parsed and the endpoint picked. In BUFFERED mode Envoy
 answered first, so the decision rides on the body reply instead. Header-only requests are routed
 on their headers.
 
-The response can come back on the same stream (the protocol's shape), or, with the bundled Envoy
-config, on a second stream from an ext_proc filter in observability mode: Envoy then does not wait
-for the picker on the response path at all. The routing stream names the request in dynamic
-metadata (`extproc` / `request-id`); the observer stream carries that name back, and the decision
-waits in `_Awaiting` between the two.
+How the response reaches the picker depends on Envoy's config (docs/envoy.md, "The response
+path"):
+- `ended` (the bundled default): the response headers come on this stream, its body does not,
+  and Envoy ends the stream when the response has ended; the usage comes separately, from
+  Envoy's gRPC access log (`server/access_log.py`), joined by the request's name. The decision
+  is released at the stream's end (`Pipeline.ended`) and settled when the usage arrives
+  (`Pipeline.settle`), in either order.
+- `inline` (the protocol's shape): every response chunk comes on this stream and goes back.
+- `observer`: a second ext_proc filter in observability mode reads the response; Envoy does not
+  wait for the picker on the response path at all.
+The routing stream names the request in dynamic metadata (`extproc` / `request-id`); the observer
+stream and the access log carry that name back, and the decision waits in `_Awaiting` between.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
@@ -36,7 +43,7 @@ from extproc.metrics import PickerMetrics
 from extproc.pipeline import LocalAnswer, Pipeline, RequestHead, Routed
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
-from extproc.request.usage import UsageReader
+from extproc.request.usage import Usage, UsageReader
 from extproc.server import reply
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,7 @@ _OWN_NAMESPACE = "extproc"
 _REQUEST_ID = "request-id"
 _NONE = ProcessingMode.NONE
 _REQUEST_PHASES = frozenset({"request_headers", "request_body", "request_trailers"})
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -66,6 +74,8 @@ class _Stream:
     routed: Routed | None = None
     served: str | None = None
     usage: UsageReader | None = None
+    # The response headers came on this stream (so its end is the response's end).
+    responded: bool = False
     finished: bool = False
     request_id: str = ""
     # True on an observability-mode stream: Envoy does not read replies, so none are sent.
@@ -82,11 +92,15 @@ class StreamHandler:
         *,
         default_body_mode: BodyMode,
         awaiting_response_seconds: float = 900.0,
+        usage_wait_seconds: float = 10.0,
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._default_mode = _FULL_DUPLEX if default_body_mode == "streamed" else _BUFFERED
-        self._awaiting = _Awaiting(ttl=awaiting_response_seconds)
+        self._awaiting: _Awaiting[Routed] = _Awaiting(ttl=awaiting_response_seconds)
+        # Ended responses whose usage has not come yet, and usage that came before the end.
+        self._unsettled: _Awaiting[Routed] = _Awaiting(ttl=usage_wait_seconds)
+        self._early: _Awaiting[_Logged] = _Awaiting(ttl=usage_wait_seconds)
         # Request names only need to be unique among this process's requests in flight.
         self._names = itertools.count()
         self._prefix = secrets.token_hex(4)
@@ -297,19 +311,41 @@ class StreamHandler:
             self._finish(state)
 
     def _end_of_stream(self, state: _Stream) -> None:
-        if (
-            state.routed is not None
-            and not state.finished
-            and not state.observer
-            and state.usage is None
-            and state.response_mode == _NONE
-        ):
-            # Envoy sends this request's response to an observer stream, which will finish it.
-            for expired in self._awaiting.put(state.request_id, state.routed):
+        routed = state.routed
+        if routed is None or state.finished or state.observer or state.response_mode != _NONE:
+            self._finish(state)
+            return
+        if not state.responded:
+            # No response on this stream: an observer stream will bring it, or the access log
+            # the request's end (a client that left before the model server answered).
+            for expired in self._awaiting.put(state.request_id, routed):
                 self._metrics.stream_errors.labels("response_never_observed").inc()
                 self._pipeline.finish(expired, served=None, usage=None)
             return
-        self._finish(state)
+        # `ended`: this stream's end is the response's end; its usage comes from the access log.
+        state.finished = True
+        self._pipeline.ended(routed, served=state.served)
+        early = self._early.claim(state.request_id)
+        if early is not None:
+            self._pipeline.settle(routed, early.usage)
+            return
+        for expired in self._unsettled.put(state.request_id, routed):
+            self._metrics.stream_errors.labels("usage_never_logged").inc()
+            self._pipeline.settle(expired, None)
+
+    def logged(self, request_id: str, usage: Usage | None) -> None:
+        """Envoy's access log says request `request_id` is over, with its usage if the model
+        server sent one."""
+        unsettled = self._unsettled.claim(request_id)
+        if unsettled is not None:
+            self._pipeline.settle(unsettled, usage)
+            return
+        parked = self._awaiting.claim(request_id)
+        if parked is not None:  # it ended before the model server answered
+            self._pipeline.finish(parked, served=None, usage=usage)
+            return
+        # The stream's end is still on its way (or the name is another process's: it expires).
+        self._early.put(request_id, _Logged(usage))
 
     def _finish(self, state: _Stream) -> None:
         if state.routed is None or state.finished:
@@ -317,6 +353,13 @@ class StreamHandler:
         state.finished = True
         usage = state.usage.result() if state.usage is not None else None
         self._pipeline.finish(state.routed, served=state.served, usage=usage)
+
+
+@dataclass(frozen=True, slots=True)
+class _Logged:
+    """An access log entry that came before its stream's end."""
+
+    usage: Usage | None
 
 
 class _Immediate(Exception):
@@ -375,6 +418,7 @@ def _served(message: ProcessingRequest) -> str | None:
 
 
 def _read_response_head(state: _Stream, message: ProcessingRequest) -> None:
+    state.responded = True
     served = _served(message)
     if served:
         state.served = served
@@ -390,18 +434,19 @@ def _request_id(message: ProcessingRequest) -> str:
     return str(fields[_REQUEST_ID].string_value) if _REQUEST_ID in fields else ""
 
 
-class _Awaiting:
-    """Decisions whose response will arrive on an observer stream, oldest first.
+class _Awaiting(Generic[T]):
+    """What waits, by request name, for a message that comes another way (the response on an
+    observer stream, the usage in the access log), oldest first.
 
-    A request whose response never shows up (the client went away before the model answered)
-    is released after `ttl` seconds, so its in-flight count cannot stay up for good.
+    An entry whose message never shows up (the client went away before the model answered, the
+    access log stream was down) is handed back after `ttl` seconds, so nothing stays up for good.
     """
 
     def __init__(self, *, ttl: float) -> None:
         self._ttl = ttl
-        self._entries: dict[str, tuple[float, Routed]] = {}
+        self._entries: dict[str, tuple[float, T]] = {}
 
-    def put(self, request_id: str, routed: Routed) -> list[Routed]:
+    def put(self, request_id: str, routed: T) -> list[T]:
         """Park `routed`; returns the entries that have waited too long (to be released)."""
         now = time.monotonic()
         expired = []
@@ -414,6 +459,6 @@ class _Awaiting:
         self._entries[request_id] = (now + self._ttl, routed)
         return [old for _, old in expired]
 
-    def claim(self, request_id: str) -> Routed | None:
+    def claim(self, request_id: str) -> T | None:
         entry = self._entries.pop(request_id, None)
         return entry[1] if entry is not None else None

@@ -69,7 +69,8 @@ class Limiter(Protocol):
 
     def release(self, lease: Lease, completion_tokens: int) -> None:
         """The request ended: free its concurrency slot, count its completion tokens. Never
-        blocks the caller (a shared limiter finishes this in the background)."""
+        blocks the caller (a shared limiter finishes this in the background). Called again for
+        the same lease it only counts the tokens: usage can arrive after the response's end."""
         ...
 
     async def aclose(self) -> None:
