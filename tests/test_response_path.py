@@ -123,8 +123,9 @@ async def test_the_stream_end_releases_and_the_access_log_settles(
     if not log_first:
         await _log(channel, request_id, completion_tokens=42, prompt_tokens=9, cached_tokens=3)
     await _until(
-        lambda: _value(picker, "extproc_tenant_tokens_total", tenant="solo", kind="completion")
-        == 42,
+        lambda: (
+            _value(picker, "extproc_tenant_tokens_total", tenant="solo", kind="completion") == 42
+        ),
         "the completion tokens counted for the tenant",
     )
     assert _value(picker, "extproc_usage_tokens_total", kind="cached") == 3
