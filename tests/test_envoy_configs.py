@@ -6,6 +6,8 @@ does not know, a wrong enum or a broken template fails here rather than in an e2
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import itertools
 import json
 import re
@@ -122,8 +124,11 @@ def test_rendered_settings_land_where_envoy_reads_them() -> None:
         "extproc",
     ]
     assert "envoy.lb" in ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"]
-    # By default the response comes back on the routing stream, as the protocol describes.
-    assert "extproc.response_observer" not in [f["name"] for f in _http_filters(config)]
+    # By default the response path is "ended": no observer, the usage filter instead.
+    names = [f["name"] for f in _http_filters(config)]
+    assert "extproc.response_observer" not in names
+    assert "extproc.usage" in names
+    assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"
 
     picker = _cluster(config, "extproc")
     assert picker["type"] == "STRICT_DNS"  # a name, not an IP
@@ -170,6 +175,168 @@ def test_print_config_writes_the_rendered_bootstrap(capsys: pytest.CaptureFixtur
     assert listener["address"]["socket_address"]["port_value"] == 10001
 
 
+# --- the response paths ------------------------------------------------------------------------
+
+_REQUEST_PHASES = {
+    "streamed": ("SEND", "FULL_DUPLEX_STREAMED", "SEND"),
+    "buffered": ("SEND", "BUFFERED", "SKIP"),
+}
+# (response header, body, trailer modes of the routing filter; its http_filters; its loggers)
+_RESPONSE_PATHS: dict[tuple[str, str], tuple[tuple[str, str, str], list[str], list[str]]] = {
+    # ended: headers and the stream's end only; trailers SEND keeps the stream open until the
+    # response is over. Usage from the Lua filter, via the gRPC access log.
+    ("ended", "streamed"): (
+        ("SEND", "NONE", "SEND"),
+        ["header_mutation", "ext_proc", "extproc.usage", "router"],
+        ["stdout", "http_grpc"],
+    ),
+    ("ended", "buffered"): (
+        ("SEND", "NONE", "SEND"),
+        ["header_mutation", "ext_proc", "extproc.usage", "router"],
+        ["stdout", "http_grpc"],
+    ),
+    # inline: the body through the picker, as before the "ended" path.
+    ("inline", "streamed"): (
+        ("SEND", "FULL_DUPLEX_STREAMED", "SEND"),
+        ["header_mutation", "ext_proc", "router"],
+        ["stdout"],
+    ),
+    ("inline", "buffered"): (
+        ("SEND", "STREAMED", "SKIP"),
+        ["header_mutation", "ext_proc", "router"],
+        ["stdout"],
+    ),
+    # observer: the routing filter lets go of the response; the observer filter takes it.
+    ("observer", "streamed"): (
+        ("SKIP", "NONE", "SKIP"),
+        ["header_mutation", "extproc.response_observer", "ext_proc", "router"],
+        ["stdout"],
+    ),
+    ("observer", "buffered"): (
+        ("SKIP", "NONE", "SKIP"),
+        ["header_mutation", "extproc.response_observer", "ext_proc", "router"],
+        ["stdout"],
+    ),
+}
+
+
+# The filters that ask or tell the picker, or read usage for it.
+_TALKERS = {"ext_proc", "extproc.response_observer", "extproc.usage"}
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("envoy.filters.http.").removeprefix("envoy.access_loggers.")
+
+
+def test_every_response_path_and_body_mode_is_in_the_table() -> None:
+    assert set(_RESPONSE_PATHS) == set(
+        itertools.product(get_args(envoy_runner.ResponsePath), get_args(BodyMode))
+    )
+
+
+@pytest.mark.parametrize(
+    ("response_path", "body_mode"),
+    list(_RESPONSE_PATHS),
+    ids=["-".join(k) for k in _RESPONSE_PATHS],
+)
+@pytest.mark.parametrize("variant", list(envoy_runner.TEMPLATES))
+def test_response_path_shapes(
+    response_path: envoy_runner.ResponsePath, body_mode: BodyMode, variant: envoy_runner.Variant
+) -> None:
+    config = yaml.safe_load(
+        envoy_runner.render_bootstrap(
+            response_path=response_path, body_mode=body_mode, variant=variant
+        )
+    )
+    response_phases, filters, loggers = _RESPONSE_PATHS[(response_path, body_mode)]
+    modes = _ext_proc(config)["processing_mode"]
+    phases = ("header_mode", "body_mode", "trailer_mode")
+    # The request side is the body mode's, whatever the response path.
+    assert tuple(modes[f"request_{p}"] for p in phases) == _REQUEST_PHASES[body_mode]
+    assert tuple(modes[f"response_{p}"] for p in phases) == response_phases
+    assert [_short(f["name"]) for f in _http_filters(config)] == filters
+    hcm = _ingress_hcm(config)
+    assert [_short(x["name"]) for x in hcm["access_log"]] == loggers
+    (catch_all,) = [
+        r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "direct_response" in r
+    ]
+    # Every filter that would ask or tell the picker, or read usage, is off on the 404 route.
+    off = {name for name, c in catch_all["typed_per_filter_config"].items() if c["disabled"]}
+    assert off == {f["name"] for f in _http_filters(config) if _short(f["name"]) in _TALKERS}
+
+
+def test_the_default_response_path_is_ended() -> None:
+    default = inspect.signature(envoy_runner.render_bootstrap).parameters["response_path"].default
+    assert default == "ended"
+    parser = argparse.ArgumentParser()
+    envoy_runner.add_arguments(parser)
+    assert parser.parse_args([]).response_path == "ended"
+    # And the shipped files are that shape as they stand.
+    for variant, name in envoy_runner.TEMPLATES.items():
+        shipped = yaml.safe_load((envoy_runner.ENVOY_DIR / name).read_text())
+        ended = yaml.safe_load(
+            envoy_runner.render_bootstrap(variant=variant, response_path="ended")
+        )
+        assert shipped == ended
+
+
+def test_usage_log_goes_to_the_picker_only_for_requests_it_named() -> None:
+    config = yaml.safe_load(envoy_runner.render_bootstrap(extproc="127.0.0.1:19002"))
+    (usage_log,) = [
+        x for x in _ingress_hcm(config)["access_log"] if x["name"].endswith("http_grpc")
+    ]
+    common = usage_log["typed_config"]["common_config"]
+    # The picker's own cluster (its address, TLS and HTTP/2 follow --extproc and --extproc-tls),
+    # no batching, and the log name the picker's AccessLogService expects.
+    assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": "extproc"}}
+    assert (common["buffer_size_bytes"], common["log_name"]) == (0, "extproc")
+    assert common["transport_api_version"] == "V3"
+    # Envoy's own 404s, refusals and fail-open requests carry no extproc/request-id: not sent.
+    matcher = usage_log["filter"]["metadata_filter"]
+    assert matcher["matcher"]["filter"] == "extproc"
+    assert matcher["matcher"]["path"] == [{"key": "request-id"}]
+    assert matcher["match_if_key_not_found"] is False
+
+
+def test_no_access_log_drops_only_the_stdout_line() -> None:
+    ended = yaml.safe_load(envoy_runner.render_bootstrap(access_log=False))
+    assert [x["name"] for x in _ingress_hcm(ended)["access_log"]] == [
+        "envoy.access_loggers.http_grpc"
+    ]
+    inline = yaml.safe_load(envoy_runner.render_bootstrap(access_log=False, response_path="inline"))
+    assert "access_log" not in _ingress_hcm(inline)
+
+
+def test_ended_refuses_a_template_without_the_usage_filter(tmp_path: Path) -> None:
+    config = yaml.safe_load((envoy_runner.ENVOY_DIR / "envoy.yaml").read_text())
+    hcm = _ingress_hcm(config)
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "extproc.usage"]
+    template = tmp_path / "old.yaml"
+    template.write_text(yaml.safe_dump(config))
+    with pytest.raises(envoy_runner.EnvoyError, match=r"extproc\.usage"):
+        envoy_runner.render_bootstrap(template=template)
+    # inline does not need it.
+    envoy_runner.render_bootstrap(template=template, response_path="inline")
+
+
+def test_shipped_files_read_usage_and_log_it_the_same_way() -> None:
+    """One Lua source and one usage log in every bundled bootstrap (the ConfigMap is compared
+    with envoy-kubernetes.yaml in tests/manifests)."""
+    seen = set()
+    for path in SHIPPED:
+        hcm = _ingress_hcm(yaml.safe_load(path.read_text()))
+        (usage,) = [f for f in hcm["http_filters"] if f["name"] == "extproc.usage"]
+        (usage_log,) = [x for x in hcm["access_log"] if x["name"].endswith("http_grpc")]
+        seen.add(json.dumps([usage, usage_log], sort_keys=True))
+    assert len(seen) == 1
+
+
+def test_print_config_writes_the_lua_source_as_a_block() -> None:
+    text = envoy_runner.render_bootstrap()
+    assert "inline_string: |\n" in text
+    assert "function envoy_on_response(handle)\n" in text
+
+
 @pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 def test_observer_response_path_adds_a_non_blocking_filter(body_mode: str) -> None:
     config = yaml.safe_load(
@@ -200,8 +367,9 @@ def _bootstraps() -> list[Any]:
     ]
     params.append(pytest.param(yaml.safe_load(KUBERNETES.read_text()), id=KUBERNETES.name))
     for variant in envoy_runner.TEMPLATES:
-        rendered = envoy_runner.render_bootstrap(variant=variant, response_path="observer")
-        params.append(pytest.param(yaml.safe_load(rendered), id=f"rendered-{variant}-observer"))
+        for path in ("inline", "observer"):
+            rendered = envoy_runner.render_bootstrap(variant=variant, response_path=path)
+            params.append(pytest.param(yaml.safe_load(rendered), id=f"rendered-{variant}-{path}"))
     return params
 
 
@@ -253,7 +421,7 @@ def test_only_the_api_paths_are_routed(config: dict[str, Any]) -> None:
     assert set(body["error"]) == {"message", "type", "param", "code"}
     per_filter = catch_all["typed_per_filter_config"]
     for f in _ingress_hcm(config)["http_filters"]:
-        if f["typed_config"]["@type"].endswith("ext_proc.v3.ExternalProcessor"):
+        if f["typed_config"]["@type"].endswith(("ext_proc.v3.ExternalProcessor", "lua.v3.Lua")):
             assert per_filter[f["name"]]["disabled"] is True, f["name"]
 
 

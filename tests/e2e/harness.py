@@ -361,7 +361,7 @@ def run_envoy(
     picker: Picker | None,
     failure_mode: FailureMode = "FailClose",
     body_mode: BodyMode = "streamed",
-    response_path: envoy_runner.ResponsePath = "inline",
+    response_path: envoy_runner.ResponsePath = "ended",
     extproc_tls: bool = False,
     extproc_ca: Path | None = None,
 ) -> Iterator[Stack]:
