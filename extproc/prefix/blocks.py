@@ -223,7 +223,7 @@ class _Local:
         self.splicer = SpliceEncoder(
             encoder,
             chunk_chars=settings.chunk_chars,
-            cache_chars=settings.token_cache_mib * 1024 * 1024,
+            cache_bytes=settings.token_cache_mib * 1024 * 1024,
             splicing=splicing,
         )
 

@@ -55,7 +55,7 @@ V = TypeVar("V")
 
 DEFAULT_CHUNK_CHARS: Final = 1024
 DEFAULT_SEAM_WINDOW: Final = 32
-DEFAULT_TOKEN_CACHE_CHARS: Final = 64 * 1024 * 1024
+DEFAULT_TOKEN_CACHE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HASH_CACHE_BLOCKS: Final = 262_144
 
 # Forced pre-tokenizer splits (see the module docstring): after "\n" between two non-spaces, or
@@ -234,7 +234,7 @@ class SpliceEncoder:
         *,
         chunk_chars: int = DEFAULT_CHUNK_CHARS,
         window: int = DEFAULT_SEAM_WINDOW,
-        cache_chars: int = DEFAULT_TOKEN_CACHE_CHARS,
+        cache_bytes: int = DEFAULT_TOKEN_CACHE_BYTES,
         splicing: bool = True,
     ) -> None:
         if chunk_chars < 4 * window:
@@ -242,11 +242,16 @@ class SpliceEncoder:
         self._encode = encoder.encode
         self._chunk_chars = chunk_chars
         self._window = window
-        # Weight of a chunk: its characters plus 8 per token id, a rough byte count.
-        self._chunks: GenerationalCache[str, tuple[int, ...]] = GenerationalCache(cache_chars)
-        self._seams: GenerationalCache[tuple[str, str], bool] = GenerationalCache(
-            max(2, cache_chars // (4 * window))
+        # `cache_bytes` bounds what both caches hold in memory, three quarters for chunks and
+        # one for seams, each entry weighed at what CPython spends on it (below): weighing a
+        # token id at 8 bytes once let the caches hold about 3x their budget.
+        self._chunks: GenerationalCache[str, tuple[int, ...]] = GenerationalCache(
+            max(2, cache_bytes * 3 // 4)
         )
+        self._seams: GenerationalCache[tuple[str, str], bool] = GenerationalCache(
+            max(2, cache_bytes // 4)
+        )
+        self._seam_weight = _seam_bytes(window)
         self.stats = SpliceStats()
         self.splicing = splicing and self._self_test()
 
@@ -304,9 +309,9 @@ class SpliceEncoder:
         if computed.bad_seam:
             self.stats.bad_seams += 1
         for chunk, ids in computed.fresh:
-            self._chunks.put(chunk, ids, len(chunk) + 8 * len(ids))
+            self._chunks.put(chunk, ids, _chunk_bytes(chunk, ids))
         for seam in computed.verified:
-            self._seams.put(seam, True)
+            self._seams.put(seam, True, self._seam_weight)
 
     def encode(self, text: str) -> tuple[int, ...]:
         """Plan, compute and commit inline (tests, and callers with no event loop)."""
@@ -325,6 +330,23 @@ class SpliceEncoder:
             if spliced != encode(text):
                 return False
         return True
+
+
+# What CPython spends on a cache entry, measured (sys.getsizeof and tracemalloc) rather than
+# guessed: the dict slot and key/value tuple (~200 bytes), the str's characters (ASCII: one
+# byte each), and per token id a tuple pointer (8) plus the int object (28; ids above 256 are
+# not shared).
+_ENTRY_BYTES = 200
+_TOKEN_ID_BYTES = 40
+
+
+def _chunk_bytes(chunk: str, ids: tuple[int, ...]) -> int:
+    return _ENTRY_BYTES + len(chunk) + _TOKEN_ID_BYTES * len(ids)
+
+
+def _seam_bytes(window: int) -> int:
+    """A seam: two `window`-character strings in a tuple, a dict slot."""
+    return 2 * window + 250
 
 
 # -- block hashing -------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ equal vLLM's (via the shared BlockHasher)."""
 
 from __future__ import annotations
 
+import gc
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -129,7 +131,7 @@ def test_a_tokenizer_failing_the_self_test_never_splices(cl100k: TiktokenTokeniz
 
 
 def test_chunk_cache_is_bounded(cl100k: TiktokenTokenizer) -> None:
-    splicer = SpliceEncoder(cl100k, chunk_chars=128, cache_chars=20_000)
+    splicer = SpliceEncoder(cl100k, chunk_chars=128, cache_bytes=20_000)
     rng = random.Random(2)
     for _ in range(100):
         splicer.encode(random_text(rng, 300))
@@ -189,3 +191,24 @@ def test_hf_tokenizer_roundtrip_path(tmp_path: Path) -> None:
     tok = Tokenizer.from_file(str(train_hf_bpe(tmp_path) / "tokenizer.json"))
     ids = tok.encode("the quick brown fox", add_special_tokens=False).ids
     assert 1 < len(ids) < len("the quick brown fox")
+
+
+def test_the_token_caches_hold_no_more_memory_than_their_budget(cl100k: TiktokenTokenizer) -> None:
+    """The budget is bytes of memory, as CPython spends them: weighing a token id at 8 bytes
+    (it costs about 40) once let the caches hold three times their budget."""
+    budget = 2 * 1024 * 1024
+    rng = random.Random(3)
+    prompts = [random_text(rng, 400) for _ in range(700)]  # far more than the budget holds
+    gc.collect()
+    tracemalloc.start()
+    try:
+        splicer = SpliceEncoder(cl100k, chunk_chars=512, cache_bytes=budget)
+        before = tracemalloc.get_traced_memory()[0]
+        for prompt in prompts:
+            splicer.encode(prompt)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(splicer._chunks) > 0
+    assert held < 1.25 * budget, f"{held / budget:.2f}x the budget"
