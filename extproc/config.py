@@ -101,6 +101,12 @@ class ServerConfig:
     shutdown_grace_seconds: float = _key(
         5.0, "On SIGTERM, how long open streams may take to finish.", minimum=0
     )
+    drain_delay_seconds: float = _key(
+        2.0,
+        "On SIGTERM, how long the picker still takes new streams while its health says not "
+        "serving, so that proxies move to other replicas first (then the grace period runs).",
+        minimum=0,
+    )
     response_observer_timeout_seconds: float = _key(
         900.0,
         "With Envoy's response observer filter: how long a routed request may wait for its "
@@ -437,9 +443,10 @@ class TenancyConfig:
         minimum=0.01,
     )
     lease_seconds: float = _key(
-        900.0,
-        "A concurrency slot held in Redis expires after this long, so a replica that dies "
-        "cannot hold its slots for good.",
+        30.0,
+        "A concurrency slot held in Redis expires this long after its replica last renewed it "
+        "(each replica renews its slots every third of this), so a replica that dies frees "
+        "its slots within this time.",
         minimum=1,
     )
     fair_sharing: bool = _key(

@@ -532,7 +532,7 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> DemoReport:
         # the observability-mode response filter: every stream still open 1 s after the run).
         # Between strategies nothing is in flight, so the demo's picker stops at once.
         picker_config = options.output / "picker.yaml"
-        picker_config.write_text("server:\n  shutdown_grace_seconds: 0\n")
+        picker_config.write_text("server:\n  shutdown_grace_seconds: 0\n  drain_delay_seconds: 0\n")
         for strategy in STRATEGIES:
             say(
                 f"extproc demo: {strategy}: starting a fresh fleet ({options.pods} pods from "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -55,6 +56,15 @@ class RedisServer:
                 pass
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung or swapped-out Redis)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

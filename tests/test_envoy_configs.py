@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from extproc import envoy_runner
-from extproc.config import BodyMode, FailureMode, TenancyConfig
+from extproc.config import BodyMode, FailureMode, ServerConfig, TenancyConfig
 from extproc.request.openai import Api, api_of
+from extproc.server.health import EXT_PROC_SERVICE
 
 SHIPPED = sorted(envoy_runner.ENVOY_DIR.glob("*.yaml"))
 
@@ -440,3 +441,14 @@ def test_envoys_own_errors_are_openai_errors(config: dict[str, Any]) -> None:
         assert mapper["body_format_override"]["content_type"] == "application/json"
     (picker_down,) = [m for m in mappers if "ext_proc_error" in str(m["filter"])]
     assert [h["header"]["key"] for h in picker_down["headers_to_add"]] == ["retry-after"]
+
+
+@pytest.mark.parametrize("config", _bootstraps())
+def test_envoy_health_checks_each_picker_on_its_ext_proc_port(config: dict[str, Any]) -> None:
+    """A draining picker says not serving on its ext_proc port (extproc/server/health.py):
+    Envoy must ask there, often enough to leave it within its drain delay."""
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "extproc"]
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"]["service_name"] == EXT_PROC_SERVICE
+    interval = float(check["interval"].rstrip("s")) * check["unhealthy_threshold"]
+    assert interval < ServerConfig().drain_delay_seconds / 2

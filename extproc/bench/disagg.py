@@ -173,7 +173,7 @@ def _picker_config(options: Options, setup: Setup, ports: Ports) -> dict[str, An
         )
     ]
     return {
-        "server": {"shutdown_grace_seconds": 0},
+        "server": {"shutdown_grace_seconds": 0, "drain_delay_seconds": 0},
         "kv_events": {"enabled": True},
         "collector": {"interval_seconds": options.scrape_interval},
         "routing": {"strategy": setup.strategy},

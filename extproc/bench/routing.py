@@ -825,7 +825,7 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
     # Nothing is in flight between runs, so the picker may stop at once; KV events feed the
     # prefix-aware strategies (the fleet publishes them for every picker run).
     picker: dict[str, Any] = {
-        "server": {"shutdown_grace_seconds": 0},
+        "server": {"shutdown_grace_seconds": 0, "drain_delay_seconds": 0},
         "kv_events": {"enabled": True},
         "collector": {"interval_seconds": options.scrape_interval},
     }

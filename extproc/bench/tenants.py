@@ -516,7 +516,7 @@ def picker_config(
 ) -> dict[str, Any]:
     return {
         # Nothing is in flight between scenarios, so the picker may stop at once.
-        "server": {"shutdown_grace_seconds": 0},
+        "server": {"shutdown_grace_seconds": 0, "drain_delay_seconds": 0},
         "routing": {"strategy": options.strategy},
         "collector": {"interval_seconds": options.scrape_interval},
         "scheduling": {"saturation_requests": options.saturation_requests},

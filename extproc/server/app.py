@@ -184,6 +184,9 @@ class PickerServer:
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(
             _ExternalProcessor(handler), self._grpc
         )
+        # Health on the ext_proc port too: Envoy's health check of its picker cluster asks
+        # there (over TLS when that is on), so a draining replica is left before it stops.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
         # Envoy's access log, on the same port: the `ended` response path's usage.
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
             AccessLogReceiver(handler.logged), self._grpc
@@ -350,9 +353,18 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    delay = config.server.drain_delay_seconds
     log.info(
-        "shutting down: draining open streams for up to %.1fs", config.server.shutdown_grace_seconds
+        "shutting down: not ready, still taking new streams for %.1fs, then draining open "
+        "streams for up to %.1fs",
+        delay,
+        config.server.shutdown_grace_seconds,
     )
+    # A stream that reaches a stopping picker is refused, and its request fails: take new ones
+    # until the proxies have seen the not-ready status (Envoy's health check of the ext_proc
+    # port, Kubernetes endpoints) and sent their streams to the other replicas.
+    await picker.health.draining()
+    await asyncio.sleep(delay)
     await picker.stop()
 
 

@@ -7,9 +7,13 @@ with skewed clocks agree and two replicas can never both take the last slot. Per
     extproc:{tenant}:tokens     hash  level, ts     tokens-per-minute bucket (may be in debt)
     extproc:{tenant}:active     zset  lease -> expiry ms   requests in flight
 
-The `{tenant}` hash tag keeps one tenant's keys in one Redis Cluster slot. Leases expire after
-`lease_seconds`, so a replica that dies holding slots gives them back eventually. Keys expire
-once their bucket would be full again, so idle tenants cost no memory.
+The `{tenant}` hash tag keeps one tenant's keys in one Redis Cluster slot. A lease expires
+`lease_seconds` after its replica last renewed it; each replica renews the leases it holds every
+third of that, in one call per tenant, so a request may run for hours while a replica that dies
+(SIGKILL, a lost node) frees its slots within `lease_seconds`. A release that cannot reach Redis
+is kept and sent again once Redis answers (the slot, no longer renewed, expires meanwhile; the
+completion tokens still count). Keys expire once their bucket would be full again, so idle tenants
+cost no memory.
 
 When Redis cannot be reached, `failure_mode` decides: `open` answers from this replica's own
 `LocalLimiter` (limits per replica, not shared), `closed` refuses. Redis is not tried again for
@@ -20,6 +24,7 @@ When Redis cannot be reached, `failure_mode` decides: `open` answers from this r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -82,6 +87,16 @@ end
 return {1}
 """
 
+# KEYS: active. ARGV: lease ms, then the leases to renew (those that expired stay gone).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + lease_ms, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], lease_ms)
+return 1
+"""
+
 # KEYS: tokens, active. ARGV: tpm, completion tokens, lease ('' when none was held).
 _RELEASE = """
 local t = redis.call('TIME')
@@ -117,6 +132,11 @@ class RedisLimiter:
         )
         self._acquire = self._client.register_script(_ACQUIRE)
         self._release = self._client.register_script(_RELEASE)
+        self._renew = self._client.register_script(_RENEW)
+        # Slots this replica holds in Redis, renewed until released; releases Redis missed.
+        self._held: dict[str, Lease] = {}
+        self._unsent: list[tuple[Lease, int, bool]] = []
+        self._renewing: asyncio.Task[None] | None = None
         self._metrics = metrics
         self._failure_mode = failure_mode
         self._retry_seconds = retry_seconds
@@ -153,6 +173,10 @@ class RedisLimiter:
             return self._fallback(tenant, tokens)
         self._metrics.limiter_redis_up.set(1)
         if int(answer[0]) == 1:
+            if limits.max_concurrency:
+                self._held[lease.id] = lease
+                if self._renewing is None:
+                    self._renewing = asyncio.create_task(self._renew_forever())
             return Granted(lease)
         name = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
         limit: LimitName = _limit_name(name)
@@ -162,6 +186,9 @@ class RedisLimiter:
         if lease.backend == "memory":
             self._local.release(lease, completion_tokens)
             return
+        # Freeing a slot twice is harmless (ZREM), so a later release that only counts tokens
+        # (usage that came after the response's end) sends the lease again.
+        self._held.pop(lease.id, None)
         held = lease.limits.max_concurrency > 0
         if not held and not (lease.limits.tokens_per_minute and completion_tokens):
             return
@@ -177,8 +204,29 @@ class RedisLimiter:
                 args=[lease.limits.tokens_per_minute, completion_tokens, lease.id if held else ""],
             )
         except (RedisError, OSError) as exc:
-            # The slot expires by itself after lease_seconds; the tokens are lost to the count.
+            # Sent again once Redis answers; the slot, no longer renewed, expires meanwhile.
             self._went_down(exc)
+            self._unsent.append((lease, completion_tokens, held))
+
+    async def _renew_forever(self) -> None:
+        """Every third of `lease_seconds`: renew the leases held, send the releases missed."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                await self._renew_held()
+            except (RedisError, OSError) as exc:
+                self._went_down(exc)
+                continue
+            unsent, self._unsent = self._unsent, []
+            for lease, tokens, held in unsent:
+                await self._send_release(lease, tokens, held)
+
+    async def _renew_held(self) -> None:
+        by_tenant: dict[str, list[str]] = {}
+        for lease in self._held.values():
+            by_tenant.setdefault(lease.tenant, []).append(lease.id)
+        for tenant, ids in by_tenant.items():
+            await self._renew(keys=[_keys(tenant)[2]], args=[self._lease_ms, *ids])
 
     def _went_down(self, exc: BaseException) -> None:
         if time.monotonic() >= self._down_until:
@@ -198,6 +246,10 @@ class RedisLimiter:
         return self._local.acquire_now(tenant, tokens)
 
     async def aclose(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._client.aclose()

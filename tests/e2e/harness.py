@@ -315,7 +315,9 @@ def run_picker(
     # last one counts as queued, five such picks per endpoint would make the pool "saturated",
     # and least-bad routing would then override the strategy a test is checking.
     scheduling = {"saturation_queue": 1000.0}
-    config = {"collector": collector, "scheduling": scheduling, **(config or {})}
+    # Stopped by SIGTERM at teardown: no replica takes its place, so no drain delay.
+    server = {"drain_delay_seconds": 0}
+    config = {"collector": collector, "scheduling": scheduling, "server": server, **(config or {})}
     path = logs / f"picker-{grpc_port}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     argv += ["--config", str(path)]

@@ -23,7 +23,9 @@ async def limiters(redis_server: RedisServer) -> AsyncIterator[Factory]:
     made: list[RedisLimiter] = []
 
     async def make(
-        failure_mode: Literal["open", "closed"] = "open", retry_seconds: float = 0.2
+        failure_mode: Literal["open", "closed"] = "open",
+        retry_seconds: float = 0.2,
+        lease_seconds: float = 60,
     ) -> RedisLimiter:
         limiter = RedisLimiter(
             redis_server.url,
@@ -31,7 +33,7 @@ async def limiters(redis_server: RedisServer) -> AsyncIterator[Factory]:
             timeout=0.5,
             failure_mode=failure_mode,
             retry_seconds=retry_seconds,
-            lease_seconds=60,
+            lease_seconds=lease_seconds,
         )
         made.append(limiter)
         return limiter
@@ -114,3 +116,41 @@ async def test_redis_down_fails_closed_when_configured(
     assert _metric(limiter, "extproc_limiter_fallbacks_total", {"mode": "closed"}) == 2
     # A tenant without limits never needs Redis.
     assert isinstance(await limiter.acquire(Tenant("free"), 0), Granted)
+
+
+async def test_a_long_request_keeps_its_slot_and_a_dead_replicas_slots_expire(
+    limiters: Factory,
+) -> None:
+    """Leases are short and renewed: a request may outlive `lease_seconds` many times over,
+    while a replica that dies (no release, no renewal) frees its slots within that time."""
+    alive, dead = await limiters(lease_seconds=1.5), await limiters(lease_seconds=1.5)
+    tenant = Tenant("long", Limits(max_concurrency=2))
+    assert isinstance(await alive.acquire(tenant, 0), Granted)
+    assert isinstance(await dead.acquire(tenant, 0), Granted)
+    assert isinstance(await alive.acquire(tenant, 0), Limited)
+    await dead.aclose()  # SIGKILL, as far as Redis can tell: its lease is never released
+    await asyncio.sleep(2.5)
+    assert isinstance(await alive.acquire(tenant, 0), Granted)  # the dead replica's slot
+    assert isinstance(await alive.acquire(tenant, 0), Limited)  # the long request's is kept
+
+
+async def test_a_release_redis_missed_is_sent_again(
+    limiters: Factory, redis_server: RedisServer
+) -> None:
+    limiter = await limiters(lease_seconds=6, retry_seconds=0.1)
+    other = await limiters(lease_seconds=6)
+    tenant = Tenant("paused", Limits(max_concurrency=1))
+    granted = await limiter.acquire(tenant, 0)
+    assert isinstance(granted, Granted)
+    redis_server.pause()
+    try:
+        limiter.release(granted.lease, 0)
+        await asyncio.sleep(0.8)  # the release times out (0.5 s) while Redis is stopped
+    finally:
+        redis_server.resume()
+    # Sent again at the next renewal (every 2 s), long before the 6 s lease would expire.
+    for _ in range(40):
+        if isinstance(verdict := await other.acquire(tenant, 0), Granted):
+            break
+        await asyncio.sleep(0.1)
+    assert isinstance(verdict, Granted)
