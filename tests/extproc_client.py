@@ -32,7 +32,7 @@ def request_headers(
     end_of_stream: bool = False,
     mode: int | None = STREAMED,
     response_mode: int | None = None,
-    subset: Sequence[str] | None = None,
+    subset: Sequence[str | int] | str | None = None,
 ) -> ProcessingRequest:
     """`mode` is the request body mode Envoy announces, and the response's too unless
     `response_mode` differs (NONE with the `ended` response path)."""
@@ -52,7 +52,8 @@ def request_headers(
         )
     if subset is not None:
         hint = Struct()
-        hint.update({"x-gateway-destination-endpoint-subset": list(subset)})
+        value = subset if isinstance(subset, str) else list(subset)
+        hint.update({"x-gateway-destination-endpoint-subset": value})
         message.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb.subset_hint": hint}))
     return message
 

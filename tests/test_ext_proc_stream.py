@@ -244,6 +244,14 @@ async def test_subset_hint_is_honoured(model_servers: Any, picker_for: Any) -> N
     assert status == 503
     status, _, error = await _refused(channel, COMPLETION, subset=["10.9.9.9:8000"])
     assert status == 503
+    # The other forms the reference picker takes: one comma-separated string, non-strings in
+    # the list ignored, and a bare IP naming every port of a host (here: all three servers).
+    pair = [servers[0].address, servers[2].address]
+    for _ in range(6):
+        assert (await _route(channel, COMPLETION, subset=",".join(pair)))[0] in pair
+        assert await _route(channel, COMPLETION, subset=[12345, only]) == [only]
+    seen = {(await _route(channel, COMPLETION, subset=["127.0.0.1"]))[0] for _ in range(30)}
+    assert seen == {s.address for s in servers}
 
 
 async def test_round_robin_takes_endpoints_in_turn(model_servers: Any, picker_for: Any) -> None:
@@ -321,7 +329,7 @@ async def _route(
     payload: Any,
     *,
     headers: dict[str, str] | None = None,
-    subset: list[str] | None = None,
+    subset: list[str | int] | str | None = None,
 ) -> list[str]:
     stream = ep.Stream(channel)
     await stream.send(ep.request_headers("/v1/completions", headers=headers, subset=subset))

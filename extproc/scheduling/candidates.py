@@ -36,12 +36,19 @@ def candidates_for(
         return NoCandidates(unknown_model=True)
     eligible = []
     for endpoint in pool:
-        if not endpoint.ready or (subset is not None and endpoint.address not in subset):
+        if not endpoint.ready or (subset is not None and not _inside(endpoint.address, subset)):
             continue
         candidate = _candidate(endpoint, inflight, collector, now)
         if candidate is not None:
             eligible.append(candidate)
     return eligible or NoCandidates(unknown_model=False)
+
+
+def _inside(address: str, subset: Collection[str]) -> bool:
+    """In the proxy's subset hint: named as `ip:port`, or its host named bare (every port of a
+    pod; the reference picker matches on the IP alone, which a subset naming one port of a
+    pod with several, such as data-parallel ranks, would widen)."""
+    return address in subset or address.rpartition(":")[0] in subset
 
 
 def _candidate(

@@ -398,7 +398,14 @@ def _subset(message: ProcessingRequest) -> frozenset[str] | None:
     fields = namespaces[_SUBSET_NAMESPACE].fields
     if _SUBSET_KEY not in fields:
         return None
-    return frozenset(v.string_value for v in fields[_SUBSET_KEY].list_value.values)
+    # The forms the reference picker takes: a list of `ip:port` (or bare `ip`) strings, its
+    # non-strings ignored; also one comma-separated string. An empty result means "none".
+    value = fields[_SUBSET_KEY]
+    if value.HasField("string_value"):
+        entries = value.string_value.split(",")
+    else:
+        entries = [v.string_value for v in value.list_value.values if v.HasField("string_value")]
+    return frozenset(e.strip() for e in entries if e.strip())
 
 
 def _served(message: ProcessingRequest) -> str | None:
