@@ -11,9 +11,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     overhead = sub.add_parser(
         "overhead", help="latency and throughput the picker adds, beside Envoy alone"
     )
-    overhead.add_argument("--quick", action="store_true", help="short phases (about 30 s)")
+    overhead.add_argument(
+        "--quick", action="store_true", help="short phases (about 2.5 minutes in all)"
+    )
     overhead.add_argument("--rate", type=float, default=200.0, help="open-loop req/s per path")
     overhead.add_argument("--strategy", default="least-request")
+    overhead.add_argument(
+        "--scenarios",
+        choices=("all", "one-chunk", "streamed"),
+        default="all",
+        help="one-chunk: 1 KB/220 KB/peak with single-body answers; streamed: SSE responses",
+    )
+    overhead.add_argument(
+        "--stream-tokens",
+        type=_token_counts,
+        default=(1, 100, 1000),
+        help="streamed response lengths in tokens, comma-separated (default 1,100,1000)",
+    )
+    overhead.add_argument(
+        "--token-gap-ms",
+        type=float,
+        default=10.0,
+        help="time between a stream's tokens (default 10: 100 tokens/s per stream)",
+    )
+    overhead.add_argument(
+        "--stream-concurrency", type=int, default=8, help="streams at once (default 8)"
+    )
     overhead.add_argument("--output", type=Path, default=Path("reports"))
     scrape = sub.add_parser(
         "scrape", help="metrics collector CPU and snapshot age: 1000 endpoints @ 1 s, 100 @ 50 ms"
@@ -34,6 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="noisy neighbour: one tenant floods; TTFT and goodput with fair sharing on and off",
     )
     add_tenants_arguments(tenants)
+    from extproc.bench.chaos import add_arguments as add_chaos_arguments
+
+    chaos = sub.add_parser(
+        "chaos",
+        help="faults under a steady load (pod, picker, replica roll, Redis): failures, leftovers",
+    )
+    add_chaos_arguments(chaos)
+    from extproc.bench.soak import add_arguments as add_soak_arguments
+
+    soak = sub.add_parser(
+        "soak", help="a long steady load: the picker's RSS and open files over time"
+    )
+    add_soak_arguments(soak)
     from extproc.controllers.bench import add_arguments as add_autoscaling_arguments
 
     autoscaling = sub.add_parser(
@@ -52,7 +88,15 @@ def run(args: argparse.Namespace) -> int:
             else OverheadOptions(output=args.output)
         )
         options = OverheadOptions(
-            **{**_fields(options), "rate": args.rate, "strategy": args.strategy}
+            **{
+                **_fields(options),
+                "rate": args.rate,
+                "strategy": args.strategy,
+                "scenarios": args.scenarios,
+                "stream_tokens": args.stream_tokens,
+                "token_gap_ms": args.token_gap_ms,
+                "stream_concurrency": args.stream_concurrency,
+            }
         )
         print(f"extproc bench overhead: {options}", flush=True)
         report = run_overhead(options)
@@ -79,11 +123,29 @@ def run(args: argparse.Namespace) -> int:
         from extproc.bench.tenants import run as run_tenants
 
         return run_tenants(args)
+    if args.bench == "chaos":
+        from extproc.bench.chaos import run as run_chaos
+
+        return run_chaos(args)
+    if args.bench == "soak":
+        from extproc.bench.soak import run as run_soak
+
+        return run_soak(args)
     if args.bench == "autoscaling":
         from extproc.controllers.bench import run as run_autoscaling
 
         return run_autoscaling(args)
     raise AssertionError(args.bench)
+
+
+def _token_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,100,1000: {text!r}")
+    return counts
 
 
 def _fields(options: object) -> dict[str, object]:

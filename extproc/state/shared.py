@@ -275,14 +275,14 @@ class SharedStateClient:
                 await self._follow()
             except grpc.aio.AioRpcError as exc:
                 log.warning("shared collector %s: %s", self._address, exc.code().name)
-            except OSError as exc:  # its certificate could not be fetched (TLS, no CA given)
-                log.warning("shared collector %s: %s", self._address, exc)
-            except TimeoutError:
+            except TimeoutError:  # before OSError, whose subclass it is
                 log.warning(
                     "shared collector %s: no update for %.1fs, scraping by ourselves",
                     self._address,
                     self._silent_after,
                 )
+            except OSError as exc:  # its certificate could not be fetched (TLS, no CA given)
+                log.warning("shared collector %s: %s", self._address, exc)
             self._on_connected(False)
             await asyncio.sleep(self._retry)
 
