@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test fuzz lint bench protos clean
+.PHONY: help setup demo test test-slow fuzz lint bench protos clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -30,8 +30,12 @@ setup: $(STAMP) ## Create .venv and install extproc with its dev tools
 demo: $(STAMP) ## Run the demo: simulated fleet, real Envoy, the picker, a short workload, a report
 	$(BIN)/extproc demo
 
-test: $(STAMP) ## Run the whole test suite (unit, gRPC integration, real Envoy end to end)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+test: $(STAMP) ## Run the test suite (unit, gRPC integration, real Envoy end to end)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# Benchmarks run end to end in their quick forms (chaos, soak, streamed overhead): minutes.
+test-slow: $(STAMP) ## Run the slow tests too: the benchmarks end to end (CI runs them)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 # `make test` runs the same properties bounded (150 examples each, the same every run).
 fuzz: $(STAMP) ## Fuzz the parser and the decision path: thousands of random examples per property

@@ -462,10 +462,11 @@ class Pipeline:
     def finish(self, routed: Routed, *, served: str | None, usage: Usage | None) -> None:
         """The response has ended (or the stream broke), its usage known or not: `ended` and
         `settle` at once."""
-        self.ended(routed, served=served)
-        self.settle(routed, usage)
+        completion = usage.completion_tokens if usage is not None else 0
+        self.ended(routed, served=served, completion_tokens=completion)
+        self.settle(routed, usage, limiter_charged=True)
 
-    def ended(self, routed: Routed, *, served: str | None) -> None:
+    def ended(self, routed: Routed, *, served: str | None, completion_tokens: int = 0) -> None:
         """The response has ended: its in-flight count, its tenant's concurrency slot and its
         fair-share place are free now. Its tokens are counted by `settle`, which may come later
         (Envoy's access log brings the usage a few ms after the stream's end)."""
@@ -479,12 +480,14 @@ class Pipeline:
             if self._fair is not None:
                 self._fair.finished(routed.tenant)
             if routed.lease is not None and self._tenancy is not None:
-                self._tenancy.limiter.release(routed.lease, 0)
+                self._tenancy.limiter.release(routed.lease, completion_tokens)
         self.poke()
 
-    def settle(self, routed: Routed, usage: Usage | None) -> None:
+    def settle(self, routed: Routed, usage: Usage | None, *, limiter_charged: bool = False) -> None:
         """Count what the response used (None: unknown, nothing is counted) against the
-        tenant's token limit and fair share, and teach the cost model the output length."""
+        tenant's token limit and fair share, and teach the cost model the output length.
+        `limiter_charged`: `ended` already gave the limiter the completion tokens (one call to a
+        shared limiter instead of two)."""
         if usage is None:
             return
         self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
@@ -499,7 +502,7 @@ class Pipeline:
         self._metrics.tenant_tokens.labels(tenant.name, "completion").inc(completion)
         if self._fair is not None:
             self._fair.charge(tenant, completion)
-        if routed.lease is not None and self._tenancy is not None:
+        if routed.lease is not None and self._tenancy is not None and not limiter_charged:
             self._tenancy.limiter.release(routed.lease, completion)
 
     def poke(self) -> None:

@@ -169,6 +169,7 @@ def test_the_one_chunk_table_has_a_column_per_response_path() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_the_streamed_scenario_runs_end_to_end(tmp_path: Path) -> None:
     options = OverheadOptions(
         scenarios="streamed",

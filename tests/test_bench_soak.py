@@ -48,6 +48,7 @@ def test_warm_up_is_at_most_half_the_run() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_twenty_second_soak_with_tracemalloc(tmp_path: Path) -> None:
     options = SoakOptions(
         minutes=1 / 3,
