@@ -366,6 +366,7 @@ def run_envoy(
     response_path: envoy_runner.ResponsePath = "ended",
     extproc_tls: bool = False,
     extproc_ca: Path | None = None,
+    request_timeout_ms: int = 60_000,
 ) -> Iterator[Stack]:
     port, admin_port = free_port(), free_port()
     config = envoy_runner.render_bootstrap(
@@ -378,6 +379,7 @@ def run_envoy(
         body_mode=body_mode,
         response_path=response_path,
         message_timeout_ms=10_000,
+        request_timeout_ms=request_timeout_ms,
         extproc_tls=extproc_tls,
         extproc_ca=extproc_ca,
     )

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from extproc import envoy_runner
 from extproc.config import BodyMode
 
 from .harness import MODEL_A, Fleet, Picker, Stack, free_port, run_envoy, run_picker
@@ -265,32 +264,6 @@ async def test_an_encoded_slash_is_refused(stack: Stack, fleet: Fleet, path: str
 # --- 4. request_timeout -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _envoy_with_request_timeout(
-    logs: Path, picker_address: str, endpoints: list[str], body_mode: BodyMode, timeout_ms: int
-) -> Iterator[int]:
-    port, admin_port = free_port(), free_port()
-    config = envoy_runner.render_bootstrap(
-        port=port,
-        extproc=picker_address,
-        endpoints=endpoints,
-        admin_port=admin_port,
-        listen_host="127.0.0.1",
-        body_mode=body_mode,
-        request_timeout_ms=timeout_ms,
-    )
-    log = logs / f"envoy-{port}-request-timeout.log"
-    with log.open("wb") as out:
-        process = envoy_runner.start_envoy(
-            config, admin_port=admin_port, concurrency=1, stdout=out, stderr=out
-        )
-    try:
-        process.wait_ready(within=20)
-        yield port
-    finally:
-        process.stop()
-
-
 @pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 async def test_request_timeout_bounds_a_slow_upload(
     logs: Path, picker: Picker, addresses: list[str], fleet: Fleet, body_mode: BodyMode
@@ -299,7 +272,15 @@ async def test_request_timeout_bounds_a_slow_upload(
     message timer at all; buffered: the timer starts only once the body is complete), the
     1.5 s request_timeout does, with a 408 in the envelope."""
     before = _served(fleet)
-    with _envoy_with_request_timeout(logs, picker.address, addresses, body_mode, 1500) as port:
+    with run_envoy(
+        logs,
+        extproc=picker.address,
+        endpoints=addresses,
+        picker=picker,
+        body_mode=body_mode,
+        request_timeout_ms=1500,
+    ) as stack:
+        port = stack.port
         started = time.monotonic()
         slow = BODY[:40]
         reply = await _raw(port, "POST", "/v1/completions", body=slow, byte_delay=0.1)
