@@ -490,11 +490,7 @@ class Pipeline:
         shared limiter instead of two)."""
         if usage is None:
             return
-        self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
-        self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
-        self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
-        if self._cost is not None:
-            self._cost.observe_usage(usage.prompt_tokens, usage.completion_tokens)
+        self._count_tokens(usage)
         tenant = routed.tenant
         if tenant is None or not usage.completion_tokens:
             return
@@ -504,6 +500,28 @@ class Pipeline:
             self._fair.charge(tenant, completion)
         if routed.lease is not None and self._tenancy is not None and not limiter_charged:
             self._tenancy.limiter.release(routed.lease, completion)
+
+    def settle_foreign(self, tenant: str | None, usage: Usage) -> None:
+        """`settle` for a request another replica routed, whose access log entry came here: the
+        token counts, the cost model's output length and the tenant's token limit (`tenant` as
+        the entry names it). The fair-share counters stay those of the replica that routed it."""
+        self._count_tokens(usage)
+        if tenant is None or self._tenancy is None or not usage.completion_tokens:
+            return
+        known = self._tenancy.directory.tenants.get(tenant)
+        if known is None:  # removed by a reload since, or another configuration's: no new tenant
+            log.debug("access log names an unknown tenant %s", errors.client_text(tenant))
+            return
+        self._metrics.tenant_tokens.labels(known.name, "completion").inc(usage.completion_tokens)
+        self._tenancy.limiter.charge(known, usage.completion_tokens)
+
+    def _count_tokens(self, usage: Usage) -> None:
+        """The fleet-wide token counts, and the cost model's typical prompt and output."""
+        self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+        self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
+        self._metrics.tokens.labels("cached").inc(usage.cached_tokens)
+        if self._cost is not None:
+            self._cost.observe_usage(usage.prompt_tokens, usage.completion_tokens)
 
     def poke(self) -> None:
         """Room may have freed (a response ended, new metrics): the fair queue looks again."""

@@ -25,6 +25,7 @@ SCORES = "x-extproc-scores"
 LB_NAMESPACE = "envoy.lb"
 OWN_NAMESPACE = "extproc"
 REQUEST_ID = "request-id"
+TENANT = "tenant"
 # Envoy takes at most ~64 KiB per streamed body message; stay under it as the reference does.
 CHUNK = 62_000
 
@@ -47,6 +48,7 @@ def _routing(
     content_length: int | None = None,
     extra: tuple[tuple[str, str], ...] = (),
     remove: tuple[str, ...] = (),
+    tenant: str | None = None,
 ) -> tuple[CommonResponse, Struct]:
     headers = [(DESTINATION, targets), *extra]
     if explanation is not None:
@@ -66,8 +68,12 @@ def _routing(
     )
     metadata = Struct()
     metadata.get_or_create_struct(LB_NAMESPACE)[DESTINATION] = targets
-    # Names the request for the response observer (a second ext_proc filter), if Envoy has one.
-    metadata.get_or_create_struct(OWN_NAMESPACE)[REQUEST_ID] = request_id
+    # Names the request for the response observer (a second ext_proc filter) and the access log;
+    # the tenant lets a replica that did not route the request charge its usage (access_log.py).
+    own = metadata.get_or_create_struct(OWN_NAMESPACE)
+    own[REQUEST_ID] = request_id
+    if tenant is not None:
+        own[TENANT] = tenant
     return CommonResponse(header_mutation=mutation, clear_route_cache=True), metadata
 
 
@@ -79,6 +85,7 @@ def route_in_headers(
     content_length: int | None = None,
     headers: tuple[tuple[str, str], ...] = (),
     remove: tuple[str, ...] = (),
+    tenant: str | None = None,
 ) -> ProcessingResponse:
     """The answer to the request headers: destination header, envoy.lb metadata, new route.
     `content_length` is the length of a rewritten body, which follows as streamed chunks;
@@ -91,6 +98,7 @@ def route_in_headers(
         content_length=content_length,
         extra=headers,
         remove=remove,
+        tenant=tenant,
     )
     return ProcessingResponse(
         request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
@@ -105,6 +113,7 @@ def route_in_body(
     body: bytes | None = None,
     headers: tuple[tuple[str, str], ...] = (),
     remove: tuple[str, ...] = (),
+    tenant: str | None = None,
 ) -> ProcessingResponse:
     """The same answer given on the body, for BUFFERED mode where headers were answered first
     (Envoy still holds them, so the header mutation applies). `body` replaces the buffered body;
@@ -117,6 +126,7 @@ def route_in_body(
         content_length=content_length,
         extra=headers,
         remove=remove,
+        tenant=tenant,
     )
     if body is not None:
         common.body_mutation.body = body

@@ -19,6 +19,10 @@ path"):
   wait for the picker on the response path at all.
 The routing stream names the request in dynamic metadata (`extproc` / `request-id`); the observer
 stream and the access log carry that name back, and the decision waits in `_Awaiting` between.
+Names start with this process's random prefix: an access log entry for a name without it was
+routed by another replica (Envoy sends each worker's log to one picker), and is settled here from
+the tenant the entry names (`Pipeline.settle_foreign`) instead of waiting for a stream that never
+comes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from extproc.request import errors
 from extproc.request.errors import OpenAIError
 from extproc.request.usage import Usage, UsageReader
 from extproc.server import reply
+from extproc.server.access_log import LogEntry
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +106,10 @@ class StreamHandler:
         # Ended responses whose usage has not come yet, and usage that came before the end.
         self._unsettled: _Awaiting[Routed] = _Awaiting(ttl=usage_wait_seconds)
         self._early: _Awaiting[_Logged] = _Awaiting(ttl=usage_wait_seconds)
-        # Request names only need to be unique among this process's requests in flight.
+        # Request names are unique among this process's requests in flight, and the prefix
+        # tells this process's names from other replicas' (`logged`).
         self._names = itertools.count()
-        self._prefix = secrets.token_hex(4)
+        self._prefix = secrets.token_hex(6)
 
     async def process(
         self, messages: AsyncIterator[ProcessingRequest]
@@ -254,6 +260,7 @@ class StreamHandler:
             outcome.prefill or "-",
         )
         explanation = outcome.explanation
+        tenant = outcome.tenant.name if outcome.tenant is not None else None
         if in_headers:
             return reply.route_in_headers(
                 targets,
@@ -262,6 +269,7 @@ class StreamHandler:
                 content_length=len(outcome.body) if outcome.body is not None else None,
                 headers=outcome.headers,
                 remove=outcome.remove_headers,
+                tenant=tenant,
             )
         return reply.route_in_body(
             targets,
@@ -270,6 +278,7 @@ class StreamHandler:
             body=outcome.body,
             headers=outcome.headers,
             remove=outcome.remove_headers,
+            tenant=tenant,
         )
 
     def _refuse(self, error: OpenAIError) -> NoReturn:
@@ -333,9 +342,16 @@ class StreamHandler:
             self._metrics.stream_errors.labels("usage_never_logged").inc()
             self._pipeline.settle(expired, None)
 
-    def logged(self, request_id: str, usage: Usage | None) -> None:
-        """Envoy's access log says request `request_id` is over, with its usage if the model
-        server sent one."""
+    def logged(self, entry: LogEntry) -> None:
+        """Envoy's access log says request `entry.request_id` is over, with its usage if the
+        model server sent one."""
+        request_id, usage = entry.request_id, entry.usage
+        if not request_id.startswith(f"{self._prefix}-"):
+            # Another replica routed it (or this process before a restart): that one never sees
+            # this entry, so its usage is counted here, against the tenant the entry names.
+            if usage is not None:
+                self._pipeline.settle_foreign(entry.tenant, usage)
+            return
         unsettled = self._unsettled.claim(request_id)
         if unsettled is not None:
             self._pipeline.settle(unsettled, usage)
@@ -344,7 +360,8 @@ class StreamHandler:
         if parked is not None:  # it ended before the model server answered
             self._pipeline.finish(parked, served=None, usage=usage)
             return
-        # The stream's end is still on its way (or the name is another process's: it expires).
+        # The stream's end is still on its way. Left unclaimed, the entry expires: its request
+        # was settled on its own stream (`inline` or `observer`, with an access log as well).
         self._early.put(request_id, _Logged(usage))
 
     def _finish(self, state: _Stream) -> None:

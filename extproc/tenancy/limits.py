@@ -73,6 +73,12 @@ class Limiter(Protocol):
         the same lease it only counts the tokens: usage can arrive after the response's end."""
         ...
 
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        """Count `tokens` completion tokens against `tenant`'s token limit without a lease: a
+        request another replica routed, whose access log entry reached this one. Never blocks
+        the caller, as `release`."""
+        ...
+
     async def aclose(self) -> None:
         """Finish background work and close connections."""
         ...
@@ -121,11 +127,7 @@ class LocalLimiter:
         if not limits.any:
             return Granted(lease)
         now = self._clock()
-        counts = self._counts.get(tenant.name)
-        if counts is None:
-            full = float(limits.requests_per_minute), float(limits.tokens_per_minute)
-            counts = _TenantCounts(Bucket(full[0], now), Bucket(full[1], now))
-            self._counts[tenant.name] = counts
+        counts = self._counts_of(tenant.name, limits, now)
         if limits.max_concurrency and len(counts.active) >= limits.max_concurrency:
             return Limited("max_concurrency", limits.max_concurrency, CONCURRENCY_RETRY_SECONDS)
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
@@ -147,9 +149,34 @@ class LocalLimiter:
         if counts is None:
             return
         counts.active.discard(lease.id)
-        if lease.limits.tokens_per_minute and completion_tokens:
-            counts.tokens.refill(lease.limits.tokens_per_minute, self._clock())
-            counts.tokens.level -= completion_tokens
+        _spend(counts.tokens, lease.limits.tokens_per_minute, completion_tokens, self._clock())
+
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        limits = tenant.limits
+        if not limits.tokens_per_minute or tokens <= 0:
+            return
+        # A tenant this replica has not served yet gets its (full) buckets now, as `acquire`
+        # would have made them: the tokens must not vanish with a bucket that does not exist.
+        now = self._clock()
+        _spend(
+            self._counts_of(tenant.name, limits, now).tokens, limits.tokens_per_minute, tokens, now
+        )
+
+    def _counts_of(self, name: str, limits: Limits, now: float) -> _TenantCounts:
+        counts = self._counts.get(name)
+        if counts is None:
+            full = float(limits.requests_per_minute), float(limits.tokens_per_minute)
+            counts = _TenantCounts(Bucket(full[0], now), Bucket(full[1], now))
+            self._counts[name] = counts
+        return counts
+
+
+def _spend(bucket: Bucket, capacity: int, tokens: int, now: float) -> None:
+    """Take `tokens` from a token bucket (into debt if need be; negative gives them back, as
+    for a request refused after its count); nothing without a limit."""
+    if capacity and tokens:
+        bucket.refill(capacity, now)
+        bucket.level -= tokens
 
 
 def retry_after_header(seconds: float) -> int:

@@ -29,6 +29,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -192,7 +193,18 @@ class RedisLimiter:
         held = lease.limits.max_concurrency > 0
         if not held and not (lease.limits.tokens_per_minute and completion_tokens):
             return
-        task = asyncio.create_task(self._send_release(lease, completion_tokens, held))
+        self._in_background(self._send_release(lease, completion_tokens, held))
+
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        if not tenant.limits.tokens_per_minute or tokens <= 0:
+            return
+        # The release script without a lease ('' frees no slot) charges the shared bucket once;
+        # a charge Redis missed is kept and sent again, as a release is.
+        unheld = Lease(tenant.name, "", "redis", tenant.limits)
+        self._in_background(self._send_release(unheld, tokens, False))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -207,6 +219,8 @@ class RedisLimiter:
             # Sent again once Redis answers; the slot, no longer renewed, expires meanwhile.
             self._went_down(exc)
             self._unsent.append((lease, completion_tokens, held))
+            if self._renewing is None:  # a replica holding no slot sends it again all the same
+                self._renewing = asyncio.create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
         """Every third of `lease_seconds`: renew the leases held, send the releases missed."""
