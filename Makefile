@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow fuzz lint bench protos clean
+.PHONY: help setup demo test test-slow fuzz lint bench protos clean conformance
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,6 +36,20 @@ test: $(STAMP) ## Run the test suite (unit, gRPC integration, real Envoy end to 
 # Benchmarks run end to end in their quick forms (chaos, soak, streamed overhead): minutes.
 test-slow: $(STAMP) ## Run the slow tests too: the benchmarks end to end (CI runs them)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+
+# vLLM's own code, read from its wheel on PyPI (no install, no torch): tests/conformance checks our
+# block hashes, KV events, metric names and NIXL params against it. docs/conformance.md.
+VLLM_VERSION ?= 0.33.0
+VLLM_WHEEL   := .cache/vllm-wheel/$(VLLM_VERSION)
+$(VLLM_WHEEL)/.unpacked:
+	@mkdir -p $(VLLM_WHEEL)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --dest $(VLLM_WHEEL) vllm==$(VLLM_VERSION)
+	$(BIN)/python -c "import glob, sys, zipfile; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/vllm-*.whl')[0]); z.extractall(sys.argv[1] + '/src', [n for n in z.namelist() if n.endswith('.py')])" $(VLLM_WHEEL)
+	rm -f $(VLLM_WHEEL)/vllm-*.whl
+	@touch $@
+
+conformance: $(STAMP) $(VLLM_WHEEL)/.unpacked ## Check hashes, KV events, metrics against vLLM's own code (its wheel)
+	EXTPROC_VLLM_SRC=$(VLLM_WHEEL)/src $(BIN)/python -m pytest -q -p no:cacheprovider tests/conformance
 
 # `make test` runs the same properties bounded (150 examples each, the same every run).
 fuzz: $(STAMP) ## Fuzz the parser and the decision path: thousands of random examples per property

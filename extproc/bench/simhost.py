@@ -103,7 +103,7 @@ async def serve(config: SimConfig, records_port: int) -> None:
 def config_from_json(text: str) -> SimConfig:
     fields = json.loads(text)
     # As `extproc sim` does (vLLM's rule): PYTHONHASHSEED, when set, seeds NONE_HASH.
-    fields.setdefault("hash_seed", resolve_seed(os.environ))
+    fields.setdefault("hash_seed", resolve_seed(os.environ, algo=fields.get("hash_algo", "sha256")))
     profiles = fields.get("profiles")
     if isinstance(profiles, str):
         profiles = parse_profile_spec(profiles)

@@ -68,6 +68,8 @@ from extproc.prefix.cache import (
 from extproc.prefix.hashing import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_NONE_HASH_SEED,
+    HASH_ALGOS,
+    NON_CRYPTO_ALGOS,
     BlockHasher,
     HashAlgo,
     LoraKey,
@@ -123,7 +125,7 @@ class BlocksSettings:
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError("block_size must be positive")
-        if self.hash_algo not in ("sha256", "sha256_cbor"):
+        if self.hash_algo not in HASH_ALGOS:
             raise ValueError(f"unsupported hash algorithm {self.hash_algo!r}")
         if self.inline_max_chars < 0 or self.tokenizer_threads < 1:
             raise ValueError("inline_max_chars must be >= 0 and tokenizer_threads >= 1")
@@ -239,6 +241,14 @@ class PromptBlocks:
 
     def __init__(self, settings: BlocksSettings, *, remote: RemoteTokenizer | None = None) -> None:
         self.settings = settings
+        if settings.hash_algo in NON_CRYPTO_ALGOS and settings.hash_seed == DEFAULT_NONE_HASH_SEED:
+            # vLLM seeds xxhash randomly per process unless PYTHONHASHSEED is set, so the
+            # default seed matches no pod: precise routing would silently find nothing.
+            log.warning(
+                "prefix.hash_algo=%s: vLLM seeds it randomly per process unless PYTHONHASHSEED "
+                "is set; set PYTHONHASHSEED on every pod and the same value as prefix.hash_seed",
+                settings.hash_algo,
+            )
         self._hasher = ChainHasher(
             BlockHasher(
                 algo=settings.hash_algo, block_size=settings.block_size, seed=settings.hash_seed

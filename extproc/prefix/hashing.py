@@ -4,7 +4,11 @@ A prompt is cut into full blocks of `block_size` tokens (a trailing partial bloc
 hashed). Block i hashes `(parent, tuple(block_tokens), extra_keys)` where parent is block i-1's
 digest, or `NONE_HASH` for the first block, and `NONE_HASH = hash_fn(seed)`. The seed is
 `PYTHONHASHSEED` when set, else the fixed string `"vllm-none-hash"` for the sha256 algorithms; so
-two processes (a pod and the picker) agree without sharing anything.
+two processes (a pod and the picker) agree without sharing anything. The xxhash algorithms are
+not collision resistant, so without `PYTHONHASHSEED` vLLM seeds them with random bytes per process
+(`resolve_none_hash_seed`): no two pods, and no picker, then share a hash. A fleet on `xxhash` or
+`xxhash_cbor` must set `PYTHONHASHSEED` on every pod, and the picker needs the same value as its
+`prefix.hash_seed`.
 
 Extra keys, in vLLM's order, are `("lora", name, path)` on every block of a LoRA request and
 `("cache_salt", salt)` on the first block only (the chain carries it into every later block).
@@ -17,15 +21,19 @@ Multimodal and prompt-embeds keys are not modelled: the picker and simulator see
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import cbor2
+import xxhash as _xxhash
 
-HashAlgo = Literal["sha256", "sha256_cbor"]
-HASH_ALGOS: Final[tuple[HashAlgo, ...]] = ("sha256", "sha256_cbor")
+HashAlgo = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]
+HASH_ALGOS: Final[tuple[HashAlgo, ...]] = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
+# Not collision resistant: vLLM keeps their NONE_HASH seed secret (random) unless PYTHONHASHSEED.
+NON_CRYPTO_ALGOS: Final[frozenset[HashAlgo]] = frozenset({"xxhash", "xxhash_cbor"})
 DEFAULT_BLOCK_SIZE: Final = 16
 DEFAULT_NONE_HASH_SEED: Final = "vllm-none-hash"
 _U64_MASK: Final = (1 << 64) - 1
@@ -43,17 +51,39 @@ def sha256_cbor(value: Any) -> bytes:
     return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
 
 
+def xxhash(value: Any) -> bytes:
+    """vLLM's `xxhash`: pickle (highest protocol) then xxh3_128 (16-byte digest)."""
+    return _xxhash.xxh3_128_digest(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def xxhash_cbor(value: Any) -> bytes:
+    """vLLM's `xxhash_cbor`: canonical CBOR then xxh3_128."""
+    return _xxhash.xxh3_128_digest(cbor2.dumps(value, canonical=True))
+
+
 def hash_function(algo: HashAlgo) -> Callable[[Any], bytes]:
     if algo == "sha256":
         return sha256
     if algo == "sha256_cbor":
         return sha256_cbor
+    if algo == "xxhash":
+        return xxhash
+    if algo == "xxhash_cbor":
+        return xxhash_cbor
     raise ValueError(f"unsupported prefix-caching hash algorithm {algo!r}; use one of {HASH_ALGOS}")
 
 
-def resolve_seed(environ: Mapping[str, str]) -> str:
-    """The NONE_HASH seed vLLM would use given this environment (pass `os.environ`)."""
-    return environ.get("PYTHONHASHSEED", DEFAULT_NONE_HASH_SEED)
+def resolve_seed(environ: Mapping[str, str], *, algo: HashAlgo = "sha256") -> str:
+    """The NONE_HASH seed vLLM would use given this environment (pass `os.environ`).
+
+    For the xxhash algorithms without PYTHONHASHSEED that is fresh random bytes, as in vLLM: a
+    simulated pod is then as unmatchable as a real one, which is the point of simulating it."""
+    seed = environ.get("PYTHONHASHSEED")
+    if seed is not None:
+        return seed
+    if algo in NON_CRYPTO_ALGOS:
+        return os.urandom(32).hex()
+    return DEFAULT_NONE_HASH_SEED
 
 
 def none_hash(algo: HashAlgo = "sha256", seed: str = DEFAULT_NONE_HASH_SEED) -> bytes:

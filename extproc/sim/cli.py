@@ -127,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         block_size=args.block_size,
         hash_algo=args.prefix_caching_hash_algo,
         # vLLM's rule: PYTHONHASHSEED, when set, seeds NONE_HASH.
-        hash_seed=resolve_seed(os.environ),
+        hash_seed=resolve_seed(os.environ, algo=args.prefix_caching_hash_algo),
         enable_prefix_caching=not args.no_enable_prefix_caching,
         num_gpu_blocks=args.num_gpu_blocks,
         max_num_seqs=args.max_num_seqs,

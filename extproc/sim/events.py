@@ -49,7 +49,10 @@ def encode_event(event: CacheEvent, fmt: EventFormat) -> Any:
         return block_hash.event_id if fmt.int_hashes else block_hash.digest
 
     if isinstance(event, BlockStored):
-        extra = [list(k) if k is not None else None for k in event.extra_keys or ()] or None
+        # vLLM's `to_event_extra_keys` sends one entry per block, None for a block without
+        # keys; the list itself is None only when there are no blocks.
+        keys = event.extra_keys or (None,) * len(event.block_hashes)
+        extra = [list(k) if k is not None else None for k in keys] or None
         fields: list[tuple[str, Any]] = [
             ("block_hashes", [h(b) for b in event.block_hashes]),
             ("parent_block_hash", h(event.parent) if event.parent else None),

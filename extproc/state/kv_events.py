@@ -2,9 +2,12 @@
 
 Wire format (vLLM `distributed/kv_events.py`; docs/kv_events.md has the details): every engine
 step that changed the cache publishes `[topic, seq (8 bytes big-endian), msgpack([ts, events,
-dp_rank])]` on a PUB socket. Events are tagged maps (`{"type": "BlockStored", ...}`, vLLM since
-June 2026) or positional arrays (`["BlockStored", hashes, parent, ...]`, before); block hashes
-are 64-bit ints or raw digests, which `block_hash_int` turns into the same int. A ROUTER socket
+dp_rank])]` on a PUB socket. The batch is a positional array (vLLM 0.33's `array_like` struct) or,
+should a later revision drop `array_like`, a map with the same field names; both decode. Events are
+tagged maps (`{"type": "BlockStored", ...}`, vLLM since June 2026, msgspec `tag=True`, fields
+with defaults omitted when default) or positional arrays (`["BlockStored", hashes, parent, ...]`,
+before); block hashes are 64-bit ints or raw digests, which `block_hash_int` turns into the same
+int. tests/conformance checks all of this against vLLM's own structs. A ROUTER socket
 replays buffered batches: `[b"", start_seq]` from a DEALER, answered batch by batch and closed
 by seq -1 with an empty payload.
 
@@ -38,6 +41,19 @@ yields to the event loop every few batches so a burst of events cannot stall req
 
 Data-parallel servers publish one stream per rank (port + rank); this module follows rank 0
 only (the first source `/kv_event_sources` lists).
+
+Hybrid models (sliding-window + full attention, Mamba) keep one block table per KV-cache group,
+and vLLM publishes every group's stores and removals with the same block hashes, told apart only
+by `group_idx`. Mixing them would be wrong both ways: a sliding-window group drops blocks that
+the full-attention group still holds, and skips (null) blocks outside its window. So the index
+follows exactly one group per endpoint (`GroupSelector`): the lowest group announced as full
+attention (`kv_cache_spec_kind`), else the lowest group not seen to be windowed (a
+`kv_cache_spec_sliding_window`, or a store with fewer hashes than token blocks: null blocks
+skipped), else group 0. Events of other groups are skipped. vLLM 0.33 sends no kind on its GPU
+path and orders groups by layer, so a model whose first layer is windowed (Gemma 3) starts on
+group 0 and moves to the full-attention group as soon as a long prompt shows group 0's holes;
+the move drops the endpoint's entries (a reset, reason `group`), as nothing learned from the
+other group can be trusted.
 """
 
 from __future__ import annotations
@@ -73,6 +89,10 @@ class DecodeError(ValueError):
 # -- event records ---------------------------------------------------------------------------
 
 
+# KV-cache spec kinds (vLLM's `KVCacheSpecKind`) whose group holds every block of a prefix.
+FULL_ATTENTION_KINDS: Final = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
+
+
 @dataclass(frozen=True, slots=True)
 class BlockStored:
     block_hashes: tuple[int, ...]
@@ -81,20 +101,41 @@ class BlockStored:
     block_size: int
     lora_name: str | None
     medium: str | None  # None (an older vLLM) means GPU
+    # One entry per block (untagged: LoRA name, cache salt, (mm id, offset), ...), or None.
+    extra_keys: tuple[tuple[Any, ...] | None, ...] | None = None
+    group_idx: int | None = None  # None (an older vLLM) means the only group, 0
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    lora_id: int | None = None
 
     @property
     def on_gpu(self) -> bool:
         return _is_gpu(self.medium)
+
+    @property
+    def group(self) -> int:
+        return self.group_idx or 0
+
+    @property
+    def skips_blocks(self) -> bool:
+        """Fewer hashes than token blocks: the group skipped null (out-of-window) blocks."""
+        size = self.block_size
+        return size > 0 and len(self.block_hashes) < len(self.token_ids) // size
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     block_hashes: tuple[int, ...]
     medium: str | None
+    group_idx: int | None = None
 
     @property
     def on_gpu(self) -> bool:
         return _is_gpu(self.medium)
+
+    @property
+    def group(self) -> int:
+        return self.group_idx or 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +193,25 @@ def _int(value: object, name: str) -> int:
     raise DecodeError(f"{name} must be an int")
 
 
-# Positions of the fields in the legacy array form, after the tag (msgspec array_like structs).
+def _opt_int(value: object, name: str) -> int | None:
+    return None if value is None else _int(value, name)
+
+
+def _extra_keys(value: object) -> tuple[tuple[Any, ...] | None, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise DecodeError("extra_keys must be a list or nil")
+    out: list[tuple[Any, ...] | None] = []
+    for keys in value:
+        if keys is not None and not isinstance(keys, list | tuple):
+            raise DecodeError("each extra_keys entry must be a list or nil")
+        out.append(None if keys is None else tuple(keys))
+    return tuple(out)
+
+
+# Positions of the fields in the array form, after the tag: the declaration order of vLLM 0.33's
+# structs (`distributed/kv_events.py`), which an `array_like` struct would encode in.
 _STORED_FIELDS: Final = (
     "block_hashes",
     "parent_block_hash",
@@ -161,8 +220,16 @@ _STORED_FIELDS: Final = (
     "lora_id",
     "medium",
     "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+    "locality",
+    "ownership",
+    "session_id",
+    "lookahead_token_ids",
 )
-_REMOVED_FIELDS: Final = ("block_hashes", "medium")
+_REMOVED_FIELDS: Final = ("block_hashes", "medium", "group_idx", "locality", "ownership")
 _KNOWN: Final = {"BlockStored", "BlockRemoved", "AllBlocksCleared"}
 
 
@@ -202,24 +269,46 @@ def decode_event(raw: object) -> KVEvent | None:
             block_size=_int(fields.get("block_size", 0), "block_size"),
             lora_name=_opt_str(fields.get("lora_name"), "lora_name"),
             medium=medium,
+            extra_keys=_extra_keys(fields.get("extra_keys")),
+            group_idx=_opt_int(fields.get("group_idx"), "group_idx"),
+            kv_cache_spec_kind=_opt_str(fields.get("kv_cache_spec_kind"), "kv_cache_spec_kind"),
+            kv_cache_spec_sliding_window=_opt_int(
+                fields.get("kv_cache_spec_sliding_window"), "kv_cache_spec_sliding_window"
+            ),
+            lora_id=_opt_int(fields.get("lora_id"), "lora_id"),
         )
     if tag == "BlockRemoved":
-        return BlockRemoved(_hashes(fields.get("block_hashes")), medium)
+        return BlockRemoved(
+            _hashes(fields.get("block_hashes")),
+            medium,
+            _opt_int(fields.get("group_idx"), "group_idx"),
+        )
     return AllBlocksCleared(medium)
 
 
+_BATCH_SHAPE: Final = "a batch must be [ts, events, dp_rank] or a map of those fields"
+
+
 def decode_batch(payload: bytes) -> EventBatch:
-    """The third frame of a message: `msgpack([ts, events, dp_rank])`."""
+    """The third frame of a message: `msgpack([ts, events, dp_rank])`, or the same as a map
+    (`{"ts", "events", "data_parallel_rank"}`), the form vLLM's struct takes without array_like."""
     try:
         raw = msgpack.unpackb(payload, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise DecodeError(f"not msgpack: {exc}") from None
-    if not isinstance(raw, list | tuple) or len(raw) < 2:
-        raise DecodeError("a batch must be [ts, events, dp_rank]")
-    ts, events = raw[0], raw[1]
-    rank = raw[2] if len(raw) > 2 else None
-    if not isinstance(ts, int | float) or not isinstance(events, list | tuple):
-        raise DecodeError("a batch must be [ts, events, dp_rank]")
+    if isinstance(raw, dict):
+        ts, events, rank = raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")
+    elif isinstance(raw, list | tuple) and len(raw) >= 2:
+        ts, events = raw[0], raw[1]
+        rank = raw[2] if len(raw) > 2 else None
+    else:
+        raise DecodeError(_BATCH_SHAPE)
+    if (
+        not isinstance(ts, int | float)
+        or isinstance(ts, bool)
+        or not isinstance(events, list | tuple)
+    ):
+        raise DecodeError(_BATCH_SHAPE)
     decoded: list[KVEvent] = []
     unknown = 0
     for item in events:
@@ -270,16 +359,35 @@ class SourceDiscovery(Protocol):
     async def __call__(self, address: str) -> KVEventSource | None: ...
 
 
+def _rank_key(rank: object) -> int:
+    return int(str(rank)) if str(rank).isdigit() else 1 << 30
+
+
 def parse_event_sources(document: object, address: str) -> KVEventSource | None:
-    """Rank 0 of a `/kv_event_sources` answer (`{"0": {KVEventsConfig}}`), with wildcard hosts
-    (`tcp://*:5557`, as vLLM binds) replaced by the endpoint's own host."""
-    if not isinstance(document, dict) or not document:
+    """The lowest rank's source in a `/kv_event_sources` answer, with wildcard hosts
+    (`tcp://*:5557`, as vLLM binds) replaced by the endpoint's own host.
+
+    Two shapes: vLLM 0.33/0.34 answer `{"<dp rank>": KVEventsConfig}`; later revisions a bare
+    list of sources, `[{"data_parallel_rank": 0, "endpoint": ..., "replay_endpoint": ...,
+    "topic": ...}]` (an `endpoint_addr` `{host, port}` is taken where `endpoint` is absent)."""
+    config: object
+    if isinstance(document, dict) and document:
+        config = document[min(document, key=_rank_key)]
+    elif isinstance(document, list) and document:
+        sources = [d for d in document if isinstance(d, dict)]
+        if not sources:
+            return None
+        config = min(sources, key=lambda d: _rank_key(d.get("data_parallel_rank", 0)))
+    else:
         return None
-    ranks = sorted(document, key=lambda k: int(k) if str(k).isdigit() else 1 << 30)
-    config = document[ranks[0]]
     if not isinstance(config, dict) or config.get("enable_kv_cache_events") is False:
         return None
+    if config.get("publisher") == "null":
+        return None
     publisher = config.get("endpoint")
+    addr = config.get("endpoint_addr")
+    if not publisher and isinstance(addr, dict) and addr.get("host") and addr.get("port"):
+        publisher = f"{addr.get('protocol') or 'tcp'}://{addr['host']}:{addr['port']}"
     if not isinstance(publisher, str) or not publisher:
         return None
     replay = config.get("replay_endpoint")
@@ -398,6 +506,35 @@ class SubscriberStatus:
     resets: int
 
 
+class GroupSelector:
+    """Which KV-cache group of one endpoint the index follows (the module docstring says why
+    one, and which). Learns from the BlockStored events it sees; `learn` says when it moved."""
+
+    def __init__(self) -> None:
+        self.group = 0
+        self._seen: set[int] = set()
+        self._full: set[int] = set()
+        self._windowed: set[int] = set()
+
+    def learn(self, event: BlockStored) -> bool:
+        g = event.group
+        self._seen.add(g)
+        kind = event.kv_cache_spec_kind
+        if kind is not None:
+            (self._full if kind in FULL_ATTENTION_KINDS else self._windowed).add(g)
+        elif event.kv_cache_spec_sliding_window is not None or event.skips_blocks:
+            self._windowed.add(g)
+        if self._full:
+            chosen = min(self._full)
+        else:
+            # With only windowed groups in sight, the lowest of them is the best there is.
+            candidates = (self._seen - self._windowed) or self._seen
+            chosen = min(candidates)
+        moved = chosen != self.group
+        self.group = chosen
+        return moved
+
+
 class _Subscriber:
     """Follows one endpoint's publisher. Its state is touched only by its own task."""
 
@@ -425,6 +562,8 @@ class _Subscriber:
         self.replays = 0
         self.resets = 0
         self._event_counters: dict[str, Any] = {}
+        # Survives resets and restarts: a restarted server runs the same model.
+        self._groups = GroupSelector()
 
     def status(self) -> SubscriberStatus:
         return SubscriberStatus(
@@ -654,9 +793,21 @@ class _Subscriber:
             if not event.on_gpu:
                 continue
             if isinstance(event, BlockStored):
-                evicted += index.store(address, event.block_hashes)
+                if self._groups.learn(event):
+                    log.warning("kv events of %s: following KV-cache group %d (full attention)",
+                                address, self._groups.group)  # fmt: skip
+                    # Entries of the group left behind are not this group's: drop them. Not
+                    # `_reset`: the stream itself is in order, only the index restarts.
+                    index.clear(address)
+                    self.exact = False
+                    self.resets += 1
+                    if self._metrics is not None:
+                        self._metrics.resets.labels(address, "group").inc()
+                if event.group == self._groups.group:
+                    evicted += index.store(address, event.block_hashes)
             elif isinstance(event, BlockRemoved):
-                index.remove(address, event.block_hashes)
+                if event.group == self._groups.group:
+                    index.remove(address, event.block_hashes)
             else:
                 index.clear(address)
         if batch.unknown:

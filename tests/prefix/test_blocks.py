@@ -230,6 +230,6 @@ async def test_no_prompt_and_bad_template() -> None:
 
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="hash"):
-        BlocksSettings(hash_algo="xxhash")  # type: ignore[arg-type]
+        BlocksSettings(hash_algo="xxh64")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown tokenizer spec"):
         PromptBlocks(BlocksSettings(default_tokenizer="nonsense"))

@@ -64,6 +64,24 @@ def test_cbor_chain_is_language_neutral_formula() -> None:
     assert [b.digest for b in blocks] == [h0, h1]
 
 
+@pytest.mark.parametrize("serialise", ["pickle", "cbor"])
+def test_xxhash_chain_is_xxh3_128(serialise: str) -> None:
+    import xxhash
+
+    def dumps(value: object) -> bytes:
+        if serialise == "cbor":
+            return cbor2.dumps(value, canonical=True)
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+    algo = "xxhash" if serialise == "pickle" else "xxhash_cbor"
+    blocks = hash_blocks(list(range(32)), algo=algo, seed="0")  # type: ignore[arg-type]
+    none = xxhash.xxh3_128_digest(dumps("0"))
+    h0 = xxhash.xxh3_128_digest(dumps((none, tuple(range(16)), None)))
+    h1 = xxhash.xxh3_128_digest(dumps((h0, tuple(range(16, 32)), None)))
+    assert [b.digest for b in blocks] == [h0, h1]
+    assert blocks[0].event_id == int.from_bytes(h0[-8:], "big")
+
+
 def test_continuing_a_chain_equals_hashing_it_whole() -> None:
     hasher = BlockHasher()
     tokens = list(range(100, 164))
@@ -105,6 +123,12 @@ def test_extra_keys_order_and_event_form() -> None:
 def test_seed_rule() -> None:
     assert resolve_seed({}) == "vllm-none-hash"
     assert resolve_seed({"PYTHONHASHSEED": "0"}) == "0"
+    # xxhash is not collision resistant: vLLM keeps its seed secret (random per process).
+    for algo in ("xxhash", "xxhash_cbor"):
+        assert resolve_seed({"PYTHONHASHSEED": "7"}, algo=algo) == "7"  # type: ignore[arg-type]
+        a, b = (resolve_seed({}, algo=algo) for _ in range(2))  # type: ignore[arg-type]
+        assert a != b
+        assert len(a) == 64
     seeded = hash_blocks(FIRST_BLOCK, seed="0")
     assert seeded != hash_blocks(FIRST_BLOCK)
     assert (

@@ -99,11 +99,18 @@ async def test_prefill_holds_its_blocks_until_a_decode_pulls_them(
         "remote_host": "127.0.0.1",
         "remote_port": int(prefiller.url.rsplit(":", 1)[1]),
         "tp_size": 1,
+        "dcp_size": 1,
+        "pp_size": 1,
+        "remote_num_tokens": 600,  # computed: the prompt (the sampled token is not yet)
+        "remote_blocks_expiry_time": None,
+        "remote_registration_generation": 0,
+        "transfer_mode": "pull",
         "sim_prefill_seconds": pytest.approx(record.finished - record.arrival),
     }
-    # The prompt and its one output token.
-    assert len(params["remote_block_ids"]) == _blocks(601)
-    assert all(isinstance(b, int) for b in params["remote_block_ids"])
+    # The prompt and its one output token, in one KV-cache group (vLLM 0.33's shape).
+    (group,) = params["remote_block_ids"]
+    assert len(group) == _blocks(601)
+    assert all(isinstance(b, int) for b in group)
     held = prefiller.stats()
     assert held.kv_held_blocks == _blocks(601)
     assert held.kv_usage > 0

@@ -25,6 +25,7 @@ from extproc.state.kv_events import (
     BlockRemoved,
     BlockStored,
     DecodeError,
+    GroupSelector,
     KVEventEndpoint,
     KVEventMetrics,
     KVEventSource,
@@ -61,13 +62,49 @@ STORED_MAP = {
     "extra_keys": [["tenant"], None],
     "group_idx": 0,
 }
-STORED = BlockStored((11, 12), 10, tuple(range(32)), 16, "sql-lora", "GPU")
+STORED = BlockStored(
+    (11, 12),
+    10,
+    tuple(range(32)),
+    16,
+    "sql-lora",
+    "GPU",
+    extra_keys=(("tenant",), None),
+    group_idx=0,
+)
+# vLLM 0.33's BlockStored with every field it can send (a hybrid model's sliding-window group).
+STORED_033 = {
+    **STORED_MAP,
+    "lora_id": 3,
+    "group_idx": 1,
+    "kv_cache_spec_kind": "sliding_window",
+    "kv_cache_spec_sliding_window": 4096,
+    "locality": "LOCAL",
+    "ownership": None,
+    "session_id": "s-1",
+    "lookahead_token_ids": None,
+}
+STORED_033_DECODED = BlockStored(
+    (11, 12),
+    10,
+    tuple(range(32)),
+    16,
+    "sql-lora",
+    "GPU",
+    extra_keys=(("tenant",), None),
+    group_idx=1,
+    kv_cache_spec_kind="sliding_window",
+    kv_cache_spec_sliding_window=4096,
+    lora_id=3,
+)
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
         (STORED_MAP, STORED),
+        (STORED_033, STORED_033_DECODED),
+        (["BlockStored", *list(STORED_033.values())[1:]], STORED_033_DECODED),
         (
             ["BlockStored", [11, 12], 10, list(range(32)), 16, None, "GPU", "sql-lora",
              [["tenant"], None], 0],
@@ -85,6 +122,9 @@ STORED = BlockStored((11, 12), 10, tuple(range(32)), 16, "sql-lora", "GPU")
         ),
         ({"type": "BlockRemoved", "block_hashes": [11], "medium": "CPU"},
          BlockRemoved((11,), "CPU")),
+        ({"type": "BlockRemoved", "block_hashes": [11], "medium": "GPU", "group_idx": 2},
+         BlockRemoved((11,), "GPU", 2)),
+        (["BlockRemoved", [11], "GPU", 2, "LOCAL"], BlockRemoved((11,), "GPU", 2)),
         (["BlockRemoved", [DIGEST, 12]], BlockRemoved((DIGEST_INT, 12), None)),
         ({"type": "AllBlocksCleared"}, AllBlocksCleared()),
         (["AllBlocksCleared"], AllBlocksCleared()),
@@ -93,10 +133,14 @@ STORED = BlockStored((11, 12), 10, tuple(range(32)), 16, "sql-lora", "GPU")
     ],
     ids=[
         "stored-map",
+        "stored-033-map",
+        "stored-033-array",
         "stored-array",
         "stored-array-short",
         "stored-bytes-hashes",
         "removed-map-cpu",
+        "removed-group-map",
+        "removed-group-array",
         "removed-array-bytes",
         "cleared-map",
         "cleared-array",
@@ -135,11 +179,23 @@ def test_bytes_hashes_map_to_the_ids_the_picker_computes() -> None:
         {"type": "BlockStored", "block_hashes": [1.5]},
         {"type": "BlockRemoved", "block_hashes": [True]},
         {"type": "BlockStored", "block_hashes": [1], "medium": 3},
+        {"type": "BlockStored", "block_hashes": [1], "group_idx": "0"},
+        {"type": "BlockStored", "block_hashes": [1], "extra_keys": "salt"},
         {"no": "type"},
         [],
         "BlockStored",
     ],
-    ids=["hashes-not-list", "float-hash", "bool-hash", "medium-not-str", "no-tag", "empty", "str"],
+    ids=[
+        "hashes-not-list",
+        "float-hash",
+        "bool-hash",
+        "medium-not-str",
+        "group-not-int",
+        "extra-keys-not-list",
+        "no-tag",
+        "empty",
+        "str",
+    ],
 )
 def test_decode_event_rejects_bad_shapes(raw: Any) -> None:
     with pytest.raises(DecodeError):
@@ -155,10 +211,24 @@ def test_decode_batch() -> None:
     assert decode_batch(msgpack.packb([2, []])).dp_rank is None
 
 
+def test_decode_batch_as_a_map() -> None:
+    """The batch as a struct without array_like would encode it: field names as keys."""
+    payload = msgpack.packb({"ts": 2.5, "events": [STORED_MAP], "data_parallel_rank": 1})
+    batch = decode_batch(payload)
+    assert (batch.ts, batch.events, batch.dp_rank) == (2.5, (STORED,), 1)
+    assert decode_batch(msgpack.packb({"ts": 1.0, "events": []})).dp_rank is None
+
+
 @pytest.mark.parametrize(
     "payload",
-    [b"\xc1", msgpack.packb({"ts": 1}), msgpack.packb(["x", []]), msgpack.packb([1.0, 5, 0])],
-    ids=["not-msgpack", "map", "bad-ts", "events-not-list"],
+    [
+        b"\xc1",
+        msgpack.packb({"ts": 1}),
+        msgpack.packb(["x", []]),
+        msgpack.packb([1.0, 5, 0]),
+        msgpack.packb([True, []]),
+    ],
+    ids=["not-msgpack", "map-without-events", "bad-ts", "events-not-list", "bool-ts"],
 )
 def test_decode_batch_rejects_bad_shapes(payload: bytes) -> None:
     with pytest.raises(DecodeError):
@@ -180,10 +250,27 @@ def test_decode_batch_rejects_bad_shapes(payload: bytes) -> None:
             KVEventSource("tcp://127.0.0.1:41000", None, ""),
         ),
         ({"0": {"enable_kv_cache_events": False, "endpoint": "tcp://*:1"}}, None),
+        ({"0": {"enable_kv_cache_events": True, "publisher": "null"}}, None),
+        # Later revisions: a bare list of sources, one per data-parallel rank.
+        (
+            [{"data_parallel_rank": 1, "endpoint": "tcp://*:5558", "replay_endpoint": None,
+              "topic": ""},
+             {"data_parallel_rank": 0, "endpoint": "tcp://*:5557",
+              "replay_endpoint": "tcp://*:5600", "topic": "kv"}],
+            KVEventSource("tcp://10.1.2.3:5557", "tcp://10.1.2.3:5600", "kv"),
+        ),
+        (
+            [{"transport": "zmq", "encoding": "msgpack", "data_parallel_rank": 0,
+              "endpoint_addr": {"host": "10.1.2.4", "port": 5557, "protocol": "tcp"}}],
+            KVEventSource("tcp://10.1.2.4:5557", None, ""),
+        ),
         ({}, None),
         ([], None),
+        (["tcp://*:5557"], None),
+        ("tcp://*:5557", None),
     ],
-    ids=["wildcards", "no-replay", "disabled", "empty", "not-a-map"],
+    ids=["wildcards", "no-replay", "disabled", "null-publisher", "list", "list-endpoint-addr",
+         "empty", "empty-list", "list-of-strings", "a-string"],
 )  # fmt: skip
 def test_parse_event_sources(document: object, expected: KVEventSource | None) -> None:
     assert parse_event_sources(document, "10.1.2.3:8000") == expected
@@ -323,6 +410,54 @@ async def test_hand_stream_applies_gpu_events_only(hand: Hand) -> None:
     await hand.applied(3)
     assert hand.index.blocks_of(hand.address) == {9}
     assert hand.registry.get_sample_value("extproc_kv_index_blocks") == 1
+
+
+def _group_stored(*hashes: int, group: int, kind: str | None = None) -> dict[str, Any]:
+    return {**_stored(*hashes), "group_idx": group, "kv_cache_spec_kind": kind}
+
+
+async def test_hand_hybrid_model_indexes_one_group(hand: Hand) -> None:
+    """A sliding-window group stores the same hashes as the full-attention group and drops them
+    sooner: its removals must not remove what the full-attention group still holds."""
+    hand.pub.send(0, [_group_stored(1, 2, 3, group=0), _group_stored(1, 2, 3, group=1)])
+    hand.pub.send(1, [{**_removed(1), "group_idx": 1}])
+    await hand.applied(2)
+    assert hand.index.blocks_of(hand.address) == {1, 2, 3}
+    # Group 0 turns out to be windowed: its store skipped the null blocks outside its window.
+    windowed = {**_group_stored(7, group=0), "token_ids": [0] * 48}
+    hand.pub.send(2, [windowed, _group_stored(4, 5, 6, group=1)])
+    await hand.applied(3)
+    # Now following group 1; what group 0 taught is dropped (a reset), nothing mixed in.
+    assert hand.index.blocks_of(hand.address) == {4, 5, 6}
+    assert hand.value("extproc_kv_resets_total", reason="group") == 1
+    hand.pub.send(3, [{**_removed(5), "group_idx": 0}, {**_removed(6), "group_idx": 1}])
+    await hand.applied(4)
+    assert hand.index.blocks_of(hand.address) == {4, 5}
+
+
+@pytest.mark.parametrize(
+    ("events", "group"),
+    [
+        ([_group_stored(1, group=0), _group_stored(1, group=1)], 0),
+        ([_group_stored(1, group=0, kind="sliding_window"), _group_stored(1, group=1)], 1),
+        ([_group_stored(1, group=2, kind="full_attention"), _group_stored(1, group=1)], 2),
+        ([{**_group_stored(1, group=0), "kv_cache_spec_sliding_window": 512}], 0),
+        ([{**_group_stored(1, group=0), "kv_cache_spec_sliding_window": 512},
+          _group_stored(1, group=3)], 3),
+        ([_group_stored(1, group=1, kind="mamba"), _group_stored(1, group=0, kind="mla_attention")],
+         0),
+        ([{**_stored(1), "group_idx": None}], 0),
+    ],
+    ids=["no-kinds", "kind-windowed", "kind-full", "only-windowed", "window-size", "mla",
+         "older-vllm"],
+)  # fmt: skip
+def test_group_selector(events: list[dict[str, Any]], group: int) -> None:
+    selector = GroupSelector()
+    for raw in events:
+        event = decode_event(raw)
+        assert isinstance(event, BlockStored)
+        selector.learn(event)
+    assert selector.group == group
 
 
 async def test_hand_gap_is_replayed_in_order(hand: Hand) -> None:
