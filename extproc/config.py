@@ -24,7 +24,7 @@ import yaml
 BodyMode = Literal["streamed", "buffered"]
 FailureMode = Literal["FailClose", "FailOpen"]
 StalePolicy = Literal["saturated", "drop"]
-HashAlgoName = Literal["sha256", "sha256_cbor"]
+HashAlgoName = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]
 PrefixIndexMode = Literal["auto", "precise", "approximate"]
 IdentitySource = Literal["api-key", "header", "default"]
 LimitsBackend = Literal["memory", "redis"]
@@ -155,9 +155,21 @@ class KubernetesDiscoveryConfig:
     select (docs/discovery.md)."""
 
     namespace: str = _key(
-        "", "Namespace to watch; empty: the pod's own namespace in a cluster, else `default`."
+        "",
+        "Namespace of the pool (`--pool-namespace`); empty: the pod's own namespace in a "
+        "cluster, else `default`.",
     )
-    pools: tuple[str, ...] = _key((), "InferencePool names to serve; empty: every pool.")
+    pool_name: str = _key(
+        "",
+        "The InferencePool this picker serves (`--pool-name`), as the field's picker serves "
+        "one; only that pool is watched. One of `pool_name`, `pools` or `all_pools` is needed.",
+    )
+    pools: tuple[str, ...] = _key(
+        (), "Several InferencePools by name, for one picker that serves them all."
+    )
+    all_pools: bool = _key(
+        False, "Serve every InferencePool of the namespace (`--all-pools`): an explicit choice."
+    )
     kubeconfig: str = _key("", "Kubeconfig file; empty: in-cluster config, else the default.")
     context: str = _key("", "Kubeconfig context; empty: the current one.")
     watch_timeout_seconds: int = _key(
@@ -166,6 +178,24 @@ class KubernetesDiscoveryConfig:
     request_timeout_seconds: float = _key(30.0, "Connect and list timeout.", minimum=0.1)
     backoff_initial_seconds: float = _key(0.5, "First retry delay after an error.", minimum=0.01)
     backoff_max_seconds: float = _key(30.0, "Longest retry delay.", minimum=0.01)
+
+    def __post_init__(self) -> None:
+        # Serving every pool of a namespace used to be what an empty section meant; a picker
+        # that silently took pools meant for another picker is worse than a start-up error.
+        chosen = [k for k in ("pool_name", "pools", "all_pools") if getattr(self, k)]
+        if not chosen:
+            raise ConfigError(
+                "pool_name",
+                "name the InferencePool this picker serves (--pool-name, EXTPROC_POOL_NAME), "
+                "or set all_pools: true (--all-pools) to serve every pool of the namespace",
+            )
+        if len(chosen) > 1:
+            raise ConfigError(chosen[1], f"give only one of {', '.join(chosen)}")
+
+    @property
+    def selected_pools(self) -> tuple[str, ...]:
+        """The pool names to serve; empty means every pool (`all_pools`)."""
+        return (self.pool_name,) if self.pool_name else self.pools
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,7 +101,11 @@ def test_the_extra_sections_of_e_f_g_are_valid(tmp_path: Path) -> None:
     assert config.kv_events.enabled
     assert config.endpoints[0].kv_events == "tcp://127.0.0.1:5557"
     assert config.routing.strategy == "cost"
-    kube = {"discovery": {"kubernetes": {"namespace": "chaos", "kubeconfig": "k.yaml"}}}
+    kube = {
+        "discovery": {
+            "kubernetes": {"namespace": "chaos", "kubeconfig": "k.yaml", "all_pools": True}
+        }
+    }
     path.write_text(yaml.safe_dump(picker_config(options, redis_url=None, extra=kube)))
     discovery = load_config(path).discovery.kubernetes
     assert discovery is not None
@@ -165,7 +169,9 @@ def test_the_relay_cuts_and_restores() -> None:
 async def _discovered(kubeconfig: Path, *, within: float = 10.0) -> tuple[EndpointConfig, ...]:
     found: asyncio.Future[tuple[EndpointConfig, ...]] = asyncio.get_running_loop().create_future()
     discovery = KubernetesDiscovery(
-        KubernetesDiscoveryConfig(namespace=KUBE_NAMESPACE, kubeconfig=str(kubeconfig))
+        KubernetesDiscoveryConfig(
+            namespace=KUBE_NAMESPACE, kubeconfig=str(kubeconfig), all_pools=True
+        )
     )
 
     def first(endpoints: tuple[EndpointConfig, ...]) -> None:

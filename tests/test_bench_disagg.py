@@ -20,6 +20,7 @@ class _Sent:
     def __init__(self, index: int) -> None:
         self.index, self.status, self.sent, self.answered = index, 200, 0.1 * index, 1.0
         self.response_id, self.output_tokens, self.error = f"cmpl-{index}-0", 100, ""
+        self.first_chunk = None  # not streamed
 
 
 def _record(server: int, arrival: float, first: float, prefill_arrival: float | None) -> Any:

@@ -445,7 +445,12 @@ def rig(
                 options.output / f"kubeconfig-{key}.yaml", port=api_port, namespace=KUBE_NAMESPACE
             )
             extra["discovery"] = {
-                "kubernetes": {"namespace": KUBE_NAMESPACE, "kubeconfig": str(kubeconfig)}
+                # One pool per simulated server (fl.kube_objects), so every pool is served.
+                "kubernetes": {
+                    "namespace": KUBE_NAMESPACE,
+                    "kubeconfig": str(kubeconfig),
+                    "all_pools": True,
+                }
             }
             setup.endpoints_from_config = True
         setup.config = fl.write_picker_config(

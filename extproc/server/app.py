@@ -132,9 +132,15 @@ class PickerServer:
         )
         self.pool.on_publish(self._on_snapshot)
         self.health = Health()
+        discovery = discovery or discovery_for(config)
+        if isinstance(discovery, KubernetesDiscovery):
+            # A missing InferencePool keeps the picker unready, as the field's picker is until
+            # its pool has synced.
+            discovery.on_problem(self._discovery_problem)
+        self._problem_tasks: set[asyncio.Task[None]] = set()  # held until done
         self.state = StateSide(
             config,
-            discovery or discovery_for(config),
+            discovery,
             self.metrics.registry,
             on_endpoints=self.pool.set_endpoints,
             on_models=self._on_models,
@@ -225,6 +231,11 @@ class PickerServer:
             sum(e.ready for e in snapshot.endpoints),
             len(snapshot.endpoints),
         )
+
+    def _discovery_problem(self, problem: str) -> None:
+        task = asyncio.create_task(self.health.problem("discovery", problem))
+        self._problem_tasks.add(task)
+        task.add_done_callback(self._problem_tasks.discard)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         """Every new snapshot: the cost model learns; the learned index follows capacities; the
@@ -419,12 +430,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cert-path", help="directory with tls.crt and tls.key, read again when they change"
     )
+    add_pool_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
         default="text",
         help="text for a terminal, json (one object per line, with request ids) for a pipeline",
+    )
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pool flags of the field's picker (`extproc serve` and `extproc collector`): any of
+    them turns Kubernetes discovery on (`discovery.kubernetes`)."""
+    parser.add_argument(
+        "--pool-name", help="the InferencePool to serve (only that pool is watched)"
+    )
+    parser.add_argument("--pool-namespace", help="its namespace (default: the pod's own namespace)")
+    parser.add_argument(
+        "--all-pools",
+        action="store_true",
+        default=None,
+        help="serve every InferencePool of the namespace instead of one",
     )
 
 
@@ -442,10 +469,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         "fallbacks": "routing.fallbacks",
         "secure_serving": "server.secure_serving",
         "cert_path": "server.cert_path",
+        "pool_name": "discovery.kubernetes.pool_name",
+        "pool_namespace": "discovery.kubernetes.namespace",
+        "all_pools": "discovery.kubernetes.all_pools",
     }
     for attr, key in flags.items():
         value = getattr(args, attr, None)
-        if value is not None:
+        # EXTPROC_ALL_POOLS=false must not create a discovery.kubernetes section by itself.
+        if value is not None and not (attr == "all_pools" and value is False):
             overrides[key] = value
     config = load_config(args.config, overrides)
     if args.endpoints:

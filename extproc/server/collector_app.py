@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from extproc._generated import state_pb2_grpc as pb_grpc
 from extproc.config import Config, ConfigError
-from extproc.server.app import add_port, config_from_args, discovery_for
+from extproc.server.app import add_pool_arguments, add_port, config_from_args, discovery_for
 from extproc.state.discovery import Discovery
 from extproc.state.shared import KEEPALIVE, RecordingIndex, StateService
 from extproc.state.side import StateSide
@@ -92,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cert-path", help="directory with tls.crt and tls.key, read again when they change"
     )
+    add_pool_arguments(parser)  # the pickers' pool, which the collector follows for them
     parser.add_argument("--log-level", default="INFO")
 
 

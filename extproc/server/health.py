@@ -11,10 +11,22 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Health:
-    """Liveness is up while the process runs; readiness once the first endpoint view exists."""
+    """Liveness is up while the process runs; readiness once the first endpoint view exists,
+    while no source reports a problem (a named InferencePool that does not exist), and until
+    the picker drains."""
 
     def __init__(self) -> None:
         self.servicer = health_aio.HealthServicer()
+        self._started = False  # between ready() and draining()
+        self._problems: dict[str, str] = {}  # source -> what keeps the picker unready
+
+    @property
+    def is_ready(self) -> bool:
+        return self._started and not self._problems
+
+    @property
+    def problems(self) -> dict[str, str]:
+        return dict(self._problems)
 
     async def start(self) -> None:
         await self.servicer.set("liveness", _SERVING)
@@ -22,11 +34,21 @@ class Health:
         await self._set_ready(False)
 
     async def ready(self) -> None:
-        await self._set_ready(True)
+        self._started = True
+        await self._set_ready(self.is_ready)
 
     async def draining(self) -> None:
         # Envoy and Kubernetes stop sending new streams; open ones finish within the grace period.
+        self._started = False
         await self._set_ready(False)
+
+    async def problem(self, source: str, problem: str) -> None:
+        """`source` reports what keeps the picker unready, or "" once nothing does."""
+        if problem:
+            self._problems[source] = problem
+        else:
+            self._problems.pop(source, None)
+        await self._set_ready(self.is_ready)
 
     async def _set_ready(self, ready: bool) -> None:
         status = _SERVING if ready else _NOT_SERVING

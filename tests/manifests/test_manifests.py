@@ -24,8 +24,12 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc import envoy_runner
+from extproc.cli import defaults_from_environment
 from extproc.config import Config
-from extproc.server.app import add_arguments, config_from_args
+from extproc.server import app as app_module
+from extproc.server import collector_app
+from extproc.server.app import config_from_args
 from tests.manifests import kustomize, wiring
 from tests.manifests.kustomize import Build, KustomizeError
 from tests.manifests.schemas import Validator
@@ -170,23 +174,54 @@ def test_overlay_installs_into_one_namespace(overlay: Path) -> None:
             assert obj["metadata"].get("namespace") == NAMESPACE, wiring._name(obj)
 
 
-def _picker_config(build: Build, tmp_path: Path) -> Config:
-    """The picker's config as `extproc serve --config` would load it from the ConfigMap."""
+def container_environment(build: Build, workload: dict[str, Any]) -> dict[str, str]:
+    """The environment the first container of `workload` starts with, as the kubelet makes it:
+    `envFrom` ConfigMaps, then `env` (values, and the pod's namespace from the downward API)."""
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", ()):
+        config_map = build.find("ConfigMap", source["configMapRef"]["name"])
+        assert config_map is not None, source
+        env.update(config_map.get("data", {}))
+    for var in container.get("env", ()):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}, var
+            env[var["name"]] = workload["metadata"]["namespace"]
+    return env
+
+
+def workload_config(build: Build, kind: str, name: str, tmp_path: Path) -> Config:
+    """The config a picker or collector Deployment runs with: its arguments (with `$(VAR)`
+    expanded as Kubernetes does), its EXTPROC_* environment through the real
+    `defaults_from_environment`, and the file from the ConfigMap it mounts."""
     config_map = build.find("ConfigMap", "extproc-picker-config")
     assert config_map is not None
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "picker.yaml"
     path.write_text(config_map["data"]["picker.yaml"])
+    workload = build.find(kind, name)
+    assert workload is not None, f"{kind}/{name}"
+    env = container_environment(build, workload)
+    args = [
+        re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), arg)
+        for arg in workload["spec"]["template"]["spec"]["containers"][0]["args"]
+    ]
+    command, *flags = args
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    # The Deployment's own arguments, with the file's path swapped for the copy.
-    picker = build.find("Deployment", "extproc-picker")
-    assert picker is not None
-    args = list(picker["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert args[0] == "serve"
-    args[args.index("--config") + 1] = str(path)
-    config, _ = config_from_args(parser.parse_args(args[1:]))
+    module = {"serve": app_module, "collector": collector_app}[command]
+    module.add_arguments(parser)
+    defaults_from_environment(parser, env)
+    # The file's path swapped for the copy.
+    flags[flags.index("--config") + 1] = str(path)
+    config, _ = config_from_args(parser.parse_args(flags))
     return config
+
+
+def _picker_config(build: Build, tmp_path: Path) -> Config:
+    """The picker's config as `extproc serve` would load it in the Deployment."""
+    return workload_config(build, "Deployment", "extproc-picker", tmp_path)
 
 
 def _container(build: Build, kind: str, name: str) -> dict[str, Any]:
@@ -325,3 +360,118 @@ def test_multinode_pool_routes_to_leaders_only() -> None:
         if all(t.labels.get(k) == v for k, v in pool["spec"]["selector"]["matchLabels"].items())
     ]
     assert selected == ["LeaderWorkerSet/vllm-llama-3-70b (leaderTemplate)"]
+
+
+# --- one pool per picker, and TLS wherever a gateway reaches the picker ---------------------
+
+
+def _pools_naming(build: Build, service: str) -> list[str]:
+    return sorted(
+        pool["metadata"]["name"]
+        for pool in build.of_kind("InferencePool")
+        if pool["spec"]["endpointPickerRef"]["name"] == service
+    )
+
+
+@pytest.mark.parametrize("overlay", PICKER_OVERLAYS, ids=_id)
+def test_the_picker_serves_exactly_the_pools_that_name_it(overlay: Path, tmp_path: Path) -> None:
+    """One pool per picker (--pool-name) where one pool names it; every pool of the namespace,
+    chosen explicitly (--all-pools), only where several do. The collector follows the same."""
+    build = built(overlay)
+    kube = _picker_config(build, tmp_path / "picker").discovery.kubernetes
+    assert kube is not None
+    assert kube.namespace == NAMESPACE  # --pool-namespace $(POD_NAMESPACE)
+    pools = _pools_naming(build, "extproc-picker")
+    assert pools
+    if len(pools) == 1:
+        assert kube.selected_pools == tuple(pools) and not kube.all_pools
+    else:
+        assert kube.all_pools, f"{pools} name one picker"
+    if build.find("Deployment", "extproc-collector") is not None:
+        collector = workload_config(build, "Deployment", "extproc-collector", tmp_path / "c")
+        assert collector.discovery.kubernetes == kube
+
+
+def _gateway_paths(build: Build) -> list[str]:
+    paths = []
+    if any(
+        ref.get("kind") == "InferencePool"
+        for route in build.of_kind("HTTPRoute")
+        for rule in route["spec"]["rules"]
+        for ref in rule.get("backendRefs", ())
+    ):
+        paths.append("inference-pool")
+    if any(build.of_kind("EnvoyExtensionPolicy")):
+        paths.append("envoy-gateway")
+    if build.find("ConfigMap", "envoy-ingress") is not None:
+        paths.append("envoy-ingress")
+    return paths
+
+
+def _picker_cluster(envoy_yaml: str) -> dict[str, Any]:
+    """The cluster the ingress listener's ext_proc filter streams to."""
+    bootstrap = yaml.safe_load(envoy_yaml)
+    (listener,) = [x for x in bootstrap["static_resources"]["listeners"] if x["name"] == "ingress"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext_proc,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    name = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name]
+    return dict(cluster)
+
+
+@pytest.mark.parametrize("overlay", PICKER_OVERLAYS, ids=_id)
+def test_every_gateway_path_reaches_the_picker_over_tls(overlay: Path, tmp_path: Path) -> None:
+    """The picker serves ext_proc over TLS, and each gateway path of the overlay connects to it
+    with TLS: InferencePool-native gateways always do (the Service port says HTTP/2, not h2c);
+    Envoy Gateway through a Backend with TLS; the plain Envoy ingress through an
+    UpstreamTlsContext on its ext_proc cluster, the same one `extproc envoy --extproc-tls`
+    renders and the e2e TLS tests drive through the real Envoy."""
+    build = built(overlay)
+    config = _picker_config(build, tmp_path)
+    assert config.server.secure_serving
+    # The self-signed default: no certificate Secret to create, none mounted.
+    assert config.server.cert_path == ""
+    paths = _gateway_paths(build)
+    assert paths, "no gateway reaches the picker"
+    service = build.find("Service", "extproc-picker")
+    assert service is not None
+    ext_proc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc-ext-proc")
+    assert ext_proc_port["port"] == config.server.grpc_port
+    assert ext_proc_port["appProtocol"] == "http2"  # TLS: not kubernetes.io/h2c
+    if "inference-pool" in paths:
+        for pool in build.of_kind("InferencePool"):
+            ref = pool["spec"]["endpointPickerRef"]
+            assert (ref["name"], ref["port"]["number"]) == ("extproc-picker", 9002)
+    if "envoy-gateway" in paths:
+        for policy in build.of_kind("EnvoyExtensionPolicy"):
+            for ext_proc in policy["spec"]["extProc"]:
+                for ref in ext_proc["backendRefs"]:
+                    # A Service backendRef would be plain HTTP/2 to a TLS port.
+                    kind = (ref.get("group"), ref.get("kind"))
+                    assert kind == ("gateway.envoyproxy.io", "Backend"), ref
+                    backend = build.find("Backend", ref["name"])
+                    assert backend is not None
+                    assert backend["spec"]["tls"] == {"insecureSkipVerify": True}
+                    for endpoint in backend["spec"]["endpoints"]:
+                        name = endpoint["fqdn"]["hostname"].split(".")[0]
+                        assert endpoint["fqdn"]["port"] == config.server.grpc_port
+                        picker_service = build.find("Service", name)
+                        assert picker_service is not None
+                        assert picker_service["spec"]["selector"] == service["spec"]["selector"]
+    if "envoy-ingress" in paths:
+        config_map = build.find("ConfigMap", "envoy-ingress")
+        assert config_map is not None
+        cluster = _picker_cluster(config_map["data"]["envoy.yaml"])
+        assert cluster["transport_socket"] == envoy_runner._upstream_tls(None)
+
+
+def test_the_envoy_gateway_backend_names_the_pickers_headless_service() -> None:
+    build = built(MANIFESTS / "overlays/envoy-gateway")
+    backend = build.find("Backend", "extproc-picker")
+    assert backend is not None
+    (endpoint,) = backend["spec"]["endpoints"]
+    assert endpoint["fqdn"]["hostname"] == f"extproc-picker-pods.{NAMESPACE}.svc.cluster.local"
+    assert wiring.service_of_dns_name(build, endpoint["fqdn"]["hostname"], 9002) is None
+    # And the check itself refuses what does not exist.
+    assert wiring.service_of_dns_name(build, "nope.llm.svc.cluster.local", 9002)
+    assert wiring.service_of_dns_name(build, "extproc-picker-pods.other.svc.cluster.local", 9002)

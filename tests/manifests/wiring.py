@@ -3,7 +3,8 @@
 Schemas say each object is well formed; these say the install works as a whole: a Service
 selects pods that have its target port, an InferencePool selects pods that listen on its target
 ports and names the picker's Service and port, a Gateway's class is the overlay's (when it ships
-one), a route's parent and backends exist, a policy's targets exist, the Envoy Gateway patch
+one), a route's parent and backends exist, a policy's targets exist, an Envoy Gateway Backend's
+cluster-DNS names are Services of the build with those ports, the Envoy Gateway patch
 names the cluster Envoy Gateway generates for the route, probes use ports the container has.
 Each check returns readable problems; none is fatal alone.
 """
@@ -104,6 +105,7 @@ def check(built: Build) -> list[str]:
         *_gateways(built),
         *_routes(built),
         *_policies(built),
+        *_eg_backends(built),
         *_rbac(built),
         *_monitors(built),
     ]
@@ -122,6 +124,10 @@ def _workloads(built: Build) -> Iterator[str]:
             *template.spec.get("containers", ()),
             *template.spec.get("initContainers", ()),
         ]:
+            for source in container.get("envFrom", ()):
+                name = source.get("configMapRef", {}).get("name")
+                if name and built.find("ConfigMap", name) is None:
+                    yield f"{template.owner}: {container['name']} envFrom: no ConfigMap {name!r}"
             mounts = {m["name"] for m in container.get("volumeMounts", ())}
             missing = mounts - {v["name"] for v in template.spec.get("volumes", ())}
             if missing:
@@ -232,6 +238,32 @@ def _policies(built: Build) -> Iterator[str]:
                 route["spec"]["rules"]
             ):
                 yield f"{_name(policy)}: {patch['name']!r} does not name {_name(route)}'s rule"
+
+
+def service_of_dns_name(built: Build, hostname: str, port: int) -> str | None:
+    """A problem with `<service>.<namespace>.svc.cluster.local:port` in this build, or None."""
+    name, _, rest = hostname.partition(".")
+    namespace, _, suffix = rest.partition(".")
+    if suffix != "svc.cluster.local":
+        return f"{hostname!r} is not a Service's cluster DNS name"
+    problem = _service_port(built, name, port)
+    if problem:
+        return problem
+    service = built.find("Service", name)
+    assert service is not None
+    if service["metadata"].get("namespace") != namespace:
+        return f"{hostname!r}: Service {name!r} is in {service['metadata'].get('namespace')!r}"
+    return None
+
+
+def _eg_backends(built: Build) -> Iterator[str]:
+    for backend in built.of_kind("Backend"):
+        for endpoint in backend["spec"]["endpoints"]:
+            fqdn = endpoint.get("fqdn")
+            if fqdn:
+                problem = service_of_dns_name(built, fqdn["hostname"], fqdn["port"])
+                if problem:
+                    yield f"{_name(backend)}: {problem}"
 
 
 def _rbac(built: Build) -> Iterator[str]:

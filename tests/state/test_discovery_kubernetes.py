@@ -6,6 +6,7 @@ Every assertion polls the delivered endpoint sets with a bound; none measures ti
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -15,11 +16,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kmock
 import pytest
 
-from extproc.config import EndpointConfig, FleetConfig
+from extproc.cli import defaults_from_environment
+from extproc.config import ConfigError, EndpointConfig, FleetConfig, load_config
+from extproc.server.app import PickerServer, add_arguments, config_from_args
 from extproc.state.discovery.kubernetes import (
+    _WAITING,
     Backoff,
     KubernetesDiscovery,
     KubernetesSettings,
@@ -57,6 +62,9 @@ async def discover(cluster: Cluster) -> AsyncIterator[Callable[..., Sets]]:
     tasks: list[asyncio.Task[None]] = []
 
     def start(**overrides: Any) -> Sets:
+        """Every pool of the namespace unless the test names one (`pool_name=`, `pools=`)."""
+        if not {"pool_name", "pools"} & set(overrides):
+            overrides.setdefault("all_pools", True)
         settings = KubernetesSettings(
             namespace=NAMESPACE,
             kubeconfig=str(cluster.kubeconfig),
@@ -65,7 +73,9 @@ async def discover(cluster: Cluster) -> AsyncIterator[Callable[..., Sets]]:
             **overrides,
         )
         sets = Sets()
-        tasks.append(asyncio.create_task(KubernetesDiscovery(settings).run(sets)))
+        discovery = KubernetesDiscovery(settings)
+        discovery.on_problem(sets.problems.append)
+        tasks.append(asyncio.create_task(discovery.run(sets)))
         return sets
 
     yield start
@@ -131,6 +141,153 @@ async def test_two_pools_a_changed_selector_and_a_deleted_pool(
     await cluster.delete_pool("qwen")
     await every.until(set())
     await only_qwen.until(set())
+
+
+async def test_a_named_pool_ignores_another_pool_in_the_namespace(
+    cluster: Cluster, discover: Callable[..., Sets]
+) -> None:
+    await cluster.add_pool("llama", LLAMA, [8000])
+    await cluster.add_pool("qwen", QWEN, [9000])
+    await cluster.add_pod("l1", "10.0.0.1", labels=LLAMA)
+    await cluster.add_pod("q1", "10.0.0.2", labels=QWEN)
+
+    llama = discover(pool_name="llama")
+    await llama.until({"10.0.0.1:8000"})
+    assert llama.problems[-1] == ""
+    # Only that pool is asked for, list and watch alike (the emulator ignores the selector and
+    # answers every pool, so the discovery must drop the others itself, as above).
+    pool_requests = [*_requests(cluster, "list", POOLS), *_requests(cluster, "watch", POOLS)]
+    assert pool_requests
+    assert {r.params.get("fieldSelector") for r in pool_requests} == {"metadata.name=llama"}
+
+    # The other pool changes to select the llama pods on its own port: not this picker's pool.
+    await cluster.change_pool("qwen", LLAMA, [9000])
+    await cluster.add_pod("l2", "10.0.0.3", labels=LLAMA)  # seen after the change above
+    await llama.until({"10.0.0.1:8000", "10.0.0.3:8000"})
+    await cluster.delete_pool("qwen")
+    await cluster.delete_pod("l2")
+    await llama.until({"10.0.0.1:8000"})
+    assert all("9000" not in e.address for seen in llama.seen for e in seen)
+    assert set(llama.problems) == {"", _WAITING}
+
+
+async def test_a_missing_pool_is_logged_and_reported_until_it_appears(
+    cluster: Cluster, discover: Callable[..., Sets], caplog: pytest.LogCaptureFixture
+) -> None:
+    await cluster.add_pool("qwen", QWEN, [9000])
+    await cluster.add_pod("l1", "10.0.0.1", labels=LLAMA)
+    await cluster.add_pod("q1", "10.0.0.2", labels=QWEN)
+
+    with caplog.at_level(logging.INFO, logger="extproc.state.discovery.kubernetes"):
+        llama = discover(pool_name="llama")
+        await llama.until(set())
+        await eventually(lambda: llama.problems[-1] == f"InferencePool {NAMESPACE}/llama not found")
+        assert llama.problems == [_WAITING, f"InferencePool {NAMESPACE}/llama not found"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "InferencePool llm/llama not found" in warnings[0]
+        assert "--pool-name" in warnings[0] and "not ready" in warnings[0]
+
+        await cluster.add_pool("llama", LLAMA, [8000])
+        await llama.until({"10.0.0.1:8000"})
+        await eventually(lambda: llama.problems[-1] == "")
+        # Deleted again: no endpoints, and the problem is back.
+        await cluster.delete_pool("llama")
+        await llama.until(set())
+        await eventually(lambda: llama.problems[-1] != "")
+    assert llama.problems[-1] == f"InferencePool {NAMESPACE}/llama not found"
+    # Reported on changes only.
+    assert all(a != b for a, b in zip(llama.problems, llama.problems[1:], strict=False))
+
+
+async def test_a_named_pool_that_selects_nothing_usable_is_a_problem(
+    cluster: Cluster, discover: Callable[..., Sets]
+) -> None:
+    await cluster.add_pool("llama", {}, [8000])  # no matchLabels: unusable
+    llama = discover(pool_name="llama")
+    await eventually(lambda: bool(llama.problems) and llama.problems[-1] != _WAITING)
+    assert llama.problems[-1] == f"InferencePool {NAMESPACE}/llama selects nothing usable"
+    await cluster.change_pool("llama", LLAMA, [8000])
+    await eventually(lambda: llama.problems[-1] == "")
+
+
+async def test_several_named_pools_serve_while_one_exists(
+    cluster: Cluster, discover: Callable[..., Sets]
+) -> None:
+    await cluster.add_pool("qwen", QWEN, [9000])
+    await cluster.add_pool("other", {"app": "other"}, [7000])
+    await cluster.add_pod("q1", "10.0.0.2", labels=QWEN)
+    await cluster.add_pod("o1", "10.0.0.3", labels={"app": "other"})
+    both = discover(pools=("llama", "qwen"))
+    await both.until({"10.0.0.2:9000"})
+    await eventually(lambda: both.problems[-1] == "")
+    # Several names cannot be one field selector: all pools are read and filtered here.
+    assert all("fieldSelector" not in r.params for r in _requests(cluster, "list", POOLS))
+    await cluster.delete_pool("qwen")
+    await both.until(set())
+    gone = f"InferencePool {NAMESPACE}/llama not found; InferencePool {NAMESPACE}/qwen not found"
+    await eventually(lambda: both.problems[-1] == gone)
+
+
+async def test_readiness_follows_the_named_pool(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The picker itself: its gRPC readiness is NOT_SERVING while its pool does not exist."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    config = load_config(
+        None,
+        {
+            "server.host": "127.0.0.1",
+            "server.grpc_port": 0,
+            "server.health_port": 0,
+            "server.metrics_port": 0,
+            "server.drain_delay_seconds": 0,
+            "server.shutdown_grace_seconds": 0,
+            "discovery.kubernetes.pool_name": "llama",
+            "discovery.kubernetes.namespace": NAMESPACE,
+            "discovery.kubernetes.kubeconfig": str(cluster.kubeconfig),
+        },
+    )
+    picker = PickerServer(config)
+    with caplog.at_level(logging.WARNING, logger="extproc.state.discovery.kubernetes"):
+        await picker.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.health_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def status(service: str) -> int:
+                request = health_pb2.HealthCheckRequest(service=service)
+                reply = await stub.Check(request)
+                return int(reply.status)
+
+            serving, not_serving = (
+                health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+            for service in ("readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
+                assert await status(service) == not_serving
+            assert await status("liveness") == serving
+            assert picker.health.problems == {
+                "discovery": f"InferencePool {NAMESPACE}/llama not found"
+            }
+            assert any("llama not found" in r.getMessage() for r in caplog.records)
+
+            await cluster.add_pool("llama", LLAMA, [8000])
+            for _ in range(1000):  # bounded: 10 s
+                if await status("readiness") == serving:
+                    break
+                await asyncio.sleep(0.01)
+            assert await status("readiness") == serving
+            await cluster.delete_pool("llama")
+            for _ in range(1000):
+                if await status("readiness") == not_serving:
+                    break
+                await asyncio.sleep(0.01)
+            assert await status("readiness") == not_serving
+    finally:
+        await picker.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("k8s-watch-")]
 
 
 async def test_a_watch_that_ends_is_resumed_from_the_last_resource_version(
@@ -229,6 +386,7 @@ async def test_nothing_is_delivered_before_both_lists_and_an_absent_crd_is_retri
             kubeconfig=str(kubeconfig),
             backoff_initial_seconds=0.01,
             backoff_max_seconds=0.02,
+            all_pools=True,
         )
         sets = Sets()
         with caplog.at_level(logging.WARNING, logger="extproc.state.discovery.kubernetes"):
@@ -247,7 +405,9 @@ async def test_cancel_stops_both_threads_while_watches_are_open(
     cluster: Cluster,
 ) -> None:
     await cluster.add_pool("llama", LLAMA, [8000])
-    settings = KubernetesSettings(namespace=NAMESPACE, kubeconfig=str(cluster.kubeconfig))
+    settings = KubernetesSettings(
+        namespace=NAMESPACE, kubeconfig=str(cluster.kubeconfig), all_pools=True
+    )
     sets = Sets()
     task = asyncio.create_task(KubernetesDiscovery(settings).run(sets))
     await eventually(lambda: sets.seen == [()])
@@ -409,3 +569,71 @@ def test_the_label_names_are_configurable() -> None:
     pool = PoolSpec("llama", (("app", "llama"),), (8000,))
     (endpoint,) = derive_endpoints([pool], [_pod_state("a", "10.0.0.1", labels=labels)], fleet)
     assert (endpoint.role, endpoint.accelerator) == ("decode", "h100")
+
+
+# The pool flags and config keys.
+
+
+def _serve_config(argv: list[str], env: dict[str, str] | None = None) -> Any:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults_from_environment(parser, env or {})
+    config, _ = config_from_args(parser.parse_args(argv))
+    return config
+
+
+def test_pool_flags_and_their_environment_forms() -> None:
+    by_flag = _serve_config(["--pool-name", "llama", "--pool-namespace", "llm"])
+    by_env = _serve_config([], {"EXTPROC_POOL_NAME": "llama", "EXTPROC_POOL_NAMESPACE": "llm"})
+    for config in (by_flag, by_env):
+        kube = config.discovery.kubernetes
+        assert kube is not None
+        assert (kube.pool_name, kube.namespace, kube.all_pools) == ("llama", "llm", False)
+        assert kube.selected_pools == ("llama",)
+    # A flag given wins over its environment form.
+    flag_wins = _serve_config(["--pool-name", "qwen"], {"EXTPROC_POOL_NAME": "llama"})
+    assert flag_wins.discovery.kubernetes.pool_name == "qwen"
+    every = _serve_config([], {"EXTPROC_ALL_POOLS": "true"})
+    assert every.discovery.kubernetes.all_pools
+    assert every.discovery.kubernetes.selected_pools == ()
+    # A switch turned off is no request for Kubernetes discovery.
+    static = _serve_config(["--endpoints", "127.0.0.1:8000"], {"EXTPROC_ALL_POOLS": "false"})
+    assert static.discovery.kubernetes is None
+
+
+def test_the_collector_takes_the_same_pool_flags() -> None:
+    from extproc.server import collector_app
+
+    parser = argparse.ArgumentParser()
+    collector_app.add_arguments(parser)
+    defaults_from_environment(parser, {"EXTPROC_POOL_NAMESPACE": "llm"})
+    config, _ = config_from_args(parser.parse_args(["--pool-name", "llama"]))
+    assert config.discovery.kubernetes is not None
+    assert (config.discovery.kubernetes.pool_name, config.discovery.kubernetes.namespace) == (
+        "llama",
+        "llm",
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "problem"),
+    [
+        ({"namespace": "llm"}, "pool_name", "name the InferencePool this picker serves"),
+        ({"pool_name": "a", "all_pools": True}, "all_pools", "give only one of"),
+        ({"pool_name": "a", "pools": ["b"]}, "pools", "give only one of"),
+        ({"pools": ["a"], "all_pools": True}, "all_pools", "give only one of"),
+    ],
+    ids=["none", "name-and-all", "name-and-list", "list-and-all"],
+)
+def test_one_pool_choice_is_required(section: dict[str, Any], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {f"discovery.kubernetes.{k}": v for k, v in section.items()})
+    assert raised.value.key == f"discovery.kubernetes.{key}"
+    assert problem in raised.value.problem
+
+
+def test_the_pools_list_of_earlier_configs_still_works(tmp_path: Path) -> None:
+    path = tmp_path / "picker.yaml"
+    path.write_text("discovery:\n  kubernetes:\n    pools: [llama, qwen]\n")
+    kube = load_config(path).discovery.kubernetes
+    assert kube is not None and kube.selected_pools == ("llama", "qwen")

@@ -1,12 +1,20 @@
 """Kubernetes discovery: Ready pods selected by `InferencePool` objects, one endpoint per port.
 
-    settings = KubernetesSettings(namespace="llm", pools=("llama",))
+    settings = KubernetesSettings(namespace="llm", pool_name="llama")
     task = asyncio.create_task(KubernetesDiscovery(settings).run(on_change))
 
+One pool per picker by default, as the field's picker (`--pool-name`, `--pool-namespace`): a
+picker given a pool name watches that `InferencePool` alone (a `metadata.name` field selector)
+and ignores every other pool of the namespace; `pools` names several, `all_pools` takes every
+pool of the namespace. A named pool that does not exist (or selects nothing usable) is a
+*problem*: it is logged once, the picker has no endpoints, and `on_problem` listeners (the
+picker's readiness) hear of it until the pool appears. Until both lists have arrived once the
+discovery reports a problem too, so a picker is not ready before it knows its pool.
+
 Two resources are watched in the namespace, each by a `_Reflector` on its own thread:
-`inferencepools.inference.networking.k8s.io/v1` (every pool, or only the ones named in
-`settings.pools`) and `pods` (all of them: a pool's selector can change at any time, and the
-reference endpoint picker watches the namespace's pods the same way). The event loop keeps the
+`inferencepools.inference.networking.k8s.io/v1` (the selected pools) and `pods` (all of them: a
+pool's selector can change at any time, and the reference endpoint picker watches the
+namespace's pods the same way). The event loop keeps the
 latest copy of both and, after each batch of changes, derives the set: for every selected pool,
 every pod whose labels contain the pool's `spec.selector.matchLabels`, that is Ready, not
 terminating and has an IP, gives one `EndpointConfig` per `spec.targetPorts[].number`. The set is
@@ -74,6 +82,8 @@ KV_EVENTS_ANNOTATION = "extproc.io/kv-events"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 _GONE = 410
+# The problem reported until both resources have been listed once.
+_WAITING = "waiting for the first list of InferencePools and pods from the Kubernetes API"
 
 # The client's functions used below that it leaves untyped, given types here at the edge.
 _load_kube_config = cast(Callable[..., None], kubernetes.config.load_kube_config)
@@ -164,10 +174,17 @@ class KubernetesDiscovery:
         self._settings = settings
         self._client_configuration = client_configuration
         self._fleet = fleet or FleetConfig()
+        self._problem_listeners: list[Callable[[str], None]] = []
+
+    def on_problem(self, listener: Callable[[str], None]) -> None:
+        """Call `listener` on the event loop's thread whenever what keeps the picker from being
+        ready changes: a sentence naming the problem, or "" once there is none."""
+        self._problem_listeners.append(listener)
 
     async def run(self, on_change: OnChange) -> None:
         settings = self._settings
         namespace = settings.namespace or _default_namespace()
+        selected = settings.selected_pools
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[_Update] = asyncio.Queue()
         stop = threading.Event()
@@ -179,7 +196,7 @@ class KubernetesDiscovery:
         reflectors = [
             _Reflector(
                 "pools",
-                _pool_lister(namespace),
+                _pool_lister(namespace, selected),
                 settings=settings,
                 make_client=self._make_client,
                 deliver=deliver,
@@ -195,12 +212,16 @@ class KubernetesDiscovery:
             ),
         ]
         log.info(
-            "kubernetes discovery: namespace %s, pools %s",
+            "kubernetes discovery: namespace %s, %s %s",
             namespace,
-            ", ".join(settings.pools) or "all",
+            "pool" if len(selected) == 1 else "pools",
+            ", ".join(selected) or "all",
         )
-        state = _State(selected=frozenset(settings.pools), fleet=self._fleet)
+        state = _State(selected=frozenset(selected), fleet=self._fleet)
         delivered: tuple[EndpointConfig, ...] | None = None
+        problem = _WAITING
+        last_missing: tuple[str, ...] = ()
+        self._report(problem)
         for reflector in reflectors:
             reflector.start(loop)
         try:
@@ -215,12 +236,30 @@ class KubernetesDiscovery:
                     _log_change(delivered or (), endpoints)
                     delivered = endpoints
                     on_change(endpoints)
+                if len(selected) > 1 and (missing := state.missing()) != last_missing:
+                    if missing:
+                        log.warning(
+                            "kubernetes discovery: InferencePools %s not found or unusable in "
+                            "namespace %s; serving the others",
+                            ", ".join(missing),
+                            namespace,
+                        )
+                    last_missing = missing
+                now = state.problem(namespace)
+                if now != problem:
+                    _log_problem(problem, now, namespace)
+                    problem = now
+                    self._report(problem)
         finally:
             stop.set()
             for reflector in reflectors:
                 reflector.interrupt()
             for reflector in reflectors:
                 await reflector.wait()
+
+    def _report(self, problem: str) -> None:
+        for listener in self._problem_listeners:
+            listener(problem)
 
     def _make_client(self) -> Any:
         """An ApiClient; runs on a reflector's thread (kubeconfig exec plugins can be slow)."""
@@ -246,6 +285,7 @@ class _State:
         self._selected = selected  # empty: all pools
         self._fleet = fleet
         self._pools: dict[str, PoolSpec] = {}
+        self._unusable: set[str] = set()  # selected pools that exist but select nothing
         self._pods: dict[str, PodState] = {}
         self._listed: set[str] = set()
 
@@ -254,6 +294,7 @@ class _State:
             self._listed.add(update.resource)
             if update.resource == "pools":
                 self._pools = {}
+                self._unusable = set()
             else:
                 self._pods = {}
             for obj in update.objects:
@@ -261,6 +302,8 @@ class _State:
         elif update.kind == "DELETED":
             name = _name(update.object)
             (self._pools if update.resource == "pools" else self._pods).pop(name, None)
+            if update.resource == "pools":
+                self._unusable.discard(name)
         else:
             self._put(update.resource, update.object)
 
@@ -274,8 +317,10 @@ class _State:
             pool = parse_pool(obj)
             if pool is None:
                 self._pools.pop(name, None)
+                self._unusable.add(name)
             else:
                 self._pools[name] = pool
+                self._unusable.discard(name)
         else:
             self._pods[name] = parse_pod(obj)
 
@@ -284,6 +329,26 @@ class _State:
         if self._listed != {"pools", "pods"}:
             return None
         return derive_endpoints(self._pools.values(), self._pods.values(), self._fleet)
+
+    def problem(self, namespace: str) -> str:
+        """What keeps the picker unready: "" when its pools are known. A picker serving named
+        pools is unready only when none of them is usable; with some missing it serves the
+        others (each missing one is still logged)."""
+        if self._listed != {"pools", "pods"}:
+            return _WAITING
+        if not self._selected or any(name in self._pools for name in self._selected):
+            return ""
+        return "; ".join(
+            f"InferencePool {namespace}/{name} "
+            + ("selects nothing usable" if name in self._unusable else "not found")
+            for name in sorted(self._selected)
+        )
+
+    def missing(self) -> tuple[str, ...]:
+        """Selected pools that are not (or no longer) usable, once the pools are listed."""
+        if "pools" not in self._listed:
+            return ()
+        return tuple(sorted(self._selected - set(self._pools)))
 
 
 def derive_endpoints(
@@ -559,12 +624,15 @@ class _Reflector:
         return version, events
 
 
-def _pool_lister(namespace: str) -> Callable[..., Any]:
-    """The client call that lists (or, with watch=True, watches) the namespace's pools."""
+def _pool_lister(namespace: str, names: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """The client call that lists (or, with watch=True, watches) the namespace's pools: the one
+    named, when there is one name (the server sends nothing about the others), else all of
+    them (a field selector cannot say "one of these"; `_State` drops the unnamed ones)."""
+    selector = {"field_selector": f"metadata.name={names[0]}"} if len(names) == 1 else {}
 
     def call(api: Any, **kwargs: Any) -> Any:
         return kubernetes.client.CustomObjectsApi(api).list_namespaced_custom_object(
-            POOL_GROUP, POOL_VERSION, namespace, POOL_PLURAL, **kwargs
+            POOL_GROUP, POOL_VERSION, namespace, POOL_PLURAL, **selector, **kwargs
         )
 
     return call
@@ -608,6 +676,19 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, kubernetes.client.ApiException):
         return f"HTTP {exc.status} {exc.reason}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _log_problem(before: str, after: str, namespace: str) -> None:
+    if after and after != _WAITING:
+        log.warning(
+            "kubernetes discovery: %s; no endpoints from it, and the picker is not ready until "
+            "it exists in namespace %s (check --pool-name / --pool-namespace, and that the "
+            "picker's Role may list inferencepools there)",
+            after,
+            namespace,
+        )
+    elif before and before != _WAITING:
+        log.info("kubernetes discovery: the pool is back (%s no longer holds)", before)
 
 
 def _log_change(before: tuple[EndpointConfig, ...], after: tuple[EndpointConfig, ...]) -> None:
