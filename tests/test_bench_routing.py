@@ -123,11 +123,49 @@ def test_workloads_are_deterministic_per_seed(cl100k: Tokenizer) -> None:
         lambda seed: wl.shared_prefix(cl100k, shape=TINY_SHARED, seed=seed),
         lambda seed: wl.multi_turn(cl100k, shape=TINY_CHAT, seed=seed),
         lambda seed: wl.random_prompts(cl100k, shape=TINY_RANDOM, seed=seed),
+        lambda seed: wl.hot_documents(cl100k, shape=TINY_DOCUMENTS, seed=seed),
+        lambda seed: wl.agent_fan_out(cl100k, shape=TINY_AGENTS, seed=seed),
     ]
     for make in makers:
         first, again, other = make(3), make(3), make(4)
         assert first == again
         assert [r.body for r in first.requests] != [r.body for r in other.requests]
+
+
+TINY_DOCUMENTS = wl.HotDocumentsShape(
+    documents=6, requests=40, document_tokens=(100, 200), question_tokens=(5, 10)
+)
+TINY_AGENTS = wl.AgentFanOutShape(tasks=4, context_tokens=(200, 300), branch_tokens=(20, 40))
+
+
+def test_hot_documents_are_zipf_popular(cl100k: Tokenizer) -> None:
+    w = wl.hot_documents(cl100k, shape=TINY_DOCUMENTS, seed=0)
+    firsts = [r.block_ids[0] for r in w.requests]
+    counts = sorted((firsts.count(b) for b in set(firsts)), reverse=True)
+    # The most popular document draws several times the least popular's requests.
+    assert len(counts) <= 6 and counts[0] >= 3 * counts[-1]
+    assert all(r.path == wl.COMPLETIONS_PATH and r.after == -1 for r in w.requests)
+
+
+def test_agent_branches_fan_out_then_continue(cl100k: Tokenizer) -> None:
+    w = wl.agent_fan_out(cl100k, shape=TINY_AGENTS, seed=0)
+    by_index = {r.index: r for r in w.requests}
+    roots = [r for r in w.requests if r.after < 0]
+    follow = [r for r in w.requests if r.after >= 0]
+    assert len(roots) >= 3 * TINY_AGENTS.tasks and follow
+    for r in follow:
+        before = by_index[r.after]
+        # A step resends its branch so far: the earlier step's blocks lead this one's (all but
+        # the last, whose final tokens may merge with the text appended after them).
+        kept = len(before.block_ids) - 1
+        assert r.block_ids[:kept] == before.block_ids[:kept] and r.think > 0
+    # Branches of one task start together, on the same context (the same first blocks).
+    by_offset: dict[float, set[int]] = {}
+    for r in roots:
+        by_offset.setdefault(r.offset, set()).add(r.block_ids[0])
+    assert all(len(firsts) == 1 for firsts in by_offset.values())
+    streamed = json.loads(wl.body_for(w.requests[0], "m", stream=True))
+    assert streamed["stream"] is True and streamed["stream_options"] == {"include_usage": True}
 
 
 def test_multi_turn_context_grows(cl100k: Tokenizer) -> None:
@@ -239,9 +277,12 @@ def test_envoy_bootstrap_adds_direct_listeners() -> None:
     assert [f for f in ingress["http_filters"] if "ext_proc" in f["name"]]
 
 
-def _result(workload: str, competitor: str, p90: float, tps: float) -> RunResult:
+def _result(
+    workload: str, competitor: str, p90: float, tps: float, *, profile: str = "h100-8b"
+) -> RunResult:
     return RunResult(
         workload=workload,
+        profile=profile,
         rate=10.0,
         competitor=competitor,
         sent=10,
@@ -251,6 +292,9 @@ def _result(workload: str, competitor: str, p90: float, tps: float) -> RunResult
         ttft_p50_ms=p90 / 2,
         ttft_p90_ms=p90,
         ttft_p99_ms=p90 * 2,
+        client_ttft_p50_ms=0.0,
+        client_ttft_p90_ms=0.0,
+        client_ttft_p99_ms=0.0,
         e2e_p90_ms=p90 * 3,
         output_tokens=100,
         makespan_s=1.0,
@@ -293,7 +337,12 @@ def test_report_checks_the_targets(tmp_path: Path) -> None:
         ("random", "tok/s, cost / least-request"): True,
     }
     text = render_markdown(report)
-    assert "| 10 | cost | 75 / 150 / 300 | 140 |" in text
+    assert "| h100-8b | 10 | cost | 75 / 150 / 300 | - | 140 |" in text
+    # cost / best peer: 150 / 140 on p90 (7% behind: not met), 300 / 280 on p99.
+    assert (
+        "| h100-8b | shared-prefix | 10 | 150 / 300 | 140 / 280 | 1.07 / 1.07 | 0.15 / 0.15 "
+        "| **no** | 1.07 / 1.07 |" in text
+    )
     assert "**no**" in text
     paths = write_report(report)
     assert {p.name for p in paths} == {"routing.md", "routing.json", "routing-shared-prefix.png"}
@@ -321,6 +370,7 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         workloads=("shared-prefix",),
         rates={"shared-prefix": (5.0,)},
         shared_prefix=shape,
+        profiles=("h100-8b", "l4-8b"),
         # A profile from --scheduling runs by its name, like a built-in strategy.
         strategies=("round-robin", "least-request", "turns"),
         scheduling={
@@ -334,19 +384,22 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         output=tmp_path,
     )
     report = run_routing(options, progress=False)
-    assert [r.competitor for r in report.results] == [
-        "round-robin",
-        "least-request",
-        "turns",
-        "envoy:round-robin",
+    assert [(r.profile, r.competitor) for r in report.results] == [
+        (profile, competitor)
+        for profile in ("h100-8b", "l4-8b")
+        for competitor in ("round-robin", "least-request", "turns", "envoy:round-robin")
     ]
     for r in report.results:
         assert (r.sent, r.ok, r.errors) == (10, 10, 0), r.first_error
         assert sum(r.per_pod) == 10
         assert r.ttft_p50_ms > 0 and r.ttft_p50_ms <= r.ttft_p90_ms <= r.ttft_p99_ms
+        # Streamed: the client's first chunk comes after the engine's first token.
+        assert r.client_ttft_p50_ms >= r.ttft_p50_ms * 0.9
         assert r.output_tokens_per_s > 0 and 0 <= r.hit_rate <= r.oracle_hit_rate + 1e-9
     # Round robin over 2 pods spreads 10 requests evenly: the picker's, the profile's, Envoy's.
-    assert [report.results[i].per_pod for i in (0, 2, 3)] == [(5, 5)] * 3
+    assert [report.results[i].per_pod for i in (0, 2, 3, 4, 6, 7)] == [(5, 5)] * 6
+    # The L4 fleet is ~10x slower: its TTFTs show it (the rate was scaled down to match).
+    assert report.results[4].ttft_p50_ms > 3 * report.results[0].ttft_p50_ms
     (info,) = report.workloads
     assert info.requests == 10 and info.oracle_hit_rate > 0
     paths = write_report(report)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xtproc/_generated/state.proto\x12\x10\x65xtproc.state.v1\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06picker\x18\x01 \x01(\t\"@\n\tLoraState\x12\x11\n\tmax_loras\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x03(\t\x12\x0f\n\x07waiting\x18\x03 \x03(\t\"\xac\x02\n\rEndpointStats\x12\x13\n\x0b\x61ge_seconds\x18\x01 \x01(\x01\x12\x0f\n\x07waiting\x18\x02 \x01(\x01\x12\x0f\n\x07running\x18\x03 \x01(\x01\x12\x10\n\x08kv_usage\x18\x04 \x01(\x01\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x01\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x01\x12\x19\n\x11generation_tokens\x18\x08 \x01(\x01\x12)\n\x04lora\x18\t \x01(\x0b\x32\x1b.extproc.state.v1.LoraState\x12\x10\n\x08has_lora\x18\n \x01(\x08\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\x16\n\x0enum_gpu_blocks\x18\x0c \x01(\x03\"]\n\x0cScrapeHealth\x12\x1b\n\x13last_ok_age_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14\x63onsecutive_failures\x18\x02 \x01(\x05\x12\x12\n\nlast_error\x18\x03 \x01(\t\"\x93\x01\n\rEndpointState\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12.\n\x05stats\x18\x02 \x01(\x0b\x32\x1f.extproc.state.v1.EndpointStats\x12\x11\n\thas_stats\x18\x03 \x01(\x08\x12.\n\x06health\x18\x04 \x01(\x0b\x32\x1e.extproc.state.v1.ScrapeHealth\"M\n\nIndexDelta\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05reset\x18\x02 \x01(\x08\x12\x0e\n\x06stored\x18\x03 \x03(\x06\x12\x0f\n\x07removed\x18\x04 \x03(\x06\"\x8d\x01\n\x0bStateUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x32\n\tendpoints\x18\x03 \x03(\x0b\x32\x1f.extproc.state.v1.EndpointState\x12+\n\x05index\x18\x04 \x03(\x0b\x32\x1c.extproc.state.v1.IndexDelta2X\n\x0cStateService\x12H\n\x05Watch\x12\x1e.extproc.state.v1.WatchRequest\x1a\x1d.extproc.state.v1.StateUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xtproc/_generated/state.proto\x12\x10\x65xtproc.state.v1\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06picker\x18\x01 \x01(\t\"@\n\tLoraState\x12\x11\n\tmax_loras\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x03(\t\x12\x0f\n\x07waiting\x18\x03 \x03(\t\"\xad\x04\n\rEndpointStats\x12\x13\n\x0b\x61ge_seconds\x18\x01 \x01(\x01\x12\x0f\n\x07waiting\x18\x02 \x01(\x01\x12\x0f\n\x07running\x18\x03 \x01(\x01\x12\x10\n\x08kv_usage\x18\x04 \x01(\x01\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x01\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x01\x12\x19\n\x11generation_tokens\x18\x08 \x01(\x01\x12)\n\x04lora\x18\t \x01(\x0b\x32\x1b.extproc.state.v1.LoraState\x12\x10\n\x08has_lora\x18\n \x01(\x08\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\x16\n\x0enum_gpu_blocks\x18\x0c \x01(\x03\x12\x17\n\x0fprefill_seconds\x18\r \x01(\x01\x12\x18\n\x10prefill_requests\x18\x0e \x01(\x01\x12\x1f\n\x17prefill_computed_tokens\x18\x0f \x01(\x01\x12!\n\x19prefill_computed_requests\x18\x10 \x01(\x01\x12\x1b\n\x13inter_token_seconds\x18\x11 \x01(\x01\x12\x14\n\x0cinter_tokens\x18\x12 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x13 \x01(\x01\x12\x14\n\x0c\x66irst_tokens\x18\x14 \x01(\x01\x12\x13\n\x0bstep_tokens\x18\x15 \x01(\x01\x12\r\n\x05steps\x18\x16 \x01(\x01\"]\n\x0cScrapeHealth\x12\x1b\n\x13last_ok_age_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14\x63onsecutive_failures\x18\x02 \x01(\x05\x12\x12\n\nlast_error\x18\x03 \x01(\t\"\x93\x01\n\rEndpointState\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12.\n\x05stats\x18\x02 \x01(\x0b\x32\x1f.extproc.state.v1.EndpointStats\x12\x11\n\thas_stats\x18\x03 \x01(\x08\x12.\n\x06health\x18\x04 \x01(\x0b\x32\x1e.extproc.state.v1.ScrapeHealth\"M\n\nIndexDelta\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05reset\x18\x02 \x01(\x08\x12\x0e\n\x06stored\x18\x03 \x03(\x06\x12\x0f\n\x07removed\x18\x04 \x03(\x06\"\x8d\x01\n\x0bStateUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x32\n\tendpoints\x18\x03 \x03(\x0b\x32\x1f.extproc.state.v1.EndpointState\x12+\n\x05index\x18\x04 \x03(\x0b\x32\x1c.extproc.state.v1.IndexDelta2X\n\x0cStateService\x12H\n\x05Watch\x12\x1e.extproc.state.v1.WatchRequest\x1a\x1d.extproc.state.v1.StateUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LORASTATE']._serialized_start=84
   _globals['_LORASTATE']._serialized_end=148
   _globals['_ENDPOINTSTATS']._serialized_start=151
-  _globals['_ENDPOINTSTATS']._serialized_end=451
-  _globals['_SCRAPEHEALTH']._serialized_start=453
-  _globals['_SCRAPEHEALTH']._serialized_end=546
-  _globals['_ENDPOINTSTATE']._serialized_start=549
-  _globals['_ENDPOINTSTATE']._serialized_end=696
-  _globals['_INDEXDELTA']._serialized_start=698
-  _globals['_INDEXDELTA']._serialized_end=775
-  _globals['_STATEUPDATE']._serialized_start=778
-  _globals['_STATEUPDATE']._serialized_end=919
-  _globals['_STATESERVICE']._serialized_start=921
-  _globals['_STATESERVICE']._serialized_end=1009
+  _globals['_ENDPOINTSTATS']._serialized_end=708
+  _globals['_SCRAPEHEALTH']._serialized_start=710
+  _globals['_SCRAPEHEALTH']._serialized_end=803
+  _globals['_ENDPOINTSTATE']._serialized_start=806
+  _globals['_ENDPOINTSTATE']._serialized_end=953
+  _globals['_INDEXDELTA']._serialized_start=955
+  _globals['_INDEXDELTA']._serialized_end=1032
+  _globals['_STATEUPDATE']._serialized_start=1035
+  _globals['_STATEUPDATE']._serialized_end=1176
+  _globals['_STATESERVICE']._serialized_start=1178
+  _globals['_STATESERVICE']._serialized_end=1266
 # @@protoc_insertion_point(module_scope)

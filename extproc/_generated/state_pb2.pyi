@@ -23,7 +23,7 @@ class LoraState(_message.Message):
     def __init__(self, max_loras: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., waiting: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EndpointStats(_message.Message):
-    __slots__ = ("age_seconds", "waiting", "running", "kv_usage", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens", "lora", "has_lora", "block_size", "num_gpu_blocks")
+    __slots__ = ("age_seconds", "waiting", "running", "kv_usage", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens", "lora", "has_lora", "block_size", "num_gpu_blocks", "prefill_seconds", "prefill_requests", "prefill_computed_tokens", "prefill_computed_requests", "inter_token_seconds", "inter_tokens", "first_token_seconds", "first_tokens", "step_tokens", "steps")
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,16 @@ class EndpointStats(_message.Message):
     HAS_LORA_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COMPUTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INTER_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INTER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     age_seconds: float
     waiting: float
     running: float
@@ -48,7 +58,17 @@ class EndpointStats(_message.Message):
     has_lora: bool
     block_size: int
     num_gpu_blocks: int
-    def __init__(self, age_seconds: _Optional[float] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[float] = ..., prefix_cache_hits: _Optional[float] = ..., prompt_tokens: _Optional[float] = ..., generation_tokens: _Optional[float] = ..., lora: _Optional[_Union[LoraState, _Mapping]] = ..., has_lora: _Optional[bool] = ..., block_size: _Optional[int] = ..., num_gpu_blocks: _Optional[int] = ...) -> None: ...
+    prefill_seconds: float
+    prefill_requests: float
+    prefill_computed_tokens: float
+    prefill_computed_requests: float
+    inter_token_seconds: float
+    inter_tokens: float
+    first_token_seconds: float
+    first_tokens: float
+    step_tokens: float
+    steps: float
+    def __init__(self, age_seconds: _Optional[float] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[float] = ..., prefix_cache_hits: _Optional[float] = ..., prompt_tokens: _Optional[float] = ..., generation_tokens: _Optional[float] = ..., lora: _Optional[_Union[LoraState, _Mapping]] = ..., has_lora: _Optional[bool] = ..., block_size: _Optional[int] = ..., num_gpu_blocks: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., prefill_requests: _Optional[float] = ..., prefill_computed_tokens: _Optional[float] = ..., prefill_computed_requests: _Optional[float] = ..., inter_token_seconds: _Optional[float] = ..., inter_tokens: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., first_tokens: _Optional[float] = ..., step_tokens: _Optional[float] = ..., steps: _Optional[float] = ...) -> None: ...
 
 class ScrapeHealth(_message.Message):
     __slots__ = ("last_ok_age_seconds", "consecutive_failures", "last_error")

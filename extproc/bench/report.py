@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from extproc.bench.routing import PROFILE, RoutingReport, RunResult
+from extproc.bench.routing import PROFILE, RoutingOptions, RoutingReport, RunResult
 
 SUBJECT: Final = "cost"  # the strategy the issue's targets are about
 BASELINE: Final = "round-robin"  # the picker's own, through Envoy like the subject
@@ -44,9 +44,15 @@ def _ratio(a: float, b: float) -> float:
 
 
 def checks(report: RoutingReport) -> list[Check]:
-    """The issue's targets, per workload and rate, for every pair that ran."""
+    """The issue's targets, per fleet, workload and rate, for every pair that ran."""
     out: list[Check] = []
-    results = report.results
+    for profile in dict.fromkeys(r.profile for r in report.results):
+        out += _checks(report, [r for r in report.results if r.profile == profile])
+    return out
+
+
+def _checks(report: RoutingReport, results: Sequence[RunResult]) -> list[Check]:
+    out: list[Check] = []
     peers = [c for c in report.competitors if c.startswith(PEER_PREFIXES)]
     floors = {info.name: info.floor_ttft_p90_ms for info in report.workloads}
     for workload in dict.fromkeys(r.workload for r in results):
@@ -138,8 +144,25 @@ def checks(report: RoutingReport) -> list[Check]:
 
 
 def _command(report: RoutingReport) -> str:
+    """The command line that reruns this report (its options that differ from the defaults)."""
     o = report.options
-    return ".venv/bin/extproc bench routing" + (" --quick" if o.quick else "")
+    base = RoutingOptions.quick_options() if o.quick else RoutingOptions()
+    words = [".venv/bin/extproc bench routing"] + (["--quick"] if o.quick else [])
+    for flag, value, default in (
+        ("--pods", o.pods, base.pods),
+        ("--profiles", ",".join(o.profiles), ",".join(base.profiles)),
+        ("--workloads", ",".join(o.workloads), ",".join(base.workloads)),
+        ("--strategies", ",".join(o.strategies), ",".join(base.strategies)),
+        ("--others", ",".join(o.others) or "none", ",".join(base.others) or "none"),
+        ("--speed", f"{o.speed:g}", f"{base.speed:g}"),
+        ("--kv-fraction", f"{o.kv_fraction:g}", f"{base.kv_fraction:g}"),
+        ("--seed", o.seed, base.seed),
+    ):
+        if value != default:
+            words.append(f"{flag} {value}")
+    if not o.stream:
+        words.append("--no-stream")
+    return " ".join(words)
 
 
 def _pct(x: float) -> str:
@@ -152,18 +175,79 @@ def _ms(x: float) -> str:
 
 def workload_table(report: RoutingReport, workload: str) -> list[str]:
     lines = [
-        "| rate | router | TTFT p50 / p90 / p99 ms | tok/s | hit rate | oracle | preempt "
-        "| errors | outside p90 ms |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| fleet | rate | router | TTFT p50 / p90 / p99 ms | client TTFT p50 / p90 / p99 ms "
+        "| tok/s | hit rate | oracle | preempt | errors | outside p90 ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report.results:
         if r.workload != workload:
             continue
+        client = (
+            f"{_ms(r.client_ttft_p50_ms)} / {_ms(r.client_ttft_p90_ms)} / "
+            f"{_ms(r.client_ttft_p99_ms)}"
+            if r.client_ttft_p90_ms
+            else "-"
+        )
         lines.append(
-            f"| {r.rate:g} | {r.competitor} | {_ms(r.ttft_p50_ms)} / {_ms(r.ttft_p90_ms)} / "
-            f"{_ms(r.ttft_p99_ms)} | {r.output_tokens_per_s:,.0f} | {_pct(r.hit_rate)} "
+            f"| {r.profile} | {r.rate:g} | {r.competitor} | {_ms(r.ttft_p50_ms)} / "
+            f"{_ms(r.ttft_p90_ms)} / {_ms(r.ttft_p99_ms)} | {client} "
+            f"| {r.output_tokens_per_s:,.0f} | {_pct(r.hit_rate)} "
             f"| {_pct(r.oracle_hit_rate)} | {r.preemptions} | {r.errors} "
             f"| {r.outside_p90_ms:.1f} |"
+        )
+    return lines
+
+
+def _client_or_engine(r: RunResult) -> tuple[float, float]:
+    """p90 and p99 TTFT as the client saw it (streamed runs), else the engine's."""
+    if r.client_ttft_p90_ms:
+        return r.client_ttft_p90_ms, r.client_ttft_p99_ms
+    return r.ttft_p90_ms, r.ttft_p99_ms
+
+
+def fleet_table(report: RoutingReport) -> list[str]:
+    """Per fleet, workload and rate: the default strategy's p90 and p99 TTFT over the best
+    peer's (each percentile's best, which may be two different peers) and over round-robin's;
+    below 1 is better. `met`: no worse than round-robin and at most 5% behind the best peer on
+    both (the issue's bar for every cell). `engine`: the same ratio to the best peer on the
+    engines' own TTFT, without the routing path's time: the decisions alone."""
+    lines = [
+        f"| fleet | workload | rate | {SUBJECT} p90 / p99 ms | best peer p90 / p99 ms "
+        f"| {SUBJECT} / best peer p90 / p99 | {SUBJECT} / {BASELINE} p90 / p99 | met "
+        "| engine: / best peer p90 / p99 |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    cells = dict.fromkeys((r.profile, r.workload, r.rate) for r in report.results)
+    for profile, workload, rate in cells:
+        here = [
+            r
+            for r in report.results
+            if (r.profile, r.workload, r.rate) == (profile, workload, rate)
+        ]
+        subject = next((r for r in here if r.competitor == SUBJECT), None)
+        peers = [r for r in here if r.competitor.startswith(PEER_PREFIXES)]
+        base = next((r for r in here if r.competitor == BASELINE), None)
+        if subject is None or not peers:
+            continue
+        p90, p99 = _client_or_engine(subject)
+        best90 = min(_client_or_engine(r)[0] for r in peers)
+        best99 = min(_client_or_engine(r)[1] for r in peers)
+        vs_peer = (_ratio(p90, best90), _ratio(p99, best99))
+        vs_base = (
+            (_ratio(p90, _client_or_engine(base)[0]), _ratio(p99, _client_or_engine(base)[1]))
+            if base is not None
+            else (float("nan"), float("nan"))
+        )
+        met = all(v <= 1.05 for v in vs_peer) and all(math.isnan(v) or v <= 1.0 for v in vs_base)
+        engine = (
+            _ratio(subject.ttft_p90_ms, min(r.ttft_p90_ms for r in peers)),
+            _ratio(subject.ttft_p99_ms, min(r.ttft_p99_ms for r in peers)),
+        )
+        lines.append(
+            f"| {profile} | {workload} | {rate:g} | {_ms(p90)} / {_ms(p99)} "
+            f"| {_ms(best90)} / {_ms(best99)} | {vs_peer[0]:.2f} / {vs_peer[1]:.2f} "
+            f"| {vs_base[0]:.2f} / {vs_base[1]:.2f} | {'yes' if met else '**no**'} "
+            f"| {engine[0]:.2f} / {engine[1]:.2f} |"
         )
     return lines
 
@@ -192,7 +276,10 @@ def render_markdown(report: RoutingReport) -> str:
     o = report.options
     lines = ["## Routing: `extproc bench routing`", "", "```sh", _command(report), "```", ""]
     lines += [
-        f"One simulated fleet of {o.pods} servers (`{PROFILE}`, {o.model}) at speed {o.speed:g}, "
+        f"One simulated fleet of {o.pods} servers per profile ("
+        + ", ".join(f"`{p}`" for p in o.profiles)
+        + f"; rates are for `{PROFILE}`, scaled by each profile's prefill speed; {o.model}) at "
+        f"speed {o.speed:g}, "
         f"restarted cold for every run; its KV cache is sized per workload so that the "
         f"workload's KV demand is {o.kv_fraction:.0%} of the fleet's blocks. Competitors: "
         + ", ".join(f"`{c}`" for c in report.competitors)
@@ -229,6 +316,7 @@ def render_markdown(report: RoutingReport) -> str:
             f"![{info.name}](routing-{info.name}.png)",
             "",
         ]
+    lines += ["### Every fleet: the default against the best peer", "", *fleet_table(report), ""]
     found = checks(report)
     lines += ["### Targets", ""]
     if found:
@@ -262,6 +350,7 @@ def render_text(report: RoutingReport) -> str:
             f"TTFT floor p90 {info.floor_ttft_p90_ms:.0f} ms",
         ]
         lines += workload_table(report, info.name)
+    lines += ["", "Every fleet: the default against the best peer", *fleet_table(report)]
     found = checks(report)
     if found:
         lines += ["", "Targets"]
@@ -283,7 +372,9 @@ def plot(report: RoutingReport, output: Path) -> list[Path]:
 
     paths = []
     for info in report.workloads:
-        runs = [r for r in report.results if r.workload == info.name]
+        # One fleet per plot: the first profile's (the fleet table compares them all).
+        first = report.options.profiles[0]
+        runs = [r for r in report.results if r.workload == info.name and r.profile == first]
         if not runs:
             continue
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -68,7 +68,7 @@ PROFILE: Final = "h100-8b"
 STRATEGY_HEADER: Final = "x-routing-strategy"
 SESSION_HEADER: Final = "x-session-id"
 DEFAULT_OUTPUT: Final = Path("reports/routing")
-WORKLOADS: Final = ("shared-prefix", "multi-turn", "random")
+WORKLOADS: Final = ("shared-prefix", "multi-turn", "random", "hot-documents", "agent-fan-out")
 OTHERS: Final = (
     "envoy:round-robin",
     "envoy:least-request",
@@ -128,8 +128,19 @@ class RoutingOptions:
             "shared-prefix": (5.0, 10.0, 20.0, 30.0),
             "multi-turn": (5.0, 10.0, 20.0, 30.0),
             "random": (5.0, 10.0, 20.0),
+            "hot-documents": (10.0, 20.0, 30.0),
+            "agent-fan-out": (10.0, 20.0, 30.0),
         }
     )
+    # The fleet: one profile per run (`extproc.sim.profiles`), the picker told nothing about
+    # which. `rates` are for h100-8b; a slower profile's rates are scaled by its prefill speed
+    # (`rate_for`), so every fleet is offered the same share of what it can compute.
+    profiles: tuple[str, ...] = (PROFILE,)
+    # Streamed answers (one SSE chunk per token, as vLLM sends by default), their TTFT also
+    # timed at the client to the first chunk; False: one JSON answer per request.
+    stream: bool = True
+    hot_documents: wl.HotDocumentsShape = field(default_factory=wl.HotDocumentsShape)
+    agent_fan_out: wl.AgentFanOutShape = field(default_factory=wl.AgentFanOutShape)
     shared_prefix: wl.SharedPrefixShape = field(default_factory=wl.SharedPrefixShape)
     multi_turn: wl.MultiTurnShape = field(default_factory=wl.MultiTurnShape)
     random: wl.RandomShape = field(default_factory=wl.RandomShape)
@@ -154,6 +165,8 @@ class RoutingOptions:
             raise ValueError("--pods must be at least 1")
         if self.speed <= 0:
             raise ValueError("--speed must be positive")
+        for profile in self.profiles:
+            get_profile(profile)  # ValueError names the known ones
         unknown = set(self.workloads) - set(WORKLOADS)
         if unknown:
             raise ValueError(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
@@ -174,7 +187,15 @@ class RoutingOptions:
         base: dict[str, Any] = {
             "quick": True,
             "speed": 2.0,
-            "rates": {"shared-prefix": (20.0,), "multi-turn": (20.0,), "random": (10.0,)},
+            "rates": {
+                "shared-prefix": (20.0,),
+                "multi-turn": (20.0,),
+                "random": (10.0,),
+                "hot-documents": (20.0,),
+                "agent-fan-out": (20.0,),
+            },
+            "hot_documents": wl.HotDocumentsShape(documents=16, requests=64),
+            "agent_fan_out": wl.AgentFanOutShape(tasks=8),
             "shared_prefix": wl.SharedPrefixShape(groups=16, questions=4),
             "multi_turn": wl.MultiTurnShape(sessions=14, turns=(3, 5), think_seconds=0.5),
             "random": wl.RandomShape(requests=48),
@@ -210,6 +231,7 @@ class CpuUse:
 @dataclass(frozen=True, slots=True)
 class RunResult:
     workload: str
+    profile: str  # the fleet's step-time profile
     rate: float  # requests per simulated second (offered; multi-turn: at mean think times)
     competitor: str
     sent: int
@@ -219,6 +241,11 @@ class RunResult:
     ttft_p50_ms: float  # simulated, from the simulator's records
     ttft_p90_ms: float
     ttft_p99_ms: float
+    # Streamed runs: send to the first chunk at the client (routing path included), wall ms x
+    # speed, so on the same scale as the simulated figures; 0 for one-chunk runs.
+    client_ttft_p50_ms: float
+    client_ttft_p90_ms: float
+    client_ttft_p99_ms: float
     e2e_p90_ms: float  # simulated, arrival at the server to last token
     output_tokens: int
     makespan_s: float  # simulated, first send to last answer
@@ -305,13 +332,15 @@ def start_fleet(
         raise RoutingBenchError(str(exc)) from exc
 
 
-def _sim_config(options: RoutingOptions, ports: Ports, *, blocks: int, kv: bool) -> str:
+def _sim_config(
+    options: RoutingOptions, ports: Ports, *, profile: str, blocks: int, kv: bool
+) -> str:
     return json.dumps(
         {
             "pods": options.pods,
             "port": ports.sim,
             "model": options.model,
-            "profile": PROFILE,
+            "profile": profile,
             "speed": options.speed,
             "num_gpu_blocks": blocks,
             "kv_events": kv,
@@ -496,6 +525,7 @@ class _Sent:
     response_id: str
     output_tokens: int
     error: str
+    first_chunk: float | None = None  # streamed: wall seconds after the run's start
 
 
 async def _send(
@@ -508,18 +538,56 @@ async def _send(
     start: float,
 ) -> _Sent:
     sent = time.perf_counter() - start
+    first: float | None = None
+    chunks: list[bytes] = []
     try:
         async with http.post(url, data=body, headers=headers) as response:
-            payload = await response.read()
             status = response.status
+            async for chunk in response.content.iter_any():
+                chunks.append(chunk)
+                if first is None and _has_token(b"".join(chunks)):
+                    first = time.perf_counter() - start
     except aiohttp.ClientError as exc:
         return _Sent(index, 0, sent, time.perf_counter() - start, "", 0, f"{type(exc).__name__}")
     answered = time.perf_counter() - start
+    payload = b"".join(chunks)
     if status != 200:
         return _Sent(index, status, sent, answered, "", 0, payload[:200].decode(errors="replace"))
-    data = json.loads(payload)
-    tokens = int(data.get("usage", {}).get("completion_tokens", 0))
-    return _Sent(index, status, sent, answered, str(data.get("id", "")), tokens, "")
+    streamed = payload.startswith(b"data:")
+    data = _last_event(payload) if streamed else json.loads(payload)
+    tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
+    return _Sent(
+        index,
+        status,
+        sent,
+        answered,
+        str(data.get("id", "")),
+        tokens,
+        "",
+        first_chunk=first if streamed else None,
+    )
+
+
+def _has_token(received: bytes) -> bool:
+    """Whether an SSE answer so far holds a generated token: the first event of a chat answer
+    carries only the assistant's role, sent before any token (vLLM does the same)."""
+    for line in received.split(b"\n"):
+        if not line.startswith(b"data:") or not line.endswith(b"}"):
+            continue  # not an event, or one still arriving
+        for choice in json.loads(line[5:]).get("choices") or ():
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                return True
+    return False
+
+
+def _last_event(payload: bytes) -> dict[str, Any]:
+    """The last JSON event of an SSE answer (with `include_usage`, the one with the usage)."""
+    events = [
+        line[5:].strip()
+        for line in payload.split(b"\n")
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"
+    ]
+    return dict(json.loads(events[-1])) if events else {}
 
 
 async def drive(
@@ -593,6 +661,7 @@ def fetch_json(url: str, payload: Any | None = None) -> Any:
 def summarize(
     *,
     workload: wl.Workload,
+    profile: str = PROFILE,
     rate: float,
     competitor: str,
     speed: float,
@@ -607,6 +676,7 @@ def summarize(
     """One run's figures from the client's log, the simulator's records and its counters."""
     ok = [(s, r) for s, r in zip(sent, records, strict=True) if s.status == 200 and r is not None]
     ttfts = sorted(r["first_token"] - r["arrival"] for _, r in ok if r["first_token"] is not None)
+    client = sorted((s.first_chunk - s.sent) * speed for s, _ in ok if s.first_chunk is not None)
     e2es = sorted(r["finished"] - r["arrival"] for _, r in ok)
     # A request's answer on the workload's simulated timeline: its send (wall x speed) plus the
     # time it spent in its server (exact). The routing path's own time is not in it (it is in
@@ -634,6 +704,7 @@ def summarize(
         first_error = f"{missing} answers had no simulator record"
     return RunResult(
         workload=workload.name,
+        profile=profile,
         rate=rate,
         competitor=competitor,
         sent=len(sent),
@@ -643,6 +714,9 @@ def summarize(
         ttft_p50_ms=1000 * quantile(ttfts, 0.5),
         ttft_p90_ms=1000 * quantile(ttfts, 0.9),
         ttft_p99_ms=1000 * quantile(ttfts, 0.99),
+        client_ttft_p50_ms=1000 * quantile(client, 0.5) if client else 0.0,
+        client_ttft_p90_ms=1000 * quantile(client, 0.9) if client else 0.0,
+        client_ttft_p99_ms=1000 * quantile(client, 0.99) if client else 0.0,
         e2e_p90_ms=1000 * quantile(e2es, 0.9),
         output_tokens=output_tokens,
         makespan_s=makespan,
@@ -708,14 +782,27 @@ def build_workloads(options: RoutingOptions) -> list[wl.Workload]:
         ),
         "multi-turn": lambda: wl.multi_turn(tokenizer, shape=options.multi_turn, seed=options.seed),
         "random": lambda: wl.random_prompts(tokenizer, shape=options.random, seed=options.seed),
+        "hot-documents": lambda: wl.hot_documents(
+            tokenizer, shape=options.hot_documents, seed=options.seed
+        ),
+        "agent-fan-out": lambda: wl.agent_fan_out(
+            tokenizer, shape=options.agent_fan_out, seed=options.seed
+        ),
     }
     return [makers[name]() for name in options.workloads]
+
+
+def rate_for(profile: str, rate: float) -> float:
+    """A rate given for h100-8b, on a fleet of `profile`: scaled by its prefill speed."""
+    reference = get_profile(PROFILE).prefill_tokens_per_second()
+    return rate * get_profile(profile).prefill_tokens_per_second() / reference
 
 
 def _one_run(
     options: RoutingOptions,
     ports: Ports,
     *,
+    profile: str,
     workload: wl.Workload,
     bodies: Sequence[bytes],
     blocks: int,
@@ -726,13 +813,13 @@ def _one_run(
     logs: Path,
     progress: Progress,
 ) -> RunResult:
-    tag = f"{workload.name}-{rate:g}-{competitor.name.replace(':', '-')}"
+    tag = f"{profile}-{workload.name}-{rate:g}-{competitor.name.replace(':', '-')}"
     sim_argv = [
         sys.executable,
         *(
             "-m",
             "extproc.bench.simhost",
-            _sim_config(options, ports, blocks=blocks, kv=competitor.kv_events),
+            _sim_config(options, ports, profile=profile, blocks=blocks, kv=competitor.kv_events),
         ),
         str(ports.records),
     ]
@@ -776,7 +863,7 @@ def _one_run(
                 base_url,
                 workload,
                 bodies,
-                rate=rate,
+                rate=rate_for(profile, rate),
                 speed=options.speed,
                 headers=headers,
                 drain_seconds=options.drain_seconds,
@@ -788,6 +875,7 @@ def _one_run(
         stats = fetch_json(f"{records_url}/stats")["servers"]
     return summarize(
         workload=workload,
+        profile=profile,
         rate=rate,
         competitor=competitor.name,
         speed=options.speed,
@@ -853,9 +941,13 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
                 * quantile(sorted(workload.ttft_floor(get_profile(PROFILE))), 0.9),
             )
         )
-        bodies = [wl.body_for(r, options.model) for r in workload.requests]
+        bodies = [wl.body_for(r, options.model, stream=options.stream) for r in workload.requests]
         plans.append((workload, bodies, blocks, oracle))
-    total = sum(len(options.rates[w.name]) for w in workloads) * len(competitors)
+    total = (
+        sum(len(options.rates[w.name]) for w in workloads)
+        * len(competitors)
+        * len(options.profiles)
+    )
     bar = Progress(total, enabled=progress)
     ports = allocate_ports(options.pods)
     results: list[RunResult] = []
@@ -869,35 +961,43 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
             stderr=envoy_log,
         ) as envoy,
     ):
-        for workload, bodies, blocks, oracle in plans:
-            for rate in options.rates[workload.name]:
-                for competitor in competitors:
-                    bar.start(f"{competitor.name} {workload.name} rate {rate:g}")
-                    try:
-                        result = _one_run(
-                            options,
-                            ports,
-                            workload=workload,
-                            bodies=bodies,
-                            blocks=blocks,
-                            oracle=oracle,
-                            rate=rate,
-                            competitor=competitor,
-                            envoy_pid=envoy.pid,
-                            logs=logs,
-                            progress=bar,
-                        )
-                    except RoutingBenchError as exc:
-                        # One run that could not start (a port taken by another process on the
-                        # machine) costs its row, not the hours of runs around it.
-                        bar.finish_run(f"FAILED, left out of the report: {exc}")
-                        continue
-                    results.append(result)
-                    bar.finish_run(
-                        f"TTFT p90 {result.ttft_p90_ms:.0f} ms, "
-                        f"{result.output_tokens_per_s:.0f} tok/s, hit {100 * result.hit_rate:.0f}%"
-                        + (f", {result.errors} errors" if result.errors else "")
+        cells = [
+            (profile, plan, rate)
+            for profile in options.profiles
+            for plan in plans
+            for rate in options.rates[plan[0].name]
+        ]
+        for profile, (workload, bodies, blocks, oracle), rate in cells:
+            for competitor in competitors:
+                where = f"{profile} " if len(options.profiles) > 1 else ""
+                bar.start(f"{competitor.name} {where}{workload.name} rate {rate:g}")
+                try:
+                    result = _one_run(
+                        options,
+                        ports,
+                        profile=profile,
+                        workload=workload,
+                        bodies=bodies,
+                        blocks=blocks,
+                        oracle=oracle,
+                        rate=rate,
+                        competitor=competitor,
+                        envoy_pid=envoy.pid,
+                        logs=logs,
+                        progress=bar,
                     )
+                except RoutingBenchError as exc:
+                    # One run that could not start (a port taken by another process on the
+                    # machine) costs its row, not the hours of runs around it.
+                    bar.finish_run(f"FAILED, left out of the report: {exc}")
+                    continue
+                results.append(result)
+                client = f" (client {result.client_ttft_p90_ms:.0f})" if options.stream else ""
+                bar.finish_run(
+                    f"TTFT p90 {result.ttft_p90_ms:.0f} ms{client}, "
+                    f"{result.output_tokens_per_s:.0f} tok/s, hit {100 * result.hit_rate:.0f}%"
+                    + (f", {result.errors} errors" if result.errors else "")
+                )
     return RoutingReport(
         options=options,
         competitors=tuple(c.name for c in competitors),
@@ -958,6 +1058,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rates", type=_rates, default=None, help="requests per simulated second, every workload"
     )
+    parser.add_argument(
+        "--profiles",
+        type=_names,
+        default=None,
+        help="the fleet: simulator profiles, one fleet each, comma-separated (default "
+        f"{PROFILE}; rates are for {PROFILE} and scale with a profile's prefill speed)",
+    )
+    parser.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="one JSON answer per request instead of a streamed one (SSE, one chunk per token)",
+    )
     parser.add_argument("--pods", type=int, default=None, help=f"({defaults.pods})")
     parser.add_argument(
         "--speed",
@@ -1005,12 +1117,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> RoutingOptions:
     overrides: dict[str, Any] = {"output": args.output}
-    for name in ("strategies", "others", "workloads", "pods", "speed", "kv_fraction", "seed"):
+    names = (
+        "strategies",
+        "others",
+        "workloads",
+        "profiles",
+        "pods",
+        "speed",
+        "kv_fraction",
+        "seed",
+    )
+    for name in names:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
     if args.scheduling is not None:
         overrides["scheduling"] = _scheduling(args.scheduling)
+    if args.no_stream:
+        overrides["stream"] = False
     options = (
         RoutingOptions.quick_options(**overrides) if args.quick else RoutingOptions(**overrides)
     )

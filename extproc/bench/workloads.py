@@ -26,7 +26,7 @@ import json
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from extproc.prefix.hashing import BlockHasher
@@ -138,10 +138,14 @@ class Workload:
         return max(-(-(r.prompt_tokens + r.max_tokens) // self.block_size) for r in self.requests)
 
 
-def body_for(request: RequestSpec, model: str) -> bytes:
-    """The request's JSON body with the served model's name."""
+def body_for(request: RequestSpec, model: str, *, stream: bool = False) -> bytes:
+    """The request's JSON body with the served model's name; `stream`: as SSE, with the usage
+    in the last chunk (`stream_options.include_usage`)."""
     data = json.loads(request.body)
     data["model"] = model
+    if stream:
+        data["stream"] = True
+        data["stream_options"] = {"include_usage": True}
     return json.dumps(data).encode()
 
 
@@ -225,6 +229,35 @@ class RandomShape:
     requests: int = 256
     prompt_tokens: tuple[int, int] = (1000, 4000)
     output_tokens: tuple[int, int] = (100, 300)
+
+
+@dataclass(frozen=True, slots=True)
+class HotDocumentsShape:
+    """Questions about documents whose popularity is Zipf-distributed (retrieval-augmented
+    answers, a help centre): a few documents draw most requests, so one hot prefix can keep
+    more than one pod busy, and the tail is cold."""
+
+    documents: int = 40
+    requests: int = 240
+    zipf_s: float = 1.1  # popularity of the k-th document ~ 1 / k^s
+    document_tokens: tuple[int, int] = (1500, 3000)
+    question_tokens: tuple[int, int] = (30, 100)
+    output_tokens: tuple[int, int] = (50, 200)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFanOutShape:
+    """Agents that fan out: each task's context is sent as several branches at once (parallel
+    tool calls, best-of-n plans), and each branch then continues a few steps on its own. Bursts
+    of requests that share a long prefix arrive together, then diverge."""
+
+    tasks: int = 24
+    branches: tuple[int, int] = (3, 6)
+    steps: tuple[int, int] = (1, 3)  # follow-up steps per branch after the fan-out
+    context_tokens: tuple[int, int] = (1500, 3500)
+    branch_tokens: tuple[int, int] = (100, 400)  # per branch, and per step (a tool's result)
+    output_tokens: tuple[int, int] = (50, 150)
+    think_seconds: float = 0.3  # mean: a tool running between a branch's steps
 
 
 class _Builder:
@@ -436,6 +469,100 @@ def random_prompts(
             f"{shape.requests} completions with unrelated prompts of {shape.prompt_tokens[0]}-"
             f"{shape.prompt_tokens[1]} tokens, output {shape.output_tokens[0]}-"
             f"{shape.output_tokens[1]}; Poisson arrivals"
+        ),
+        requests=tuple(requests),
+        block_size=build.hasher.block_size,
+    )
+
+
+def hot_documents(
+    tokenizer: Tokenizer,
+    *,
+    shape: HotDocumentsShape = HotDocumentsShape(),
+    seed: int = 0,
+    hasher: BlockHasher | None = None,
+) -> Workload:
+    rng = random.Random(f"hot-documents/{seed}")
+    build = _Builder(tokenizer, hasher or BlockHasher())
+    documents = [
+        build.text(rng, rng.randint(*shape.document_tokens), lead=f"Document {d}:")
+        for d in range(shape.documents)
+    ]
+    weights = [1.0 / (k + 1) ** shape.zipf_s for k in range(shape.documents)]
+    picks = rng.choices(range(shape.documents), weights=weights, k=shape.requests)
+    requests = []
+    for index, (document, offset) in enumerate(
+        zip(picks, _arrivals(rng, shape.requests), strict=True)
+    ):
+        question = build.text(rng, rng.randint(*shape.question_tokens), lead="Question:")
+        # Completions: the document leads, so requests on one document share all its blocks.
+        prompt = f"{documents[document]}\n\n{question}\nAnswer:"
+        requests.append(
+            build.completion(
+                index, prompt, max_tokens=rng.randint(*shape.output_tokens), offset=offset
+            )
+        )
+    return Workload(
+        name="hot-documents",
+        description=(
+            f"{shape.requests} questions over {shape.documents} documents of "
+            f"{shape.document_tokens[0]}-{shape.document_tokens[1]} tokens, Zipf({shape.zipf_s:g}) "
+            f"popularity; questions {shape.question_tokens[0]}-{shape.question_tokens[1]} "
+            f"tokens, output {shape.output_tokens[0]}-{shape.output_tokens[1]}; Poisson arrivals"
+        ),
+        requests=tuple(requests),
+        block_size=build.hasher.block_size,
+    )
+
+
+def agent_fan_out(
+    tokenizer: Tokenizer,
+    *,
+    shape: AgentFanOutShape = AgentFanOutShape(),
+    seed: int = 0,
+    hasher: BlockHasher | None = None,
+) -> Workload:
+    rng = random.Random(f"agent-fan-out/{seed}")
+    build = _Builder(tokenizer, hasher or BlockHasher())
+    plans = [
+        [rng.randint(*shape.steps) for _ in range(rng.randint(*shape.branches))]
+        for _ in range(shape.tasks)
+    ]
+    per_task = sum(1 + steps for plan in plans for steps in plan) / shape.tasks
+    # Tasks start as a Poisson process whose rate makes the request rate 1 per second.
+    starts = [t * per_task for t in _arrivals(rng, shape.tasks)]
+    # (planned time, task, branch, step, prompt, max_tokens, think), then the oracle's order.
+    drafts: list[tuple[float, int, int, int, str, int, float]] = []
+    for task, (start, plan) in enumerate(zip(starts, plans, strict=True)):
+        context = build.text(rng, rng.randint(*shape.context_tokens), lead=f"Task {task}:")
+        for branch, steps in enumerate(plan):
+            prompt = context
+            at = start
+            for step in range(1 + steps):
+                lead = f"Branch {branch} step {step}:"
+                prompt += "\n" + build.text(rng, rng.randint(*shape.branch_tokens), lead=lead)
+                max_tokens = rng.randint(*shape.output_tokens)
+                think = rng.expovariate(1.0 / shape.think_seconds) if step else 0.0
+                at += think
+                drafts.append((at, task, branch, step, prompt, max_tokens, think))
+                # The branch's next step resends what it was told, as agents do.
+                prompt += "\n" + build.text(rng, max_tokens)
+    drafts.sort(key=lambda d: (d[0], d[1], d[2], d[3]))
+    index_of = {(d[1], d[2], d[3]): i for i, d in enumerate(drafts)}
+    requests = []
+    for index, (_, task, branch, step, prompt, max_tokens, think) in enumerate(drafts):
+        spec = build.completion(index, prompt, max_tokens=max_tokens, offset=starts[task])
+        if step:
+            spec = replace(spec, after=index_of[task, branch, step - 1], think=think)
+        requests.append(spec)
+    return Workload(
+        name="agent-fan-out",
+        description=(
+            f"{shape.tasks} tasks with {shape.context_tokens[0]}-{shape.context_tokens[1]}-token "
+            f"contexts, each sent as {shape.branches[0]}-{shape.branches[1]} branches at once "
+            f"(+{shape.branch_tokens[0]}-{shape.branch_tokens[1]} tokens), each branch then "
+            f"{shape.steps[0]}-{shape.steps[1]} more steps {shape.think_seconds:g} s apart "
+            f"(mean, simulated); output {shape.output_tokens[0]}-{shape.output_tokens[1]}"
         ),
         requests=tuple(requests),
         block_size=build.hasher.block_size,

@@ -301,9 +301,13 @@ class CostScorer:
 _MIN_WINDOW_SECONDS = 0.5
 # Weight of a new window in the moving averages.
 _ALPHA = 0.2
-# Samples outside prior / 50 .. prior x 50 are counter glitches, not a GPU.
-_RATE_BOUNDS = (PRIOR_TOKENS_PER_SECOND / 50, PRIOR_TOKENS_PER_SECOND * 50)
+# Samples outside prior / 100 .. prior x 50 are counter glitches, not a GPU.
+_RATE_BOUNDS = (PRIOR_TOKENS_PER_SECOND / 100, PRIOR_TOKENS_PER_SECOND * 50)
 _STEP_BOUNDS = (0.0005, 1.0)
+# No window moves an estimate more than this many single samples would (0.8^3: half the way).
+_MAX_WEIGHT = 3.0
+# A prefill whose time was below this share tokens (the rest steps' fixed part) is skipped.
+_MIN_BUSY_SHARE = 0.25
 
 
 @dataclass(slots=True)
@@ -313,6 +317,7 @@ class _Window:
     start: EndpointStats
     last_read_at: float
     always_queued: bool
+    never_queued: bool
     always_decoding: bool
     running_sum: float
     scrapes: int
@@ -323,15 +328,18 @@ def _window(stats: EndpointStats) -> _Window:
         start=stats,
         last_read_at=stats.read_at,
         always_queued=stats.waiting > 0,
+        never_queued=stats.waiting == 0,
         always_decoding=stats.running > 0 and stats.waiting == 0,
         running_sum=stats.running,
         scrapes=1,
     )
 
 
-def _ewma(old: float, sample: float) -> float:
-    # Always from the prior, never replacing it with one window: a single window can mislead.
-    return old + _ALPHA * (sample - old)
+def _ewma(old: float, sample: float, *, weight: float = 1.0) -> float:
+    """Move `old` toward `sample` by `_ALPHA` per unit of evidence (a window, or each request
+    finished in it, up to `_MAX_WEIGHT`): never all the way, since one window can mislead."""
+    alpha: float = 1.0 - math.pow(1.0 - _ALPHA, min(max(weight, 1.0), _MAX_WEIGHT))
+    return old + alpha * (sample - old)
 
 
 class CostLearner:
@@ -339,12 +347,21 @@ class CostLearner:
     state side whenever a new snapshot is stored; requests read `current()`.
 
     Per window of at least 0.5 s of one endpoint's scrapes:
-    - computed tokens = d prompt_tokens - d prefix_cache_hits + d generation_tokens;
-    - with requests waiting at every scrape, the engine had more work than it could take, so
-      computed tokens / dt is its throughput: averaged into `tokens_per_second`. In any other
-      window it is only a lower bound, raising the estimate when higher;
-    - with requests running and none waiting at every scrape, and decode tokens dominating,
-      each step produced one token per running request: step = dt x mean running / d generated;
+    - prefill speed from the requests that finished in it, as vLLM's histograms report them
+      (`request_prefill_time_seconds`, `request_prefill_kv_computed_tokens`): their mean
+      computed tokens, plus the running decodes each of their steps carried, over their mean
+      prefill time less the steps' fixed part. Light traffic teaches it as well as a queue does,
+      in either direction, from whatever prior (`_speed`). Before the first request finishes
+      (those histograms are observed at the end), windows where nothing waited teach it from
+      `time_to_first_token_seconds` and the prompt counters the same way;
+    - step time from `inter_token_latency_seconds`: the mean gap between a request's tokens,
+      less the mean step's tokens (`iteration_tokens_total`) at the rate, is the step's fixed
+      part (`_step_sample`);
+    - where those histograms are missing (older servers) the counters stand in: computed tokens
+      = d prompt_tokens - d prefix_cache_hits + d generation_tokens; with requests waiting at
+      every scrape, computed tokens / dt is the engine's throughput, in any other window only a
+      lower bound that can raise the estimate; with requests running and none waiting at every
+      scrape, and decode tokens dominating, step = dt x mean running / d generated;
     - d hits / d queries is the prefix cache's hit rate.
     A counter that goes down (a restarted server) starts a new window and keeps the estimates.
     """
@@ -355,10 +372,9 @@ class CostLearner:
         *,
         speeds: Mapping[str, float] | None = None,
     ) -> None:
-        """`speeds`: accelerator -> prefill tokens per second, the prior of endpoints of that
-        type (config `fleet.speeds`). Windows where requests never wait only ever raise an
-        estimate (they show a lower bound), so a GPU slower than the prior would otherwise
-        keep the prior's speed until it is swamped."""
+        """`speeds`: accelerator -> prefill tokens per second, an optional starting estimate
+        for endpoints of that type (config `fleet.speeds`): it only shortens the first seconds,
+        since each endpoint's histograms correct it."""
         self._parameters = parameters or CostParameters()
         self._speeds = dict(speeds or {})
         self._accelerators: dict[str, str] = {}
@@ -429,6 +445,7 @@ class CostLearner:
             return  # the same scrape again (the snapshot changed for another reason)
         window.last_read_at = stats.read_at
         window.always_queued &= stats.waiting > 0
+        window.never_queued &= stats.waiting == 0
         window.always_decoding &= stats.running > 0 and stats.waiting == 0
         window.running_sum += stats.running
         window.scrapes += 1
@@ -448,26 +465,52 @@ class CostLearner:
         generated = end.generation_tokens - start.generation_tokens
         prefilled = max(0.0, end.prompt_tokens - start.prompt_tokens - hits)
         computed = prefilled + generated
-        learned = False
 
-        rate = est.tokens_per_second
-        throughput = computed / dt
-        if computed > 0 and _RATE_BOUNDS[0] <= throughput <= _RATE_BOUNDS[1]:
-            if window.always_queued:
-                rate = _ewma(rate, throughput)
-                learned = True
-            elif throughput > rate:
-                # Not saturated, yet faster than we thought: the engine can do at least this.
-                rate = _ewma(rate, throughput)
-                learned = True
-
-        step = est.step_seconds
         mean_running = window.running_sum / window.scrapes
-        if window.always_decoding and generated > 0 and prefilled <= 0.1 * generated:
+        step, step_learned = _step_sample(est, start, end)
+        decode_only = window.always_decoding and generated > 0 and prefilled <= 0.1 * generated
+        if not step_learned and decode_only:
+            # No step histogram: with only decodes running, each step made one token apiece.
             sample = dt * mean_running / generated
             if _STEP_BOUNDS[0] <= sample <= _STEP_BOUNDS[1]:
                 step = _ewma(step, sample)
+                step_learned = True
+        learned = step_learned
+
+        rate = est.tokens_per_second
+        first_tokens = end.first_tokens - start.first_tokens
+        if end.prefill_requests > 0 and end.prefill_computed_requests > 0:
+            # The server reports its prefills: learn from them alone, saturated or not.
+            finished = end.prefill_requests - start.prefill_requests
+            speed = self._speed(
+                _per(end.prefill_computed_tokens - start.prefill_computed_tokens, finished),
+                _per(end.prefill_seconds - start.prefill_seconds, finished),
+                step=step,
+                running=mean_running,
+            )
+            if speed is not None:
+                rate = _ewma(rate, speed, weight=finished)
                 learned = True
+        elif window.never_queued and first_tokens > 0:
+            # Until a request has finished (the prefill histograms are observed then), or on a
+            # server without them: nothing waited, so a first token's time was its prefill.
+            speed = self._speed(
+                _per(prefilled, first_tokens),
+                _per(end.first_token_seconds - start.first_token_seconds, first_tokens),
+                step=step,
+                running=mean_running,
+            )
+            if speed is not None:
+                rate = _ewma(rate, speed, weight=first_tokens)
+                learned = True
+        elif (
+            computed > 0
+            and _RATE_BOUNDS[0] <= computed / dt <= _RATE_BOUNDS[1]
+            and (window.always_queued or computed / dt > rate)
+        ):
+            # Saturated: the engine's throughput; otherwise at least this fast.
+            rate = _ewma(rate, computed / dt)
+            learned = True
 
         hit_rate = est.hit_rate
         if queries > 0:
@@ -477,6 +520,48 @@ class CostLearner:
         if not learned:
             return est
         return EndpointCost(rate, step, hit_rate, est.samples + 1)
+
+    def _speed(self, tokens: float, seconds: float, *, step: float, running: float) -> float | None:
+        """Prefill tokens per second of requests that computed `tokens` new tokens each in
+        `seconds` each (means over the requests a window saw finish their prefill).
+
+        A prefill of n new tokens takes `ceil(n / chunk)` steps, each computing its chunk and
+        one token per running decode, and each paying the step's fixed part: time = (n + steps
+        x running) / rate + steps x step, the cost model's own prefill and interference terms,
+        solved for the rate. Prefills that were mostly fixed part (nearly all cached, or a
+        step estimate still far too high) say little about the rate: skipped."""
+        if tokens < 1 or seconds <= 0:
+            return None
+        steps = math.ceil(tokens / max(1, self._parameters.chunk_tokens))
+        busy = seconds - steps * step
+        if busy < _MIN_BUSY_SHARE * seconds:
+            return None
+        sample = (tokens + steps * running) / busy
+        return sample if _RATE_BOUNDS[0] <= sample <= _RATE_BOUNDS[1] else None
+
+
+def _per(total: float, count: float) -> float:
+    return total / count if count > 0 else 0.0
+
+
+def _step_sample(est: EndpointCost, start: EndpointStats, end: EndpointStats) -> tuple[float, bool]:
+    """The step's fixed part moved toward what the window's inter-token gaps say, when it has
+    any: a gap is one step, `s + tokens in the step / R` in the model's terms, so the mean gap
+    less the mean step's tokens over the rate (`iteration_tokens_total`) is `s`. Without that
+    correction the prompt chunks other requests ran in the same steps would count as fixed
+    time (and the rate solved with it come out too high)."""
+    gaps = end.inter_tokens - start.inter_tokens
+    if gaps <= 0:
+        return est.step_seconds, False
+    gap = (end.inter_token_seconds - start.inter_token_seconds) / gaps
+    steps = end.steps - start.steps
+    if steps > 0:
+        # Never below a quarter of the gap: a rate still far too low must not erase the step.
+        tokens = (end.step_tokens - start.step_tokens) / steps
+        gap = max(gap - tokens / est.tokens_per_second, gap / 4)
+    if not _STEP_BOUNDS[0] <= gap <= _STEP_BOUNDS[1]:
+        return est.step_seconds, False
+    return _ewma(est.step_seconds, gap, weight=min(gaps, _MAX_WEIGHT)), True
 
 
 def _fleet_prior(estimates: Iterable[EndpointCost]) -> EndpointCost:

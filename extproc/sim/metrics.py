@@ -204,8 +204,14 @@ class ServerMetrics:
         max_lora: int | None,
         engine: str = "0",
         clock: Callable[[], float] = time.monotonic,
+        time_scale: float = 1.0,
     ) -> None:
+        """`time_scale`: wall seconds per simulated second (1 / the simulator's `speed`). Every
+        duration is observed in wall seconds, the clock the client and the router read, so a
+        router that divides a histogram's sum by a counter's rate gets the same speed as one
+        that times requests itself (token counts are not scaled: they are not durations)."""
         self._clock = clock
+        self._scale = time_scale
         # Gauges and counters are rendered fresh for every scrape: a router reads them. The
         # histograms (a dozen, ~25 buckets each) are rendered again only when one changed and
         # `HISTOGRAM_REFRESH_SECONDS` have passed: eight servers in one process rendering them
@@ -268,6 +274,11 @@ class ServerMetrics:
         self._prompt_tokens = hist(
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", tokens
         )
+        self._prefill_computed = hist(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            tokens,
+        )
         self._generation_tokens = hist(
             "vllm:request_generation_tokens", "Number of generation tokens processed.", tokens
         )
@@ -293,27 +304,29 @@ class ServerMetrics:
         self._changed = True
         self._iteration_tokens.observe(tokens)
         for value in inter_token_latencies:
-            self._itl.observe(value)
+            self._itl.observe(value * self._scale)
 
     def on_first_token(self, ttft: float) -> None:
         self._changed = True
-        self._ttft.observe(ttft)
+        self._ttft.observe(ttft * self._scale)
 
     def on_finished(self, request: FinishedRequest) -> None:
         self._changed = True
         r = request
-        self._e2e.observe(r.finished - r.arrival)
+        wall = self._scale
+        self._e2e.observe((r.finished - r.arrival) * wall)
         self._prompt_tokens.observe(r.prompt_tokens)
+        self._prefill_computed.observe(max(0, r.prompt_tokens - r.cached_tokens))
         self._generation_tokens.observe(r.output_tokens)
         self._max_tokens.observe(r.max_tokens)
         self._num_preemptions.observe(r.preemptions)
         if r.scheduled is not None:
-            self._queue.observe(r.scheduled - r.arrival)
-            self._inference.observe(r.finished - r.scheduled)
+            self._queue.observe((r.scheduled - r.arrival) * wall)
+            self._inference.observe((r.finished - r.scheduled) * wall)
             if r.first_token is not None:
-                self._prefill.observe(r.first_token - r.scheduled)
+                self._prefill.observe((r.first_token - r.scheduled) * wall)
         if r.first_token is not None:
-            decode = r.finished - r.first_token
+            decode = (r.finished - r.first_token) * wall
             self._decode.observe(decode)
             if r.output_tokens > 1:
                 self._tpot.observe(decode / (r.output_tokens - 1))

@@ -33,6 +33,11 @@ LLAMA3_8B_HIDDEN: Final = 4096
 LLAMA3_8B_KV_BYTES_PER_TOKEN: Final = 2 * LLAMA3_8B_LAYERS * 8 * 128 * 2  # K and V, bf16
 LLAMA3_8B_WEIGHT_BYTES: Final = 16_060_000_000  # 8.03e9 parameters in bf16
 GIB: Final = 1 << 30
+# Llama-3-70B: 80 layers, hidden 8192, 8 KV heads of 128; 70.6e9 parameters in bf16.
+LLAMA3_70B_LAYERS: Final = 80
+LLAMA3_70B_HIDDEN: Final = 8192
+LLAMA3_70B_KV_BYTES_PER_TOKEN: Final = 2 * LLAMA3_70B_LAYERS * 8 * 128 * 2
+LLAMA3_70B_WEIGHT_BYTES: Final = 141_200_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,25 @@ class StepProfile:
         cpu_ms += sequences * self.per_seq_us / 1000.0
         return self.linear_seconds(tokens) + decode_attn + prefill_attn + cpu_ms / 1000
 
+    def prefill_tokens_per_second(self, prompt_tokens: int = 2048) -> float:
+        """The speed a router's cost model should learn: a lone prompt of this length (no
+        decodes beside it, nothing cached) computed chunk by chunk, its tokens over its time
+        less each step's fixed part (the time of a one-token step), which the model counts
+        apart as `step_seconds`."""
+        chunk = max(1, min(prompt_tokens, self.max_num_batched_tokens))
+        seconds = 0.0
+        done = 0
+        while done < prompt_tokens:
+            q = min(chunk, prompt_tokens - done)
+            seconds += self.step_seconds(
+                tokens=q,
+                decode_context_tokens=0,
+                prefill_attention_units=q * (done + q / 2),
+                sequences=1,
+            ) - self.step_seconds(tokens=1, decode_context_tokens=0, prefill_attention_units=0.5)
+            done += q
+        return prompt_tokens / seconds
+
     def num_gpu_blocks(self, block_size: int = 16) -> int:
         """KV blocks that fit beside the weights, as vLLM's memory profiling would find."""
         free = (
@@ -112,6 +136,20 @@ class StepProfile:
 # depth as Llama-3-8B apart from the larger vocabulary and GQA, so used for the 8B on H100).
 _A100_LINEAR: Final = ((1, 9.7), (32, 10.9), (128, 13.2), (512, 34.6), (2048, 141.8), (4096, 272.9))
 _H100_LINEAR: Final = ((1, 5.6), (32, 5.8), (128, 6.4), (512, 12.0), (2048, 40.5), (4096, 82.9))
+# Not measured: derived from datasheets (docs/simulator.md, "Derived profiles"). L4, 8B: the
+# weights' 16 GB read at 300 GB/s bound a small step (~54 ms), 2 x 8e9 FLOPs per token at 121
+# TFLOPS x 60% a large one. 70B on four H100s at tensor parallel 4: 141 GB of weights over
+# 4 x 3.35 TB/s (~10.5 ms) plus two all-reduces per layer, FLOPs / (4 x 989 TFLOPS x 55%) and the
+# all-reduced activations over NVLink.
+_L4_LINEAR: Final = ((1, 58.0), (32, 60.0), (128, 70.0), (512, 130.0), (2048, 460.0), (4096, 910.0))
+_H100_70B_TP4_LINEAR: Final = (
+    (1, 14.0),
+    (32, 15.0),
+    (128, 18.5),
+    (512, 45.0),
+    (2048, 150.0),
+    (4096, 300.0),
+)
 
 PROFILES: Final[dict[str, StepProfile]] = {
     "a100-8b": StepProfile(
@@ -149,6 +187,40 @@ PROFILES: Final[dict[str, StepProfile]] = {
         # vLLM engine/arg_utils.py defaults for H100/H200-class GPUs.
         max_num_batched_tokens=8192,
         max_num_seqs=1024,
+    ),
+    # A GPU ~10x slower than an H100 for this model, and a big model on a tensor-parallel node:
+    # what a router must handle without being told (issue 18). CPU terms as the current engine.
+    "l4-8b": StepProfile(
+        name="l4-8b",
+        description="Llama-3-8B class model on one L4 (24 GB), derived from its datasheet",
+        linear_ms=_L4_LINEAR,
+        hbm_bytes_per_s=300e9,  # L4 datasheet (GDDR6)
+        attention_flops=121e12 * 0.5,  # datasheet dense BF16 x assumed 50% efficiency
+        overhead_ms=0.5,
+        per_request_ms=0.5,
+        per_seq_us=10.0,
+        gpu_memory_bytes=24 * GIB,
+        # vLLM engine/arg_utils.py defaults for GPUs below the H100 class.
+        max_num_batched_tokens=2048,
+        max_num_seqs=256,
+    ),
+    "h100-70b-tp4": StepProfile(
+        name="h100-70b-tp4",
+        description="Llama-3-70B class model on four H100-SXM5-80GB, tensor parallel 4",
+        linear_ms=_H100_70B_TP4_LINEAR,
+        hbm_bytes_per_s=4 * 3.35e12,  # each rank reads its quarter of every KV head group
+        attention_flops=4 * 989e12 * 0.5,
+        overhead_ms=0.5,
+        per_request_ms=0.5,
+        per_seq_us=10.0,
+        gpu_memory_bytes=4 * 80 * GIB,
+        max_num_batched_tokens=8192,
+        max_num_seqs=1024,
+        layers=LLAMA3_70B_LAYERS,
+        hidden=LLAMA3_70B_HIDDEN,
+        kv_bytes_per_token=LLAMA3_70B_KV_BYTES_PER_TOKEN,
+        weight_bytes=LLAMA3_70B_WEIGHT_BYTES,
+        activation_reserve_bytes=4 * 2 * GIB,
     ),
     # vLLM 0.5-era engine (V0 scheduler, no chunked prefill, tokenization and request set-up in
     # the engine's process): the CPU terms fitted to the LambdaLabsML/vllm-benchmark runs of

@@ -348,6 +348,7 @@ class SimServer:
             cache_info=cache_info,
             max_model_len=eng.max_model_len,
             max_lora=eng.max_loras if cfg.enable_lora else None,
+            time_scale=1.0 / self._speed,
         )
 
     async def _start_publisher(self) -> None:
@@ -529,7 +530,7 @@ class SimServer:
                 port=port if isinstance(port, int) and not isinstance(port, bool) else None,
                 engine_id=engine_id if isinstance(engine_id, str) else None,
                 request_id=request_id if isinstance(request_id, str) else None,
-                block_ids=_int_tuple(params.get("remote_block_ids")),
+                block_ids=_block_ids(params.get("remote_block_ids")),
             )
         # The prefill's duration, placed back from the arrival here on this server's clock:
         # engines' virtual clocks drift apart under load (a busy one falls behind the wall),
@@ -546,15 +547,23 @@ class SimServer:
         """vLLM NixlConnector's `request_finished` answer for a prefill request whose blocks are
         held, plus `sim_prefill_seconds` (how long the prefill took, for the decode side's
         record of when the request began)."""
+        held = list(req.held_block_ids or ())
         return {
             "do_remote_prefill": True,
             "do_remote_decode": False,
-            "remote_block_ids": list(req.held_block_ids or ()),
+            # One list per KV-cache group (vLLM 0.33); a full-attention model has one group.
+            "remote_block_ids": [held],
             "remote_engine_id": self.engine_id,
             "remote_request_id": req.request_id,
             "remote_host": self.config.host,
             "remote_port": self.port,
             "tp_size": 1,
+            "dcp_size": 1,
+            "pp_size": 1,
+            "remote_num_tokens": record.prompt_tokens if held else 0,
+            "remote_blocks_expiry_time": None,  # set by vLLM only for blocks pinned on a decode
+            "remote_registration_generation": 0,
+            "transfer_mode": "pull",
             "sim_prefill_seconds": record.finished - record.first_arrival,
         }
 
@@ -1027,6 +1036,14 @@ def _sse(payload: Mapping[str, Any]) -> bytes:
 
 def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _block_ids(value: object) -> tuple[int, ...]:
+    """`remote_block_ids`: one list per KV-cache group (vLLM 0.33; the first group is the
+    full-attention one here) or, as older vLLM sent it, one flat list."""
+    if isinstance(value, Sequence) and value and isinstance(value[0], Sequence):
+        return _int_tuple(value[0])
+    return _int_tuple(value)
 
 
 def _int_tuple(value: object) -> tuple[int, ...]:

@@ -40,6 +40,11 @@ PROMPT_TOKENS: Final = "vllm:prompt_tokens_total"
 GENERATION_TOKENS: Final = "vllm:generation_tokens_total"
 LORA_INFO: Final = "vllm:lora_requests_info"
 CACHE_INFO: Final = "vllm:cache_config_info"
+PREFILL_SECONDS: Final = "vllm:request_prefill_time_seconds"
+PREFILL_COMPUTED: Final = "vllm:request_prefill_kv_computed_tokens"
+INTER_TOKEN: Final = "vllm:inter_token_latency_seconds"
+FIRST_TOKEN: Final = "vllm:time_to_first_token_seconds"
+STEP_TOKENS: Final = "vllm:iteration_tokens_total"
 
 # Series summed over engines, by the EndpointStats field they fill.
 _SUMMED: Final[Mapping[str, str]] = {
@@ -49,7 +54,20 @@ _SUMMED: Final[Mapping[str, str]] = {
     PREFIX_HITS: "prefix_cache_hits",
     PROMPT_TOKENS: "prompt_tokens",
     GENERATION_TOKENS: "generation_tokens",
+    PREFILL_SECONDS + "_sum": "prefill_seconds",
+    PREFILL_SECONDS + "_count": "prefill_requests",
+    PREFILL_COMPUTED + "_sum": "prefill_computed_tokens",
+    PREFILL_COMPUTED + "_count": "prefill_computed_requests",
+    STEP_TOKENS + "_sum": "step_tokens",
+    STEP_TOKENS + "_count": "steps",
+    FIRST_TOKEN + "_sum": "first_token_seconds",
+    FIRST_TOKEN + "_count": "first_tokens",
+    INTER_TOKEN + "_sum": "inter_token_seconds",
+    INTER_TOKEN + "_count": "inter_tokens",
 }
+# A histogram's samples are grouped by label set (buckets, count, sum of one engine, then the
+# next engine's), so its `_sum` lines of several engines are not consecutive.
+_SCATTERED: Final = frozenset(name for name in _SUMMED if name.endswith(("_sum", "_count")))
 # Families whose labels matter; the others only need their values.
 _LABELLED: Final = (LORA_INFO, CACHE_INFO)
 WANTED: Final = (*_SUMMED, KV_USAGE, *_LABELLED)
@@ -146,6 +164,9 @@ def parse_vllm_metrics(text: str | bytes, *, read_at: float) -> EndpointStats:
             _read_line(acc, name, text[start:end], size)
             # A family's lines are consecutive (one group per family, as the text format
             # requires), so a line of another family ends the search for this one.
+            if name in _SCATTERED:
+                start = text.find(needle, end)
+                continue
             if not text.startswith(name, end + 1):
                 break
             start = end

@@ -30,6 +30,18 @@ class EndpointStats:
     prefix_cache_hits: float = 0.0  # vllm:prefix_cache_hits_total (tokens)
     prompt_tokens: float = 0.0  # vllm:prompt_tokens_total
     generation_tokens: float = 0.0  # vllm:generation_tokens_total
+    # Histogram sums and counts (observed when a request finishes), for the cost model: the
+    # engine's prefill speed without saturating it, and its step time.
+    prefill_seconds: float = 0.0  # vllm:request_prefill_time_seconds_sum
+    prefill_requests: float = 0.0  # vllm:request_prefill_time_seconds_count
+    prefill_computed_tokens: float = 0.0  # vllm:request_prefill_kv_computed_tokens_sum
+    prefill_computed_requests: float = 0.0  # vllm:request_prefill_kv_computed_tokens_count
+    first_token_seconds: float = 0.0  # vllm:time_to_first_token_seconds_sum
+    first_tokens: float = 0.0  # vllm:time_to_first_token_seconds_count
+    step_tokens: float = 0.0  # vllm:iteration_tokens_total_sum
+    steps: float = 0.0  # vllm:iteration_tokens_total_count
+    inter_token_seconds: float = 0.0  # vllm:inter_token_latency_seconds_sum
+    inter_tokens: float = 0.0  # vllm:inter_token_latency_seconds_count
     lora: LoraState | None = None  # None when the server runs without LoRA
     block_size: int | None = None  # vllm:cache_config_info
     num_gpu_blocks: int | None = None  # vllm:cache_config_info

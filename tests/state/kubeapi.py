@@ -163,10 +163,11 @@ async def eventually(check: Callable[[], bool], *, within: float = 10.0) -> None
 
 
 class Sets:
-    """Records every endpoint set a discovery delivers."""
+    """Records every endpoint set a discovery delivers, and every problem it reports."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[EndpointConfig, ...]] = []
+        self.problems: list[str] = []  # what the discovery reported to `on_problem`, in order
 
     def __call__(self, endpoints: tuple[EndpointConfig, ...]) -> None:
         self.seen.append(endpoints)

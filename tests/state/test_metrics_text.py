@@ -60,6 +60,8 @@ SIMPLE_STATS = EndpointStats(
     prefix_cache_hits=250.0,
     prompt_tokens=1200.0,
     generation_tokens=64.0,
+    step_tokens=99.0,  # the iteration-tokens histogram's sum and count
+    steps=6.0,
     block_size=16,
     num_gpu_blocks=29001,
 )
@@ -149,6 +151,33 @@ CASES: list[tuple[str, str, EndpointStats]] = [
                 running=frozenset({'x}y {z="1"}', "new\nline"}),
                 waiting=frozenset({'a"b', "c\\d"}),
             ),
+        ),
+    ),
+    (
+        # Histogram samples come grouped by label set: each engine's buckets, count and sum,
+        # then the next engine's; the cost model's sums and counts add over engines.
+        "histograms-of-two-engines",
+        'vllm:num_requests_running{engine="0"} 1\nvllm:num_requests_running{engine="1"} 1\n'
+        + "".join(
+            f"""vllm:request_prefill_time_seconds_bucket{{engine="{e}",le="+Inf"}} {2 + e}
+vllm:request_prefill_time_seconds_count{{engine="{e}"}} {2 + e}
+vllm:request_prefill_time_seconds_sum{{engine="{e}"}} {0.5 + e}
+vllm:request_prefill_kv_computed_tokens_count{{engine="{e}"}} {2 + e}
+vllm:request_prefill_kv_computed_tokens_sum{{engine="{e}"}} {1000 * (1 + e)}
+vllm:inter_token_latency_seconds_count{{engine="{e}"}} {10 * (1 + e)}
+vllm:inter_token_latency_seconds_sum{{engine="{e}"}} {0.1 * (1 + e)}
+"""
+            for e in (0, 1)
+        ),
+        EndpointStats(
+            read_at=5.0,
+            running=2,
+            prefill_seconds=2.0,
+            prefill_requests=5,
+            prefill_computed_tokens=3000,
+            prefill_computed_requests=5,
+            inter_token_seconds=pytest.approx(0.3),
+            inter_tokens=30,
         ),
     ),
     (
