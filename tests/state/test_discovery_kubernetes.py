@@ -223,6 +223,8 @@ async def test_several_named_pools_serve_while_one_exists(
     await eventually(lambda: both.problems[-1] == "")
     # Several names cannot be one field selector: all pools are read and filtered here.
     assert all("fieldSelector" not in r.params for r in _requests(cluster, "list", POOLS))
+    # The emulator does not replay from a resourceVersion: delete only once the watch is open.
+    await eventually(lambda: bool(_requests(cluster, "watch", POOLS)))
     await cluster.delete_pool("qwen")
     await both.until(set())
     gone = f"InferencePool {NAMESPACE}/llama not found; InferencePool {NAMESPACE}/qwen not found"
