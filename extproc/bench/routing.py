@@ -15,10 +15,10 @@ Every run starts a fresh fleet (empty prefix caches) and a fresh picker or peer 
 competitor starts cold; Envoy stays up for the whole benchmark (it holds no routing state beyond
 its round-robin cursor and connection pools). The fleet runs in `extproc.bench.simhost`, which
 also hands out the simulator's exact per-request records: TTFT is the simulated time from the
-request's arrival at its server to its first token, read from those records, not measured by the
-client (see `simhost` for why). Requests are non-streaming: with one SSE chunk per token the
-routing path (the picker sees every response chunk) would cost more CPU than this 2-core machine
-has, and TTFT does not need the stream.
+request's arrival at its server to its first token, read from those records (see `simhost` for
+why), and, for streamed requests (the default), also at the client: send to the first SSE event
+that carries a token, routing path included. `--profiles` runs the whole matrix once per fleet
+profile, the picker told nothing about which.
 
 Every child process is stopped by its PID at the end of its run, also on errors and Ctrl-C.
 """
@@ -137,7 +137,7 @@ class RoutingOptions:
     # (`rate_for`), so every fleet is offered the same share of what it can compute.
     profiles: tuple[str, ...] = (PROFILE,)
     # Streamed answers (one SSE chunk per token, as vLLM sends by default), their TTFT also
-    # timed at the client to the first chunk; False: one JSON answer per request.
+    # timed at the client to the first event carrying a token; False: one JSON answer each.
     stream: bool = True
     hot_documents: wl.HotDocumentsShape = field(default_factory=wl.HotDocumentsShape)
     agent_fan_out: wl.AgentFanOutShape = field(default_factory=wl.AgentFanOutShape)
