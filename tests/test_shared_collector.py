@@ -198,3 +198,26 @@ async def test_a_picker_follows_a_collector_over_tls(
     finally:
         await picker.stop()
         await collector.stop()
+
+
+def test_every_stats_field_crosses_the_wire() -> None:
+    """The collector's message carries every field of EndpointStats (the cost model's
+    histogram sums included): a field the encoder forgets arrives as 0 and fails this."""
+    from extproc.state.shared import _decode_stats, _encode_stats
+    from extproc.state.stats import EndpointStats, LoraState
+
+    numbers = {
+        f.name: float(i + 1)
+        for i, f in enumerate(dataclasses.fields(EndpointStats))
+        if f.type == "float" and f.name != "read_at"
+    }
+    assert len(numbers) >= 17
+    sent = EndpointStats(
+        read_at=100.0,
+        lora=LoraState(max_loras=2, running=frozenset({"a"}), waiting=frozenset()),
+        block_size=16,
+        num_gpu_blocks=1000,
+        **numbers,
+    )
+    wire = pb.EndpointStats.FromString(_encode_stats(sent, now=101.0).SerializeToString())
+    assert _decode_stats(wire, now=201.0) == dataclasses.replace(sent, read_at=200.0)

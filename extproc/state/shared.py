@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
@@ -130,26 +130,32 @@ def decode_endpoints(states: Iterable[pb.EndpointState], now: float) -> Collecte
     return CollectedState(round=0, published_at=now, endpoints=MappingProxyType(endpoints))
 
 
+# The EndpointStats fields the message carries under the same name, as they are.
+_NUMBERS: Final = (
+    "waiting",
+    "running",
+    "kv_usage",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "prompt_tokens",
+    "generation_tokens",
+    "prefill_seconds",
+    "prefill_requests",
+    "prefill_computed_tokens",
+    "prefill_computed_requests",
+    "inter_token_seconds",
+    "inter_tokens",
+    "first_token_seconds",
+    "first_tokens",
+    "step_tokens",
+    "steps",
+)
+
+
 def _encode_stats(stats: EndpointStats, now: float) -> pb.EndpointStats:
     encoded = pb.EndpointStats(
         age_seconds=now - stats.read_at,
-        waiting=stats.waiting,
-        running=stats.running,
-        kv_usage=stats.kv_usage,
-        prefix_cache_queries=stats.prefix_cache_queries,
-        prefix_cache_hits=stats.prefix_cache_hits,
-        prompt_tokens=stats.prompt_tokens,
-        generation_tokens=stats.generation_tokens,
-        prefill_seconds=stats.prefill_seconds,
-        prefill_requests=stats.prefill_requests,
-        prefill_computed_tokens=stats.prefill_computed_tokens,
-        prefill_computed_requests=stats.prefill_computed_requests,
-        inter_token_seconds=stats.inter_token_seconds,
-        inter_tokens=stats.inter_tokens,
-        first_token_seconds=stats.first_token_seconds,
-        first_tokens=stats.first_tokens,
-        step_tokens=stats.step_tokens,
-        steps=stats.steps,
+        **{name: getattr(stats, name) for name in _NUMBERS},
         has_lora=stats.lora is not None,
         block_size=stats.block_size or 0,
         num_gpu_blocks=stats.num_gpu_blocks or 0,
@@ -177,23 +183,7 @@ def _decode_stats(stats: pb.EndpointStats, now: float) -> EndpointStats:
     )
     return EndpointStats(
         read_at=now - stats.age_seconds,
-        waiting=stats.waiting,
-        running=stats.running,
-        kv_usage=stats.kv_usage,
-        prefix_cache_queries=stats.prefix_cache_queries,
-        prefix_cache_hits=stats.prefix_cache_hits,
-        prompt_tokens=stats.prompt_tokens,
-        generation_tokens=stats.generation_tokens,
-        prefill_seconds=stats.prefill_seconds,
-        prefill_requests=stats.prefill_requests,
-        prefill_computed_tokens=stats.prefill_computed_tokens,
-        prefill_computed_requests=stats.prefill_computed_requests,
-        inter_token_seconds=stats.inter_token_seconds,
-        inter_tokens=stats.inter_tokens,
-        first_token_seconds=stats.first_token_seconds,
-        first_tokens=stats.first_tokens,
-        step_tokens=stats.step_tokens,
-        steps=stats.steps,
+        **{name: getattr(stats, name) for name in _NUMBERS},
         lora=lora,
         block_size=stats.block_size or None,
         num_gpu_blocks=stats.num_gpu_blocks or None,
