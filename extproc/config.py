@@ -11,6 +11,7 @@ import collections.abc
 import dataclasses
 import difflib
 import hashlib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -147,6 +148,35 @@ class RoutingConfig:
         "Request headers that override the strategy per request, first match wins.",
     )
     retry_after_seconds: int = _key(1, "`Retry-After` sent with 503 answers.", minimum=0)
+    destination_metadata_namespace: str = _key(
+        "envoy.lb",
+        "Dynamic-metadata namespace of the decision (`--destination-endpoint-hint-metadata-"
+        "namespace`, as the field's picker called it); the protocol's is `envoy.lb`, which "
+        "Envoy's override_host policy reads.",
+    )
+    destination_key: str = _key(
+        "x-gateway-destination-endpoint",
+        "Header and metadata key of the decision (`--destination-endpoint-hint-key`).",
+    )
+    emit_endpoint_scores: bool = _key(
+        False,
+        "Put the scheduler's score for each endpoint it scored in the decision's metadata, "
+        "under `x-gateway-destination-endpoint-scores` (`--emit-endpoint-scores`, as llm-d's).",
+    )
+
+    def __post_init__(self) -> None:
+        # Envoy reads metadata by namespace and the header by name: neither may be empty, and
+        # a header name is lower-case token characters (HTTP/2 refuses upper case).
+        if not self.destination_metadata_namespace.strip():
+            raise ConfigError("destination_metadata_namespace", "must not be empty")
+        if not _HEADER_NAME.fullmatch(self.destination_key):
+            raise ConfigError(
+                "destination_key",
+                f"expected a lower-case header name, got {self.destination_key!r}",
+            )
+
+
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +208,13 @@ class KubernetesDiscoveryConfig:
     request_timeout_seconds: float = _key(30.0, "Connect and list timeout.", minimum=0.1)
     backoff_initial_seconds: float = _key(0.5, "First retry delay after an error.", minimum=0.01)
     backoff_max_seconds: float = _key(30.0, "Longest retry delay.", minimum=0.01)
+    objectives: bool = _key(
+        True,
+        "Watch the InferenceObjectives and InferenceModelRewrites that reference the served "
+        "pools (`llm-d.ai/v1alpha2`, else `inference.networking.x-k8s.io/v1alpha2`): request "
+        "priorities and model rewrites (docs/migration.md). Turn off where neither CRD is "
+        "installed, or the picker retries (and logs) every `backoff_max_seconds`.",
+    )
 
     def __post_init__(self) -> None:
         # Serving every pool of a namespace used to be what an empty section meant; a picker
@@ -275,7 +312,30 @@ class PrefixConfig:
         "its directory, with tokenizer_config.json's chat template), `remote` (the endpoint's "
         "/tokenize), `bytes:N` (an estimate).",
     )
-    default_tokenizer: str = _key("cl100k_base", "Tokenizer for models not listed above.")
+    default_tokenizer: str = _key(
+        "auto",
+        "Tokenizer for models not listed above. `auto`: each model's own tokenizer.json and "
+        "chat template, found in `models_dirs`, the Hugging Face cache (HF_HOME, HF_HUB_CACHE) "
+        "or the hub (`tokenizer_hub`); the endpoint's /tokenize while looking and when none is "
+        "found. Or any spec above for every such model (`cl100k_base` is an estimate: its hashes "
+        "match no Llama, Qwen or Mistral server).",
+    )
+    models_dirs: tuple[str, ...] = _key(
+        (),
+        "Directories `auto` looks in first: DIR/<org>/<name>/, DIR/<name>/ (holding "
+        "tokenizer.json), or DIR as a Hugging Face cache.",
+    )
+    tokenizer_hub: bool = _key(
+        True,
+        "`auto` may download a model's tokenizer files from the Hugging Face hub (HF_ENDPOINT, "
+        "HF_TOKEN; off with HF_HUB_OFFLINE=1) into the Hugging Face cache.",
+    )
+    mismatch_window_blocks: int = _key(
+        256,
+        "With KV events: stored blocks per endpoint after which the picker judges whether its "
+        "block hashes are the server's (docs/prefix.md, mismatch detection).",
+        minimum=1,
+    )
     block_size: int = _key(16, "vLLM's --block-size on the fleet.", minimum=1)
     hash_algo: HashAlgoName = _key("sha256", "vLLM's --prefix-caching-hash-algo on the fleet.")
     hash_seed: str = _key(

@@ -1,8 +1,9 @@
 """The request's whole path through the picker, top to bottom.
 
     choose the strategy  ->  identify the tenant  ->  parse the body  ->  may it use the model
-      ->  candidates (by role, in a prefill/decode pool)  ->  tokens and block hashes (with the
-      tenant's cache salt)  ->  prefix matches  ->  the tenant's limits  ->  fair queue while
+      ->  its objective (priority) and model rewrite  ->  candidates (by role, in a
+      prefill/decode pool)  ->  tokens and block hashes (with the tenant's cache salt)
+      ->  prefix matches  ->  the tenant's limits  ->  fair queue while
       saturated  ->  admission  ->  schedule  ->  targets  ->  the prefill endpoint, when the
       prompt is worth moving (named in a header, or prefilled here: `centralized`)
     ... the model server answers ...  ->  usage  ->  release the in-flight count and the lease
@@ -35,6 +36,7 @@ from extproc.prefix.hashing import LoraKey
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
 from extproc.request.kv_transfer import decode_body, prefill_body
+from extproc.request.objectives import ObjectiveResolver, fairness_id
 from extproc.request.openai import Api, ParsedRequest, api_of, parse_request
 from extproc.request.usage import Usage
 from extproc.scheduling.admission import (
@@ -165,6 +167,7 @@ class Pipeline:
         cost: CostLearner | None = None,
         tenancy: Tenancy | None = None,
         prefiller: Prefiller | None = None,
+        objectives: ObjectiveResolver | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -196,6 +199,7 @@ class Pipeline:
         if self._disaggregation.mode == "centralized" and prefiller is None:
             raise ValueError("disaggregation.mode centralized needs a Prefiller")
         self._prefiller = prefiller
+        self._objectives = objectives or ObjectiveResolver()
         self._fair = (
             FairQueue(
                 has_room=self._has_room,
@@ -243,6 +247,13 @@ class Pipeline:
                 else errors.model_unclassified()
             )
             return self._refused(head, error, tenant=tenant, reason="model_not_allowed")
+        # The pool's InferenceObjective (priority; a tenant's own is the ceiling) and model rewrite.
+        resolved = self._objectives.resolve(
+            head.headers, request, ceiling=tenant.priority if tenant is not None else None
+        )
+        request = resolved.request
+        if tenant is not None and tenant.priority != resolved.priority:
+            tenant = dataclasses.replace(tenant, priority=resolved.priority)
 
         candidates = self._candidates(request.model, head.subset)
         if isinstance(candidates, NoCandidates):
@@ -275,7 +286,7 @@ class Pipeline:
             session_id=head.headers.get("x-session-id"),
             block_size=self._config.prefix.block_size,
             lora=request.model if adapter is not None else None,
-            priority=tenant.priority if tenant is not None else 0,
+            priority=resolved.priority,
         )
         probe: PromptProbe | None = None
         if (
@@ -322,6 +333,7 @@ class Pipeline:
                 salt=salt,
                 probe=probe,
                 started=started,
+                rewritten=resolved.body,
             )
         except BaseException:
             # It raised, or the client hung up (cancelled) while it waited: nothing is counted
@@ -352,6 +364,7 @@ class Pipeline:
         salt: str | None,
         probe: PromptProbe | None,
         started: float,
+        rewritten: bytes | None = None,
     ) -> Routed | OpenAIError:
         """From the tenant's limits to the decision: the fair queue, admission, the schedule,
         and the in-flight count. A refusal returned here leaves nothing counted."""
@@ -397,7 +410,7 @@ class Pipeline:
             and request.api in _KV_APIS
         )
         # The body is rewritten before anything is counted: nothing after the count may fail.
-        new_body = with_cache_salt(request.payload, salt) if salted and salt else None
+        new_body = with_cache_salt(request.payload, salt) if salted and salt else rewritten
         explanation = None
         if self._config.scheduling.explain:
             explanation = (
@@ -694,6 +707,7 @@ class Pipeline:
             model,
             max_wait=settings.queue_timeout_seconds,
             max_queued=settings.max_queued_per_tenant,
+            flow=fairness_id(head.headers),
         )
         waited = time.monotonic() - began
         self._metrics.tenant_queue_seconds.labels(tenant.name).observe(waited)

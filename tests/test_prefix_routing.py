@@ -166,7 +166,8 @@ async def _hashes(picker: PickerServer, body: dict[str, Any]) -> tuple[int, ...]
         parsed,
         lora=LoraKey(parsed.model or "", adapter[1]) if adapter else None,
         cache_salt=None,
-        endpoint_for_remote=None,
+        # The default tokenizer (`auto`) finds no files for the model here: /tokenize answers.
+        endpoint_for_remote=picker.store.current.endpoints[0].address,
     )
     return tokens.block_hashes
 

@@ -45,12 +45,12 @@ first), so a prompt nobody holds costs one chunk and a fully held one a handful 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -75,12 +75,14 @@ from extproc.prefix.hashing import (
     LoraKey,
 )
 from extproc.prefix.remote import HttpRemoteTokenizer, RemoteTokenizer, tokenize_body
+from extproc.prefix.resolve import DEFAULT_HUB_TIMEOUT_SECONDS, fetch_from_hub, find_local
 from extproc.prefix.tokenizers import (
     ByteEstimateTokenizer,
     ChatMessage,
+    ChatRenderer,
     HFTokenizer,
     TiktokenTokenizer,
-    message_text,
+    load_chat_template,
     render_chat,
 )
 
@@ -88,6 +90,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INLINE_MAX_CHARS: Final = 2048
 DEFAULT_REMOTE_FALLBACK: Final = "bytes:4"
+# `default_tokenizer: auto`: each model's own tokenizer files (`extproc.prefix.resolve`). Until
+# they are found, and for good when none are, the chosen endpoint's /tokenize: exact, at the
+# cost of a round trip, rather than another vocabulary whose hashes never match the server's.
+AUTO: Final = "auto"
+AUTO_INTERIM: Final = "remote"
 # A probe hashes this many blocks before it first asks who holds them, then twice as many each
 # run: a prompt nobody holds stops after 8 (~25 us uncached), a held one takes a few runs.
 _FIRST_HASH_RUN: Final = 8
@@ -105,7 +112,16 @@ class BlocksSettings:
 
     # Model name -> tokenizer spec (see the module docstring); other models use the default.
     tokenizers: Mapping[str, str] = field(default_factory=dict)
+    # `prefix.default_tokenizer` (config) defaults to AUTO; built by hand (tests, benchmarks),
+    # the default is a fixed real vocabulary that looks up no files and no hub.
     default_tokenizer: str = "cl100k_base"
+    # Where `auto` looks for a model's tokenizer.json before the Hugging Face cache and hub.
+    models_dirs: tuple[str, ...] = ()
+    hub: bool = True  # `auto` may download tokenizer files from the Hugging Face hub
+    hub_timeout_seconds: float = DEFAULT_HUB_TIMEOUT_SECONDS
+    # The environment `auto` reads (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, ...);
+    # None: the process's.
+    environ: Mapping[str, str] | None = None
     # Must match the fleet: vLLM's --block-size, --prefix-caching-hash-algo, PYTHONHASHSEED.
     block_size: int = DEFAULT_BLOCK_SIZE
     hash_algo: HashAlgo = "sha256"
@@ -178,6 +194,13 @@ class PromptLike(Protocol):
     def approx_chars(self) -> int: ...
 
 
+class PredictionObserver(Protocol):
+    """Told the block hashes the picker computed for a model's prompts (its predictions of what
+    the model's servers will store): `extproc.prefix.mismatch` compares them with KV events."""
+
+    def predicted(self, model: str, hashes: Sequence[int]) -> None: ...
+
+
 class RequestLike(Protocol):
     """The parts of `extproc.request.openai.ParsedRequest` read here."""
 
@@ -185,12 +208,6 @@ class RequestLike(Protocol):
     def model(self) -> str | None: ...
     @property
     def prompt(self) -> PromptLike: ...
-
-
-class ChatRenderer(Protocol):
-    """Chat messages to the prompt text the model reads (its chat template)."""
-
-    def __call__(self, messages: Sequence[ChatMessage]) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,18 +266,23 @@ class PromptBlocks:
                 "is set; set PYTHONHASHSEED on every pod and the same value as prefix.hash_seed",
                 settings.hash_algo,
             )
-        self._hasher = ChainHasher(
-            BlockHasher(
-                algo=settings.hash_algo, block_size=settings.block_size, seed=settings.hash_seed
-            ),
-            cache_blocks=settings.hash_cache_blocks,
+        self.hasher = BlockHasher(
+            algo=settings.hash_algo, block_size=settings.block_size, seed=settings.hash_seed
         )
+        self._hasher = ChainHasher(self.hasher, cache_blocks=settings.hash_cache_blocks)
         locals_: dict[str, _Local] = {}
         self._choices = {
             model: self._choice(spec, locals_) for model, spec in settings.tokenizers.items()
         }
-        self._default = self._choice(settings.default_tokenizer, locals_)
+        self._auto = settings.default_tokenizer == AUTO
+        self._default = self._choice(
+            AUTO_INTERIM if self._auto else settings.default_tokenizer, locals_
+        )
         self._locals = tuple(locals_.values())
+        self._environ = dict(os.environ) if settings.environ is None else settings.environ
+        self._resolving: dict[str, asyncio.Task[None]] = {}  # `auto`: models being looked up
+        self._resolver: ThreadPoolExecutor | None = None
+        self._observer: PredictionObserver | None = None
         self._remote = remote or HttpRemoteTokenizer(
             timeout_seconds=settings.remote_timeout_seconds,
             backoff_seconds=settings.remote_backoff_seconds,
@@ -275,6 +297,23 @@ class PromptBlocks:
     @property
     def block_size(self) -> int:
         return self.settings.block_size
+
+    def observe(self, observer: PredictionObserver | None) -> None:
+        """Tell `observer` the block hashes computed for every prompt from now on."""
+        self._observer = observer
+
+    def tokenizer_of(self, model: str) -> str:
+        """The tokenizer spec `model` is tokenized with now (`remote` while `auto` resolves)."""
+        choice = self._choices.get(model, self._default)
+        return ("remote:" if choice.remote else "") + choice.local.spec
+
+    async def resolved(self, model: str) -> str:
+        """`auto`: look `model`'s tokenizer up now if not yet, wait for it, and answer
+        `tokenizer_of` (start-up warming and tests)."""
+        if self._auto and model not in self._choices:
+            self._resolve(model)
+            await asyncio.shield(self._resolving[model])
+        return self.tokenizer_of(model)
 
     async def blocks(
         self,
@@ -323,12 +362,18 @@ class PromptBlocks:
         if prompt.token_ids:
             ids = list(prompt.token_ids[0])
             walk = _Walk(
-                self, chain, ids, None, exact=True, source="token_ids", batch=len(prompt.token_ids)
-            )
+                self, chain, ids, None, exact=True, source="token_ids", batch=len(prompt.token_ids),
+                model=base_model or request.model or "",
+            )  # fmt: skip
             return await walk.run(holds)
         if not prompt.texts and not prompt.messages:
             return PromptProbe(PromptTokens(0, (), exact=False, source="none"))
-        choice = self._choices.get(base_model or request.model or "", self._default)
+        model = base_model or request.model or ""
+        choice = self._choices.get(model)
+        if choice is None:
+            choice = self._default
+            if self._auto and model:
+                self._resolve(model)
         batch = max(1, len(prompt.texts))
         if choice.remote:
             holds = None
@@ -342,7 +387,9 @@ class PromptBlocks:
             if remote_ids is not None:
                 self._remote_ok += 1
                 ids = list(remote_ids)
-                walk = _Walk(self, chain, ids, None, exact=True, source="remote", batch=batch)
+                walk = _Walk(
+                    self, chain, ids, None, exact=True, source="remote", batch=batch, model=model
+                )
                 return await walk.run(None)
             self._remote_failed += 1
         local = choice.local
@@ -357,7 +404,7 @@ class PromptBlocks:
             )
         walk = _Walk(
             self, chain, list(before), _Text(local, local.splicer.cut(text), after),
-            exact=local.exact and not choice.remote, source=local.spec, batch=batch,
+            exact=local.exact and not choice.remote, source=local.spec, batch=batch, model=model,
         )  # fmt: skip
         return await walk.run(holds)
 
@@ -377,8 +424,13 @@ class PromptBlocks:
         )
 
     async def aclose(self) -> None:
+        for task in self._resolving.values():
+            task.cancel()
+        await asyncio.gather(*self._resolving.values(), return_exceptions=True)
         await self._remote.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._resolver is not None:
+            self._resolver.shutdown(wait=False, cancel_futures=True)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -389,6 +441,53 @@ class PromptBlocks:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, plan.compute)
         return plan.compute()
+
+    def _resolve(self, model: str) -> None:
+        if model not in self._resolving:
+            task = asyncio.get_running_loop().create_task(
+                self._resolve_model(model), name=f"tokenizer {model}"
+            )
+            self._resolving[model] = task
+
+    async def _resolve_model(self, model: str) -> None:
+        """`auto`: find and load `model`'s own tokenizer off the event loop; requests meanwhile
+        use the interim choice. The outcome, found or not, holds until restart."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        if self._resolver is None:
+            # Its own thread: a slow disk or a large tokenizer.json must not hold up the
+            # tokenizing threads the request path offloads to.
+            self._resolver = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-resolve")
+        try:
+            find = functools.partial(
+                find_local, model, models_dirs=s.models_dirs, environ=self._environ
+            )
+            directory = await loop.run_in_executor(self._resolver, find)
+            if directory is None and s.hub:
+                directory = await fetch_from_hub(
+                    model, environ=self._environ, timeout_seconds=s.hub_timeout_seconds
+                )
+            if directory is None:
+                log.warning(
+                    "no tokenizer files for model %s (models directories %s, the Hugging Face "
+                    "cache%s): its prompts are tokenized by the endpoint's /tokenize; set "
+                    "prefix.tokenizers or prefix.models_dirs to tokenize locally",
+                    model, list(s.models_dirs) or "none", ", the hub" if s.hub else "",
+                )  # fmt: skip
+                self._choices[model] = self._default
+                return
+            build = functools.partial(_build_local, f"hf:{directory}", s)
+            local = await loop.run_in_executor(self._resolver, build)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken tokenizer file must not end the picker
+            log.warning("cannot load model %s's tokenizer: %s; using the endpoint's /tokenize",
+                        model, exc)  # fmt: skip
+            self._choices[model] = self._default
+            return
+        self._locals = (*self._locals, local)
+        self._choices[model] = _Choice(local, remote=False)
+        log.info("model %s: tokenizing with its own tokenizer from %s", model, directory)
 
     def _choice(self, spec: str, built: dict[str, _Local]) -> _Choice:
         remote = spec == "remote" or spec.startswith("remote:")
@@ -450,8 +549,11 @@ class _Walk:
         exact: bool,
         source: str,
         batch: int,
+        model: str,
     ) -> None:
         self._owner = owner
+        self._model = model
+        self._told = 0  # hashes already told to the owner's observer
         self._chain = chain
         self._ids = ids  # the prompt's ids so far, from its start
         self._hashes: list[int] = []
@@ -511,6 +613,10 @@ class _Walk:
             # Not tokenized yet: its characters at the rate of the part that was.
             count += (round(left * text.ids / done) if text.ids else left // 4) + len(text.after)
         hashes = tuple(self._hashes)
+        observer = self._owner._observer
+        if observer is not None and len(hashes) > self._told and self._model:
+            observer.predicted(self._model, hashes[self._told :])
+            self._told = len(hashes)
         return PromptTokens(
             count, hashes, self._exact, self._source, self._batch, complete=complete
         )
@@ -616,110 +722,3 @@ def _special_tokens(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
             "set add_special_tokens to false or use a remote tokenizer for this model"
         )
     return found.pop()
-
-
-# -- Hugging Face chat templates -----------------------------------------------------------------
-
-_SPECIAL_TOKEN_KEYS: Final = (
-    "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
-)  # fmt: skip
-
-
-def load_chat_template(directory: Path) -> ChatRenderer | None:
-    """The directory's chat template (`chat_template.jinja`, else `chat_template` in
-    tokenizer_config.json), compiled as transformers does, or None when it has none."""
-    config_file = directory / "tokenizer_config.json"
-    config: dict[str, Any] = {}
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    source: str | None = None
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        source = jinja_file.read_text(encoding="utf-8")
-    else:
-        template = config.get("chat_template")
-        if isinstance(template, list):
-            # Named templates: transformers uses "default" for chat.
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if isinstance(template, str):
-            source = template
-    if source is None:
-        return None
-    specials: dict[str, str] = {}
-    for key in _SPECIAL_TOKEN_KEYS:
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            specials[key] = value
-    return JinjaChatTemplate(source, specials)
-
-
-class JinjaChatTemplate:
-    """A Hugging Face chat template rendered like transformers' `apply_chat_template`:
-    a sandboxed Jinja2 environment with trim_blocks, lstrip_blocks and loop controls, its
-    `tojson`, `raise_exception` and `strftime_now`, the special tokens as variables, and
-    `add_generation_prompt=True`. transformers' `{% generation %}` tag is not supported.
-    Content-part lists are joined into one string ("\\n" between text parts), as vLLM does for
-    templates that take string content."""
-
-    def __init__(self, source: str, special_tokens: Mapping[str, str]) -> None:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(
-            value: Any,
-            ensure_ascii: bool = False,
-            indent: int | None = None,
-            separators: tuple[str, str] | None = None,
-            sort_keys: bool = False,
-        ) -> str:
-            return json.dumps(
-                value,
-                ensure_ascii=ensure_ascii,
-                indent=indent,
-                separators=separators,
-                sort_keys=sort_keys,
-            )
-
-        def strftime_now(fmt: str) -> str:
-            return datetime.now().strftime(fmt)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = strftime_now
-        self._template = env.from_string(source)
-        self._specials = dict(special_tokens)
-        self._error: type[Exception] = jinja2.exceptions.TemplateError
-
-    def __call__(self, messages: Sequence[ChatMessage]) -> str:
-        normalised = [_string_content(m) for m in messages]
-        try:
-            text: str = self._template.render(
-                messages=normalised, add_generation_prompt=True, tools=None, documents=None,
-                **self._specials,
-            )  # fmt: skip
-        except self._error as exc:
-            raise ValueError(f"chat template: {exc}") from exc
-        return text
-
-
-def _string_content(message: ChatMessage) -> Mapping[str, Any]:
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = [
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, Mapping) and part.get("type", "text") == "text"
-        ]
-        return {**message, "content": "\n".join(texts)}
-    if content is None or isinstance(content, str):
-        return message
-    return {**message, "content": message_text(content)}

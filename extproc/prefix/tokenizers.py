@@ -14,8 +14,10 @@ prompt for the same messages. `load_tokenizer(spec)` builds any of them from a s
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -62,6 +64,12 @@ def render_chat(messages: Sequence[ChatMessage], *, add_generation_prompt: bool 
     if add_generation_prompt:
         pieces.append(_HEADER.format(role="assistant"))
     return "".join(pieces)
+
+
+class ChatRenderer(Protocol):
+    """Chat messages to the prompt text the model reads (its chat template)."""
+
+    def __call__(self, messages: Sequence[ChatMessage]) -> str: ...
 
 
 @runtime_checkable
@@ -154,18 +162,26 @@ class TiktokenTokenizer:
 
 @dataclass(frozen=True, slots=True)
 class HFTokenizer:
-    """A Hugging Face fast tokenizer from a `tokenizer.json` file."""
+    """A Hugging Face fast tokenizer from a `tokenizer.json` file, with the chat template of its
+    directory (tokenizer_config.json or chat_template.jinja) when loaded from one."""
 
     tokenizer: Any  # tokenizers.Tokenizer
     name: str = "hf"
     add_special_tokens: bool = False
+    template: JinjaChatTemplate | None = None  # None: the shared Llama 3 layout
 
     @classmethod
     def from_file(cls, path: str | Path, *, add_special_tokens: bool = False) -> HFTokenizer:
         from tokenizers import Tokenizer as _HF
 
         file = Path(path)
-        return cls(_HF.from_file(str(file)), file.parent.name or file.stem, add_special_tokens)
+        directory = file if file.is_dir() else None
+        if directory is not None:
+            file = directory / "tokenizer.json"
+        template = load_chat_template(directory) if directory is not None else None
+        return cls(
+            _HF.from_file(str(file)), file.parent.name or file.stem, add_special_tokens, template
+        )
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids
@@ -180,6 +196,9 @@ class HFTokenizer:
     ) -> list[int]:
         # The template's markers are special tokens in Llama 3 vocabularies, so the HF encoder
         # maps them to their single ids; in other vocabularies they are ordinary text.
+        if self.template is not None:
+            text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+            return self.encode(text)
         return self.encode(render_chat(messages, add_generation_prompt=add_generation_prompt))
 
 
@@ -222,6 +241,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
     - `tiktoken:PATH`: a `.tiktoken` BPE file with cl100k's split pattern.
     - `hf:PATH` or a path ending in `tokenizer.json` (or a directory holding one): Hugging Face.
     - `bytes` or `bytes:N`: the byte-length estimator, N bytes a token (default 4).
+
+    `auto` is resolved per model first (`resolve_spec`).
     """
     kind, _, arg = spec.partition(":")
     if spec in ("", "cl100k_base", "cl100k"):
@@ -231,10 +252,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if kind == "bytes":
         return ByteEstimateTokenizer(int(arg) if arg else 4)
     if kind == "hf" and arg:
-        return HFTokenizer.from_file(_tokenizer_json(Path(arg)))
+        return HFTokenizer.from_file(arg)
     path = Path(spec)
     if path.name == "tokenizer.json" or path.is_dir():
-        return HFTokenizer.from_file(_tokenizer_json(path))
+        return HFTokenizer.from_file(path)
     if path.suffix == ".tiktoken":
         return TiktokenTokenizer.from_file(path)
     raise ValueError(
@@ -242,5 +263,130 @@ def load_tokenizer(spec: str) -> Tokenizer:
     )
 
 
-def _tokenizer_json(path: Path) -> Path:
-    return path / "tokenizer.json" if path.is_dir() else path
+def resolve_spec(
+    spec: str,
+    model: str,
+    *,
+    models_dirs: Sequence[str | Path] = (),
+    environ: Mapping[str, str],
+    fallback: str = "cl100k_base",
+) -> str:
+    """`spec`, or for `auto` the model's own tokenizer directory on this machine
+    (`extproc.prefix.resolve.find_local`: models directories, then the Hugging Face cache) as
+    `hf:DIR`, else `fallback`. The simulator's resolution, the picker's without the hub."""
+    if spec != "auto":
+        return spec
+    from extproc.prefix.resolve import find_local
+
+    directory = find_local(model, models_dirs=models_dirs, environ=environ)
+    return f"hf:{directory}" if directory is not None else fallback
+
+
+# -- Hugging Face chat templates -----------------------------------------------------------------
+
+_SPECIAL_TOKEN_KEYS: Final = (
+    "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
+)  # fmt: skip
+
+
+def load_chat_template(directory: Path) -> JinjaChatTemplate | None:
+    """The directory's chat template (`chat_template.jinja`, else `chat_template` in
+    tokenizer_config.json), compiled as transformers does, or None when it has none."""
+    config_file = directory / "tokenizer_config.json"
+    config: dict[str, Any] = {}
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    source: str | None = None
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        source = jinja_file.read_text(encoding="utf-8")
+    else:
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            # Named templates: transformers uses "default" for chat.
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str):
+            source = template
+    if source is None:
+        return None
+    specials: dict[str, str] = {}
+    for key in _SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            specials[key] = value
+    return JinjaChatTemplate(source, specials)
+
+
+class JinjaChatTemplate:
+    """A Hugging Face chat template rendered like transformers' `apply_chat_template`:
+    a sandboxed Jinja2 environment with trim_blocks, lstrip_blocks and loop controls, its
+    `tojson`, `raise_exception` and `strftime_now`, the special tokens as variables, and
+    `add_generation_prompt=True`. transformers' `{% generation %}` tag is not supported.
+    Content-part lists are joined into one string ("\\n" between text parts), as vLLM does for
+    templates that take string content."""
+
+    def __init__(self, source: str, special_tokens: Mapping[str, str]) -> None:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(
+            value: Any,
+            ensure_ascii: bool = False,
+            indent: int | None = None,
+            separators: tuple[str, str] | None = None,
+            sort_keys: bool = False,
+        ) -> str:
+            return json.dumps(
+                value,
+                ensure_ascii=ensure_ascii,
+                indent=indent,
+                separators=separators,
+                sort_keys=sort_keys,
+            )
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        self._template = env.from_string(source)
+        self._specials = dict(special_tokens)
+        self._error: type[Exception] = jinja2.exceptions.TemplateError
+
+    def __call__(self, messages: Sequence[ChatMessage]) -> str:
+        return self.render(messages, add_generation_prompt=True)
+
+    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
+        normalised = [_string_content(m) for m in messages]
+        try:
+            text: str = self._template.render(
+                messages=normalised, add_generation_prompt=add_generation_prompt, tools=None,
+                documents=None, **self._specials,
+            )  # fmt: skip
+        except self._error as exc:
+            raise ValueError(f"chat template: {exc}") from exc
+        return text
+
+
+def _string_content(message: ChatMessage) -> Mapping[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, Mapping) and part.get("type", "text") == "text"
+        ]
+        return {**message, "content": "\n".join(texts)}
+    if content is None or isinstance(content, str):
+        return message
+    return {**message, "content": message_text(content)}

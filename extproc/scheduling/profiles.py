@@ -21,6 +21,11 @@ over:
 Each scheduling profile becomes a `Profile`, usable by name as a strategy. Plugin instances are
 shared between the profiles that reference them, as in the field. Every error names its key
 (`plugins[2].parameters.threshold`) through `ConfigError`.
+
+Plugin type names are the llm-d router's (llm-d/llm-d-router, cmd/epp/runner/runner.go, where
+each is registered). A type it has that works the same here is accepted with its parameters; a
+type of its that does not is refused by name (`NOT_IMPLEMENTED`), not as an unknown type, so a
+carried-over config says what it is missing.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from extproc.scheduling.framework import Profile, WeightedScorer
 from extproc.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker
 from extproc.scheduling.price import PriceScorer
 from extproc.scheduling.scorers import (
+    SESSION_HEADER,
     InFlightTokensScorer,
     KvCacheUtilizationScorer,
     LeastRequestScorer,
@@ -60,7 +66,9 @@ from extproc.scheduling.types import Filter, Picker, Scorer
 
 KIND = "EndpointPickerConfig"
 
-Kind = Literal["filter", "scorer", "picker", "handler"]
+# `data`: the field's data producers and sources (tokens, prefix matches, in-flight load, scraped
+# metrics), which the pipeline runs here whatever the profile (`extproc.pipeline`).
+Kind = Literal["filter", "scorer", "picker", "handler", "data"]
 Plugin: TypeAlias = Filter | Scorer | Picker | None
 
 
@@ -113,6 +121,35 @@ class _Params:
         """Keys the field's plugin takes that mean nothing here (documented per type)."""
         self._known.update(keys)
 
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def raw(self, key: str) -> object:
+        """`key`'s value as given (None when absent), for a nested section read by hand."""
+        self._known.add(key)
+        return self._data.get(key)
+
+    def text(self, key: str, default: str) -> str:
+        self._known.add(key)
+        value = self._data.get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self._path}.{key}", f"expected a string, got {_show(value)}")
+        return value
+
+    def ignore_all(self) -> None:
+        """Every key: a data plugin's parameters configure what our own settings configure."""
+        self._known.update(str(k) for k in self._data)
+
+    def unsupported_unless(self, key: str, default: object, plugin: str) -> None:
+        """`key` may be given only at its default: other values mean a behaviour not built."""
+        self._known.add(key)
+        if key in self._data and self._data[key] != default:
+            raise ConfigError(
+                f"{self._path}.{key}",
+                f"{plugin} with {key} other than {default!r} is not implemented here",
+            )
+
     def check(self) -> None:
         unknown = sorted(str(k) for k in self._data if k not in self._known)
         if unknown:
@@ -132,9 +169,56 @@ def _no_params(factory: Callable[[], Plugin]) -> Callable[[_Params, _Context], P
 
 
 def _prefix_cache(params: _Params, ctx: _Context) -> Plugin:
-    # The field configures its prefix index on the scorer; ours is a data producer configured
-    # with the picker (prefix settings), which fills `Candidate.prefix_blocks`.
-    params.ignored("hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "mode")
+    # The field configures its prefix index on the scorer (older configs) or on a producer the
+    # scorer names; ours is configured with the picker (prefix, kv_events settings) and fills
+    # `Candidate.prefix_blocks`. The score is the share of the prompt matched, as theirs at
+    # matchLengthWeight 0 (their default); blending in the match's length is not built.
+    params.ignored(
+        "hashBlockSize",
+        "maxPrefixBlocksToMatch",
+        "lruCapacityPerServer",
+        "mode",
+        "prefixMatchInfoProducerName",
+        "matchLengthScaleTokens",
+    )
+    params.unsupported_unless("matchLengthWeight", 0, "prefix-cache-scorer")
+    return PrefixCacheScorer()
+
+
+def _session_affinity(params: _Params, ctx: _Context) -> Plugin:
+    # Ours is the llm-d router's `session_id` strategy on the `x-session-id` header, kept
+    # without a table (rendezvous hashing), so its eviction settings mean nothing here. Its
+    # default strategy (the picked pod echoed in a response header) is not built.
+    params.ignored("profileName", "encodedEndpointHeaderConfig")
+    strategy = params.text("strategy", "session_id")
+    if strategy != "session_id":
+        raise ConfigError(
+            f"{params.path}.strategy",
+            f"session-affinity-scorer with strategy {strategy!r} is not implemented here "
+            f"(sessions come from the {SESSION_HEADER} header: strategy session_id)",
+        )
+    session = _Params(params.raw("sessionIdConfig"), f"{params.path}.sessionIdConfig")
+    session.ignored("evictionTtlSeconds", "evictionSweepSeconds")
+    sources = session.raw("sources")
+    if sources is not None and sources != [{"header": SESSION_HEADER}]:
+        raise ConfigError(
+            f"{params.path}.sessionIdConfig.sources",
+            f"only the {SESSION_HEADER} header is implemented here, got {_show(sources)}",
+        )
+    session.check()
+    return SessionAffinityScorer()
+
+
+def _precise_prefix_cache(params: _Params, ctx: _Context) -> Plugin:
+    # The same score from the index kept from vLLM's KV events (kv_events.enabled); its
+    # tokenizer, indexer and event settings are prefix.* and kv_events.* here.
+    params.ignored(
+        "tokenProcessorConfig",
+        "indexerConfig",
+        "kvEventsConfig",
+        "speculativeIndexing",
+        "speculativeTTL",
+    )
     return PrefixCacheScorer()
 
 
@@ -168,8 +252,35 @@ def _low_kv(params: _Params, ctx: _Context) -> Plugin:
 
 def _pd_handler(params: _Params, ctx: _Context) -> Plugin:
     params.ignored(
-        "threshold", "hashBlockSize", "prefixPluginName", "decodeProfile", "prefillProfile"
+        "threshold",
+        "hashBlockSize",
+        "prefixPluginName",
+        "decodeProfile",
+        "prefillProfile",
+        "prefixPluginType",
+        "prefixMatchInfoProducerName",
     )
+    params.unsupported_unless("primaryPort", 0, "pd-profile-handler")
+    return None
+
+
+def _disagg_handler(params: _Params, ctx: _Context) -> Plugin:
+    # Its profiles are the disaggregation section's prefill_strategy / decode_strategy, its
+    # prefill decider that section's threshold_tokens.
+    params.ignored("profiles", "deciders")
+    return None
+
+
+def _prefix_decider(params: _Params, ctx: _Context) -> Plugin:
+    # Disaggregate when the prompt's tokens the decode endpoint does not hold reach a threshold:
+    # disaggregation.threshold_tokens (nonCachedTokens); a minimum prompt length is not built.
+    params.ignored("nonCachedTokens", "prefixMatchInfoProducerName")
+    params.unsupported_unless("promptTokens", 0, "prefix-based-pd-decider")
+    return None
+
+
+def _data(params: _Params, ctx: _Context) -> Plugin:
+    params.ignore_all()
     return None
 
 
@@ -197,9 +308,12 @@ PLUGIN_TYPES: Mapping[str, PluginType] = MappingProxyType(
         "prefix-cache-scorer": PluginType("scorer", _prefix_cache),
         "lora-affinity-scorer": PluginType("scorer", _no_params(LoraAffinityScorer)),
         "running-requests-scorer": PluginType("scorer", _no_params(RunningRequestsScorer)),
+        # The llm-d router's name of the same scorer: (max - running) / (max - min).
+        "running-requests-size-scorer": PluginType("scorer", _no_params(RunningRequestsScorer)),
+        "precise-prefix-cache-scorer": PluginType("scorer", _precise_prefix_cache),
         "least-request-scorer": PluginType("scorer", _no_params(LeastRequestScorer)),
         "in-flight-tokens-scorer": PluginType("scorer", _no_params(InFlightTokensScorer)),
-        "session-affinity-scorer": PluginType("scorer", _no_params(SessionAffinityScorer)),
+        "session-affinity-scorer": PluginType("scorer", _session_affinity),
         "cost-scorer": PluginType("scorer", _cost),
         "price-scorer": PluginType("scorer", _price),
         # llm-d's prefill/decode filters: endpoints by role (`fleet.role_label`).
@@ -214,6 +328,99 @@ PLUGIN_TYPES: Mapping[str, PluginType] = MappingProxyType(
         # threshold, and the prefiller header), naming the two profiles by strategy.
         "pd-profile-handler": PluginType("handler", _pd_handler),
         "prefill-header-handler": PluginType("handler", _no_params(lambda: None)),
+        # The llm-d router's current names for the same: the handler, its header handler (an
+        # alias it keeps), and the deciders (always: disaggregation.threshold_tokens 0).
+        "disagg-profile-handler": PluginType("handler", _disagg_handler),
+        "disagg-headers-handler": PluginType("handler", _no_params(lambda: None)),
+        "prefix-based-pd-decider": PluginType("handler", _prefix_decider),
+        "always-disagg-pd-decider": PluginType("handler", _no_params(lambda: None)),
+        # Its data plugins: the pipeline does their work for every request here (tokens from
+        # prefix.tokenizers, prefix matches from the index prefix.* / kv_events.* configure,
+        # in-flight load, the session header), and the collector scrapes vLLM's metrics. Their
+        # parameters configure those, so they are not read.
+        **{
+            name: PluginType("data", _data)
+            for name in (
+                "token-producer",
+                "tokenizer",
+                "approx-prefix-cache-producer",
+                "precise-prefix-cache-producer",
+                "inflight-load-producer",
+                "session-id-producer",
+                "metrics-data-source",
+                "core-metrics-extractor",
+                "endpoint-notification-source",
+                "k8s-notification-source",
+                "models-data-source",
+                "models-data-extractor",
+                "openai-parser",
+                # Saturation: scheduling.saturation_queue / saturation_kv, the same defaults.
+                "utilization-detector",
+            )
+        },
+    }
+)
+
+# The llm-d router's plugin types that nothing here does the same way, with what comes closest.
+# A config naming one is refused with this, not loaded with a plugin silently missing.
+NOT_IMPLEMENTED: Mapping[str, str] = MappingProxyType(
+    {
+        "load-aware-scorer": "queue-scorer scores the waiting queue, scaled across the pool",
+        "active-request-scorer": "least-request-scorer scores requests in flight from this "
+        "picker, scaled across the pool",
+        "token-load-scorer": "in-flight-tokens-scorer scores prompt tokens in flight",
+        "no-hit-lru-scorer": "prefix-cache-scorer with kv_events.enabled",
+        "session-affinity-filter": "session-affinity-scorer (x-session-id)",
+        "by-label": "prefill-filter and decode-filter (fleet.role_label)",
+        "by-label-selector": "prefill-filter and decode-filter (fleet.role_label)",
+        "label-selector-filter": "prefill-filter and decode-filter (fleet.role_label)",
+        "encode-filter": "",
+        "weighted-random-picker": "random-picker or max-score-picker",
+        "data-parallel-profile-handler": "one endpoint per data-parallel rank (its own port)",
+        "header-profile-handler": "the x-routing-strategy header names a strategy or profile",
+        "always-disagg-multimodal-decider": "",
+        "context-length-aware": "cost-scorer",
+        "endpoint-attribute-filter": "",
+        "endpoint-attribute-scorer": "",
+        "utilization-filter": "prefer-unsaturated-filter",
+        "latency-scorer": "cost-scorer (predicted time to first token)",
+        "predicted-latency-producer": "cost-scorer (predicted time to first token)",
+        "latency-slo-admitter": "",
+        "probabilistic-admitter": "",
+        "prefix-cache-affinity-filter": "",
+        "slo-headroom-tier-filter": "",
+        "mm-embeddings-cache-scorer": "",
+        "mm-embeddings-cache-producer": "",
+        "header-label-affinity-scorer": "",
+        "topology-affinity-filter": "",
+        "topology-affinity-scorer": "",
+        "burst-prefix-cache-producer": "",
+        "p2p-source-producer": "",
+        "request-attribute-reporter": "",
+        "agent-identity": "tenancy identifies clients by API key",
+        "disaggregatedset-rollout-screener": "",
+        "concurrency-detector": "scheduling.saturation_requests",
+        "global-strict-fairness-policy": "tenancy's fair queue",
+        "round-robin-fairness-policy": "tenancy's fair queue",
+        "program-aware-fairness": "tenancy's fair queue",
+        "fcfs-ordering-policy": "tenancy's fair queue",
+        "edf-ordering-policy": "tenancy's fair queue",
+        "slo-deadline-ordering-policy": "tenancy's fair queue",
+        "static-usage-limit-policy": "tenancy's limits",
+        "priority-holdback-policy": "tenancy's headroom_requests",
+        "soft-reflective-ceiling-policy": "",
+        "sheddable-eviction-filter": "",
+        "priority-then-time-eviction-order-policy": "",
+        "file-discovery": "a static endpoints list",
+        "dcgm-data-source": "",
+        "dcgm-extractor": "",
+        "topology-extractor": "",
+        "anthropic-parser": "",
+        "passthrough-parser": "",
+        "vllmgrpc-parser": "",
+        "vllmhttp-parser": "openai-parser",
+        "sglanghttp-parser": "",
+        "vertexai-parser": "",
     }
 )
 
@@ -223,6 +430,8 @@ _IGNORED_TOP = frozenset(
     {"featureGates", "saturationDetector", "dataLayer", "flowControl", "parser", "requestHandler"}
 )
 _TOP = frozenset({"apiVersion", "kind", "plugins", "schedulingProfiles"}) | _IGNORED_TOP
+# The llm-d router's multi-cluster variants (`multicluster-prefix-cache-scorer`, ...).
+_MULTI = "multicluster-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +483,13 @@ def _plugins(top: Mapping[str, object], ctx: _Context) -> dict[str, _Instance]:
         _check_keys(spec, path, {"type", "name", "parameters"})
         type_name = _string(_required(spec, "type", path), f"{path}.type")
         plugin_type = PLUGIN_TYPES.get(type_name)
+        if plugin_type is None and (type_name in NOT_IMPLEMENTED or type_name.startswith(_MULTI)):
+            closest = NOT_IMPLEMENTED.get(type_name, "")
+            raise ConfigError(
+                f"{path}.type",
+                f"plugin type '{type_name}' (llm-d router) is not implemented here"
+                + (f"; closest: {closest}" if closest else ""),
+            )
         if plugin_type is None:
             raise ConfigError(
                 f"{path}.type",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import signal
 import socket
 import sys
@@ -27,24 +28,29 @@ from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import start_http_server
 
 from extproc.config import Config, ConfigError, EndpointConfig, ServerConfig, load_config
-from extproc.metrics import PickerMetrics
-from extproc.pipeline import Pipeline
+from extproc.metrics import PickerMetrics, PoolCollector
 from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks
+from extproc.prefix.mismatch import MismatchDetector, MismatchReporter, MismatchSettings
+from extproc.request.objectives import ObjectiveResolver
 from extproc.scheduling.cost import CostLearner
 from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
+from extproc.server import reply
 from extproc.server.access_log import AccessLogReceiver
-from extproc.server.health import Health
+from extproc.server.field_metrics import MeteredPipeline, pool_reader
+from extproc.server.health import PREFIX_HASHING_CONDITION, Health
 from extproc.server.logs import configure_logging
 from extproc.server.prefill import HttpPrefiller
 from extproc.server.stream import StreamHandler
 from extproc.server.tls import server_credentials
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
+from extproc.state.discovery.objectives import ObjectivesWatch
 from extproc.state.discovery.static import FixedDiscovery, StaticDiscovery
 from extproc.state.inflight import InFlight
 from extproc.state.models import ModelsReading
+from extproc.state.objectives import ObjectivesStore
 from extproc.state.pool import PoolState
 from extproc.state.prefix_index import PrefixIndex
 from extproc.state.shared import ChannelTls, SharedStateClient
@@ -112,12 +118,18 @@ class PickerServer:
             if self.tenancy is not None
             else None
         )
+        # The pool's InferenceObjectives and InferenceModelRewrites, when watched.
+        self.objectives = ObjectivesStore()
+        kube = config.discovery.kubernetes
+        self.objectives_watch = (
+            ObjectivesWatch(kube, self.objectives) if kube is not None and kube.objectives else None
+        )
         self.prefiller = (
             HttpPrefiller(config.disaggregation.prefill_timeout_seconds)
             if config.disaggregation.mode == "centralized"
             else None
         )
-        self.pipeline = Pipeline(
+        self.pipeline = MeteredPipeline(
             config,
             self.store,
             self.inflight,
@@ -129,7 +141,9 @@ class PickerServer:
             cost=self.cost,
             tenancy=self.tenancy,
             prefiller=self.prefiller,
+            objectives=ObjectiveResolver(lambda: self.objectives.current, rng=random.Random()),
         )
+        self.metrics.registry.register(PoolCollector(pool_reader(config, self.store)))
         self.pool.on_publish(self._on_snapshot)
         self.health = Health()
         discovery = discovery or discovery_for(config)
@@ -147,6 +161,20 @@ class PickerServer:
             on_metrics=self.pool.set_metrics,
             index=self.index,
         )
+        # KV events tell whether the picker's block hashes are the servers' (docs/prefix.md).
+        self.mismatch = MismatchDetector(
+            self.blocks.hasher,
+            model_of=self._base_model,
+            on_verdict=MismatchReporter(
+                _MismatchSink(self.metrics, self.health, self._problem_tasks),
+                block_size=config.prefix.block_size,
+                tokenizer_of=self.blocks.tokenizer_of,
+            ),
+            settings=MismatchSettings(window_blocks=config.prefix.mismatch_window_blocks),
+        )
+        if self.state.subscribers is not None:
+            self.blocks.observe(self.mismatch)
+            self.state.subscribers.observe(self.mismatch)
         self.shared = (
             SharedStateClient(
                 config.collector.source,
@@ -165,6 +193,7 @@ class PickerServer:
         self._health_grpc: grpc.aio.Server | None = None
         self._shared_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None
+        self._objectives_task: asyncio.Task[None] | None = None
         self._metrics_http: Any = None
         self.grpc_port = 0
         self.health_port = 0
@@ -177,6 +206,11 @@ class PickerServer:
             self.metrics,
             default_body_mode=server.default_body_mode,
             awaiting_response_seconds=server.response_observer_timeout_seconds,
+            destination=reply.Destination(
+                namespace=self.config.routing.destination_metadata_namespace,
+                key=self.config.routing.destination_key,
+                emit_scores=self.config.routing.emit_endpoint_scores,
+            ),
         )
         self._grpc = grpc.aio.server(
             options=[
@@ -212,6 +246,8 @@ class PickerServer:
             self._shared_task = asyncio.create_task(self.shared.run())
         if self.reloader is not None:
             self._reload_task = asyncio.create_task(self.reloader.run())
+        if self.objectives_watch is not None:
+            self._objectives_task = asyncio.create_task(self.objectives_watch.run())
 
         self._metrics_http, _ = start_http_server(
             server.metrics_port, addr=server.host, registry=self.metrics.registry
@@ -251,6 +287,14 @@ class PickerServer:
                 if e.stats is not None and e.stats.num_gpu_blocks:
                     self.learned.set_capacity(e.address, e.stats.num_gpu_blocks)
 
+    def _base_model(self, address: str) -> str | None:
+        """The base model `address` serves (what its KV events are hashed for), if one."""
+        for endpoint in self.store.current.endpoints:
+            if endpoint.address == address:
+                bases = endpoint.models - endpoint.adapters.keys()
+                return next(iter(bases)) if len(bases) == 1 else None
+        return None
+
     def _on_models(self, readings: Sequence[ModelsReading]) -> None:
         self.pool.set_models(readings)
         endpoints = self.store.current.endpoints
@@ -267,7 +311,7 @@ class PickerServer:
         await self.health.draining()
         if self._grpc is not None:
             await self._grpc.stop(self.config.server.shutdown_grace_seconds)
-        for task in (self._shared_task, self._reload_task):
+        for task in (self._shared_task, self._reload_task, self._objectives_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -286,11 +330,34 @@ class PickerServer:
             self._metrics_http.server_close()
 
 
+class _MismatchSink:
+    """`MismatchReporter`'s verdicts to the metrics and the health condition."""
+
+    def __init__(self, metrics: PickerMetrics, health: Health, tasks: set[asyncio.Task[None]]):
+        self._metrics = metrics
+        self._health = health
+        self._tasks = tasks
+
+    def mismatch(self, model: str, endpoint: str, mismatched: bool) -> None:
+        self._metrics.prefix_tokenizer_mismatch.labels(model, endpoint).set(int(mismatched))
+
+    def checked(self, model: str, *, predicted: int, unpredicted: int) -> None:
+        self._metrics.prefix_checked_blocks.labels(model, "predicted").inc(predicted)
+        self._metrics.prefix_checked_blocks.labels(model, "unpredicted").inc(unpredicted)
+
+    def condition(self, message: str) -> None:
+        task = asyncio.create_task(self._health.condition(PREFIX_HASHING_CONDITION, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
 def blocks_settings(config: Config) -> BlocksSettings:
     prefix = config.prefix
     return BlocksSettings(
         tokenizers=dict(prefix.tokenizers),
         default_tokenizer=prefix.default_tokenizer,
+        models_dirs=tuple(prefix.models_dirs),
+        hub=prefix.tokenizer_hub,
         block_size=prefix.block_size,
         hash_algo=prefix.hash_algo,
         hash_seed=prefix.hash_seed,
@@ -430,6 +497,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cert-path", help="directory with tls.crt and tls.key, read again when they change"
     )
+    parser.add_argument(
+        "--destination-endpoint-hint-metadata-namespace",
+        help="dynamic-metadata namespace of the decision (default envoy.lb)",
+    )
+    parser.add_argument(
+        "--destination-endpoint-hint-key",
+        help="header and metadata key of the decision (default x-gateway-destination-endpoint)",
+    )
+    parser.add_argument(
+        "--emit-endpoint-scores",
+        action="store_true",
+        default=None,
+        help="send each scored endpoint's score in the metadata too",
+    )
     add_pool_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument(
@@ -469,6 +550,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         "fallbacks": "routing.fallbacks",
         "secure_serving": "server.secure_serving",
         "cert_path": "server.cert_path",
+        "destination_endpoint_hint_metadata_namespace": "routing.destination_metadata_namespace",
+        "destination_endpoint_hint_key": "routing.destination_key",
+        "emit_endpoint_scores": "routing.emit_endpoint_scores",
         "pool_name": "discovery.kubernetes.pool_name",
         "pool_namespace": "discovery.kubernetes.namespace",
         "all_pools": "discovery.kubernetes.all_pools",

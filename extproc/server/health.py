@@ -6,6 +6,8 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# A condition is a named health service: NOT_SERVING while it holds, readiness unaffected.
+PREFIX_HASHING_CONDITION = "extproc.prefix-hashing"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -19,6 +21,9 @@ class Health:
         self.servicer = health_aio.HealthServicer()
         self._started = False  # between ready() and draining()
         self._problems: dict[str, str] = {}  # source -> what keeps the picker unready
+        # Degraded but still routing (prefix hashing that matches no server): a problem would
+        # take every replica out of the gateway for what costs cache hits, not requests.
+        self._conditions: dict[str, str] = {}
 
     @property
     def is_ready(self) -> bool:
@@ -27,6 +32,19 @@ class Health:
     @property
     def problems(self) -> dict[str, str]:
         return dict(self._problems)
+
+    @property
+    def conditions(self) -> dict[str, str]:
+        return dict(self._conditions)
+
+    async def condition(self, name: str, message: str) -> None:
+        """Condition `name` holds for `message`, or "" once it does not: its health service
+        is NOT_SERVING while it holds (grpc_health_probe -service=NAME)."""
+        if message:
+            self._conditions[name] = message
+        else:
+            self._conditions.pop(name, None)
+        await self.servicer.set(name, _NOT_SERVING if message else _SERVING)
 
     async def start(self) -> None:
         await self.servicer.set("liveness", _SERVING)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
@@ -20,6 +21,9 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 DESTINATION = "x-gateway-destination-endpoint"
+# The scheduler's score for each endpoint it scored, beside the destination in its metadata
+# namespace: the llm-d router's key (`--emit-endpoint-scores`), a struct of `ip:port` -> number.
+ENDPOINT_SCORES = "x-gateway-destination-endpoint-scores"
 # Per-endpoint scores of the decision, upstream only, when scheduling.explain is on.
 SCORES = "x-extproc-scores"
 LB_NAMESPACE = "envoy.lb"
@@ -30,6 +34,21 @@ TENANT = "tenant"
 CHUNK = 62_000
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a decision is written for Envoy: the header and the dynamic-metadata namespace and
+    key (the protocol's unless configured otherwise, as the field's picker once allowed with
+    `--destination-endpoint-hint-metadata-namespace` and `--destination-endpoint-hint-key`), and
+    whether the scheduler's per-endpoint scores go beside it."""
+
+    namespace: str = LB_NAMESPACE
+    key: str = DESTINATION
+    emit_scores: bool = False
+
+
+PROTOCOL = Destination()
 
 # Replies that carry no decision are the same every time: build them once.
 CONTINUE_REQUEST_HEADERS = ProcessingResponse(request_headers=HeadersResponse())
@@ -49,8 +68,10 @@ def _routing(
     extra: tuple[tuple[str, str], ...] = (),
     remove: tuple[str, ...] = (),
     tenant: str | None = None,
+    destination: Destination = PROTOCOL,
+    scores: Mapping[str, float] | None = None,
 ) -> tuple[CommonResponse, Struct]:
-    headers = [(DESTINATION, targets), *extra]
+    headers = [(destination.key, targets), *extra]
     if explanation is not None:
         headers.append((SCORES, explanation))
     if content_length is not None:
@@ -67,7 +88,10 @@ def _routing(
         remove_headers=list(remove),
     )
     metadata = Struct()
-    metadata.get_or_create_struct(LB_NAMESPACE)[DESTINATION] = targets
+    lb = metadata.get_or_create_struct(destination.namespace)
+    lb[destination.key] = targets
+    if destination.emit_scores and scores:
+        lb.get_or_create_struct(ENDPOINT_SCORES).update(scores)
     # Names the request for the response observer (a second ext_proc filter) and the access log;
     # the tenant lets a replica that did not route the request charge its usage (access_log.py).
     own = metadata.get_or_create_struct(OWN_NAMESPACE)
@@ -86,11 +110,14 @@ def route_in_headers(
     headers: tuple[tuple[str, str], ...] = (),
     remove: tuple[str, ...] = (),
     tenant: str | None = None,
+    destination: Destination = PROTOCOL,
+    scores: Mapping[str, float] | None = None,
 ) -> ProcessingResponse:
     """The answer to the request headers: destination header, envoy.lb metadata, new route.
     `content_length` is the length of a rewritten body, which follows as streamed chunks;
     `headers` are set on the upstream request too (the prefill endpoint's name), and `remove`
-    taken off it (the client's own copy of a header only the picker may set)."""
+    taken off it (the client's own copy of a header only the picker may set). `scores` go in
+    the metadata when `destination.emit_scores` says so."""
     common, metadata = _routing(
         targets,
         request_id,
@@ -99,6 +126,8 @@ def route_in_headers(
         extra=headers,
         remove=remove,
         tenant=tenant,
+        destination=destination,
+        scores=scores,
     )
     return ProcessingResponse(
         request_headers=HeadersResponse(response=common), dynamic_metadata=metadata
@@ -114,6 +143,8 @@ def route_in_body(
     headers: tuple[tuple[str, str], ...] = (),
     remove: tuple[str, ...] = (),
     tenant: str | None = None,
+    destination: Destination = PROTOCOL,
+    scores: Mapping[str, float] | None = None,
 ) -> ProcessingResponse:
     """The same answer given on the body, for BUFFERED mode where headers were answered first
     (Envoy still holds them, so the header mutation applies). `body` replaces the buffered body;
@@ -127,6 +158,8 @@ def route_in_body(
         extra=headers,
         remove=remove,
         tenant=tenant,
+        destination=destination,
+        scores=scores,
     )
     if body is not None:
         common.body_mutation.body = body

@@ -98,8 +98,10 @@ class StreamHandler:
         default_body_mode: BodyMode,
         awaiting_response_seconds: float = 900.0,
         usage_wait_seconds: float = 10.0,
+        destination: reply.Destination = reply.PROTOCOL,
     ) -> None:
         self._pipeline = pipeline
+        self._destination = destination
         self._metrics = metrics
         self._default_mode = _FULL_DUPLEX if default_body_mode == "streamed" else _BUFFERED
         self._awaiting: _Awaiting[Routed] = _Awaiting(ttl=awaiting_response_seconds)
@@ -270,6 +272,8 @@ class StreamHandler:
                 headers=outcome.headers,
                 remove=outcome.remove_headers,
                 tenant=tenant,
+                destination=self._destination,
+                scores=outcome.scores,
             )
         return reply.route_in_body(
             targets,
@@ -279,6 +283,8 @@ class StreamHandler:
             headers=outcome.headers,
             remove=outcome.remove_headers,
             tenant=tenant,
+            destination=self._destination,
+            scores=outcome.scores,
         )
 
     def _refuse(self, error: OpenAIError) -> NoReturn:

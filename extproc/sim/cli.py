@@ -57,8 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="divide every simulated duration")
     p.add_argument(
         "--tokenizer",
-        default="cl100k_base",
-        help="cl100k_base | tiktoken:PATH | hf:PATH/tokenizer.json | bytes[:N]",
+        default="auto",
+        help="auto (the model's tokenizer.json from --models-dir or the Hugging Face cache, else "
+        "cl100k_base) | cl100k_base | tiktoken:PATH | hf:PATH (tokenizer.json or its "
+        "directory, with its chat template) | bytes[:N]",
+    )
+    p.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        help="where --tokenizer auto looks first (as the picker's prefix.models_dirs); repeatable",
     )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--prefix-caching-hash-algo", default="sha256", choices=HASH_ALGOS)
@@ -124,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         profiles=profiles,
         speed=args.speed,
         tokenizer=args.tokenizer,
+        models_dirs=tuple(args.models_dir),
         block_size=args.block_size,
         hash_algo=args.prefix_caching_hash_algo,
         # vLLM's rule: PYTHONHASHSEED, when set, seeds NONE_HASH.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -28,7 +29,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from extproc.prefix.hashing import DEFAULT_NONE_HASH_SEED, BlockHasher, HashAlgo
-from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
+from extproc.prefix.tokenizers import Tokenizer, load_tokenizer, resolve_spec
 from extproc.sim.engine import EngineConfig, EngineStats, FinishedRequest
 from extproc.sim.events import EventFormat
 from extproc.sim.profiles import get_profile
@@ -54,7 +55,10 @@ class SimConfig:
     # "a100-8b:4,h100-8b:4"); empty: `profile` for every server.
     profiles: tuple[str, ...] = ()
     speed: float = 1.0
-    tokenizer: str = "cl100k_base"
+    # `auto`: the model's own tokenizer files, found as the picker's `auto` finds them (models
+    # directories, the Hugging Face cache; never the hub), else cl100k_base. A spec otherwise.
+    tokenizer: str = "auto"
+    models_dirs: tuple[str, ...] = ()
     block_size: int = 16
     hash_algo: HashAlgo = "sha256"
     hash_seed: str = DEFAULT_NONE_HASH_SEED
@@ -300,7 +304,11 @@ class SimFleet:
         if self._tokenizer is not None:
             tokenizer = self._tokenizer
         else:
-            tokenizer = await asyncio.to_thread(load_tokenizer, cfg.tokenizer)
+            spec = await asyncio.to_thread(
+                resolve_spec, cfg.tokenizer, cfg.model, models_dirs=cfg.models_dirs,
+                environ=os.environ,
+            )  # fmt: skip
+            tokenizer = await asyncio.to_thread(load_tokenizer, spec)
         engines = {
             name: cfg.engine_config(tokenizer, name)
             for name in dict.fromkeys(cfg.server_profile(i) for i in range(cfg.pods))

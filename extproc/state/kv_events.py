@@ -535,6 +535,12 @@ class GroupSelector:
         return moved
 
 
+class StoredObserver(Protocol):
+    """Shown every GPU BlockStored event applied (`extproc.prefix.mismatch` checks them)."""
+
+    def stored(self, endpoint: str, event: BlockStored) -> None: ...
+
+
 class _Subscriber:
     """Follows one endpoint's publisher. Its state is touched only by its own task."""
 
@@ -564,6 +570,7 @@ class _Subscriber:
         self._event_counters: dict[str, Any] = {}
         # Survives resets and restarts: a restarted server runs the same model.
         self._groups = GroupSelector()
+        self.observer: StoredObserver | None = None
 
     def status(self) -> SubscriberStatus:
         return SubscriberStatus(
@@ -805,6 +812,8 @@ class _Subscriber:
                         self._metrics.resets.labels(address, "group").inc()
                 if event.group == self._groups.group:
                     evicted += index.store(address, event.block_hashes)
+                    if self.observer is not None:
+                        self.observer.stored(address, event)
             elif isinstance(event, BlockRemoved):
                 if event.group == self._groups.group:
                     index.remove(address, event.block_hashes)
@@ -844,6 +853,7 @@ class KVEventSubscribers:
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.asyncio.Context()
         self._subs: dict[str, tuple[_Subscriber, asyncio.Task[None]]] = {}
+        self._observer: StoredObserver | None = None
         if metrics is not None:
             metrics.watch(index)
 
@@ -861,6 +871,12 @@ class KVEventSubscribers:
         for address, spec in wanted.items():
             if address not in self._subs:
                 self._start(spec)
+
+    def observe(self, observer: StoredObserver | None) -> None:
+        """Show `observer` every GPU BlockStored event the index applies, from now on."""
+        self._observer = observer
+        for sub, _ in self._subs.values():
+            sub.observer = observer
 
     def status(self, address: str) -> SubscriberStatus | None:
         entry = self._subs.get(address)
@@ -889,6 +905,7 @@ class KVEventSubscribers:
             metrics=self._metrics,
             settings=self._settings,
         )
+        sub.observer = self._observer
         task = asyncio.get_running_loop().create_task(sub.run(), name=f"kv-events {spec.address}")
         self._subs[spec.address] = (sub, task)
 

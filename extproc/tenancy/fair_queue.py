@@ -5,8 +5,14 @@ piling onto a model server's queue, where it would wait in arrival order behind 
 most. Each tenant has a virtual token counter (the Virtual Token Counter of Sheng et al., "Fairness
 in Serving Large Language Models", OSDI '24): every token a tenant is served adds
 tokens / weight to its counter, and when room frees the waiting tenant with the lowest counter
-goes next. Higher priority goes before lower whatever the counters say (sheddable tenants, with
+goes next. Higher priority goes before lower whatever the counters say (sheddable requests, with
 negative priority, are refused before they get here).
+
+Inside one tenant's queue a request's own priority comes first (an objective may lower it below
+its tenant's), then its flow (the request's fairness id, `flow`): the tenant's backlogged flows
+take turns, each counted by the requests it has had released, a flow that starts waiting lifted
+to the fewest among those waiting. A flow never changes the tenant's share, only who inside the
+tenant uses it. One flow and one priority: arrival order.
 
 A tenant that starts waiting has its counter lifted to the lowest counter among those already
 waiting, so time spent idle is not banked as credit to flood with later. Requests admitted
@@ -43,6 +49,7 @@ class _Waiter:
     tenant: Tenant
     model: str | None
     future: asyncio.Future[None]
+    flow: str = ""
     since: float = field(default_factory=time.monotonic)
     # Set once the waiting request has resumed (released, timed out or cancelled).
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,6 +73,8 @@ class FairQueue:
         self._in_flight: dict[str, int] = {}
         # Each tenant's weight and when it was last routed (bounded by the configured tenants).
         self._seen: dict[str, tuple[float, float]] = {}
+        # Per tenant, requests released per flow; only flows with requests waiting are kept.
+        self._flows: dict[str, dict[str, int]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -114,7 +123,13 @@ class FairQueue:
             self._wake.set()
 
     async def wait(
-        self, tenant: Tenant, model: str | None, *, max_wait: float, max_queued: int
+        self,
+        tenant: Tenant,
+        model: str | None,
+        *,
+        max_wait: float,
+        max_queued: int,
+        flow: str = "",
     ) -> WaitOutcome:
         """Wait until this request may go: at most `max_wait` seconds, and not at all when the
         tenant already has `max_queued` waiting (both per call: the policy may be reloaded).
@@ -126,7 +141,10 @@ class FairQueue:
         if not queue:
             self._lift(tenant.name)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(tenant, model, loop.create_future())
+        waiter = _Waiter(tenant, model, loop.create_future(), flow)
+        flows = self._flows.setdefault(tenant.name, {})
+        if flow not in flows:
+            flows[flow] = min(flows.values(), default=0)
         queue.append(waiter)
         self._on_depth(tenant.name, len(queue))
         if self._task is None:
@@ -144,7 +162,16 @@ class FairQueue:
             if waiter in queue:
                 queue.remove(waiter)
                 self._on_depth(tenant.name, len(queue))
+            self._forget_flow(tenant.name, flow, queue)
         return "released"
+
+    def _forget_flow(self, tenant: str, flow: str, queue: deque[_Waiter]) -> None:
+        if any(w.flow == flow for w in queue):
+            return
+        flows = self._flows.get(tenant, {})
+        flows.pop(flow, None)
+        if not flows:
+            self._flows.pop(tenant, None)
 
     def _lift(self, tenant: str) -> None:
         backlogged = [self.counter(name) for name, q in self._queues.items() if q]
@@ -169,25 +196,36 @@ class FairQueue:
     def _release_next(self) -> _Waiter | None:
         # Priority, then the virtual counter; on a tie (a tenant just lifted to the lowest
         # counter) the shorter queue first, so a newcomer is not put behind a flood's backlog.
+        heads = {name: head for name, q in self._queues.items() if (head := self._head(name, q))}
         order = sorted(
-            (-q[0].tenant.priority, self.counter(name), len(q), q[0].since, name)
-            for name, q in self._queues.items()
-            if q
+            (-head.tenant.priority, self.counter(name), len(self._queues[name]), head.since, name)
+            for name, head in heads.items()
         )
         for *_, name in order:
-            queue = self._queues[name]
-            while queue and queue[0].future.done():
-                queue.popleft()  # timed out or cancelled
-            if not queue:
-                continue
-            head = queue[0]
+            queue, head = self._queues[name], heads[name]
             if not self._has_room(head.tenant, head.model):
                 continue
-            queue.popleft()
+            queue.remove(head)
             self._on_depth(name, len(queue))
+            flows = self._flows.get(name)
+            if flows is not None and head.flow in flows:
+                flows[head.flow] += 1
             head.future.set_result(None)
             return head
         return None
+
+    def _head(self, name: str, queue: deque[_Waiter]) -> _Waiter | None:
+        """The tenant's next request: its highest priority, then the flow with the fewest
+        released, then the oldest."""
+        while queue and queue[0].future.done():
+            queue.popleft()  # timed out or cancelled
+        if len(queue) < 2:
+            return queue[0] if queue else None
+        flows = self._flows.get(name, {})
+        return min(
+            (w for w in queue if not w.future.done()),
+            key=lambda w: (-w.tenant.priority, flows.get(w.flow, 0), w.since),
+        )
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -335,6 +335,11 @@ def test_picker_rbac_is_exactly_what_discovery_reads() -> None:
     assert rules == {
         ("inference.networking.k8s.io", "inferencepools"): ["get", "list", "watch"],
         ("", "pods"): ["get", "list", "watch"],
+        **{
+            (group, resource): ["list", "watch"]
+            for group in ("llm-d.ai", "inference.networking.x-k8s.io")
+            for resource in ("inferenceobjectives", "inferencemodelrewrites")
+        },
     }
 
 

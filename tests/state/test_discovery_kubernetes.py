@@ -524,6 +524,11 @@ def test_rbac_grants_exactly_what_discovery_reads() -> None:
     assert rules == {
         (("inference.networking.k8s.io",), ("inferencepools",)): ["get", "list", "watch"],
         (("",), ("pods",)): ["get", "list", "watch"],
+        # The objectives watch (extproc/state/discovery/objectives.py): both groups it may use.
+        (
+            ("llm-d.ai", "inference.networking.x-k8s.io"),
+            ("inferenceobjectives", "inferencemodelrewrites"),
+        ): ["list", "watch"],
     }
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",

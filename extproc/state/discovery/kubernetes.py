@@ -262,20 +262,23 @@ class KubernetesDiscovery:
             listener(problem)
 
     def _make_client(self) -> Any:
-        """An ApiClient; runs on a reflector's thread (kubeconfig exec plugins can be slow)."""
-        settings = self._settings
-        configuration = self._client_configuration
-        if configuration is None:
-            configuration = kubernetes.client.Configuration()
-            if settings.kubeconfig or not _in_cluster():
-                _load_kube_config(
-                    config_file=settings.kubeconfig or None,
-                    context=settings.context or None,
-                    client_configuration=configuration,
-                )
-            else:
-                _load_incluster_config(client_configuration=configuration)
-        return kubernetes.client.ApiClient(configuration)
+        return make_api_client(self._settings, self._client_configuration)
+
+
+def make_api_client(settings: KubernetesSettings, configuration: Any | None = None) -> Any:
+    """An ApiClient from `configuration`, else from the kubeconfig or the pod's service account;
+    runs on a reflector's thread (kubeconfig exec plugins can be slow)."""
+    if configuration is None:
+        configuration = kubernetes.client.Configuration()
+        if settings.kubeconfig or not _in_cluster():
+            _load_kube_config(
+                config_file=settings.kubeconfig or None,
+                context=settings.context or None,
+                client_configuration=configuration,
+            )
+        else:
+            _load_incluster_config(client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
 
 
 class _State:
@@ -700,3 +703,12 @@ def _log_change(before: tuple[EndpointConfig, ...], after: tuple[EndpointConfig,
         ", ".join(sorted(new - old)) or "none",
         ", ".join(sorted(old - new)) or "none",
     )
+
+
+# The list-then-watch machinery, for the other watches of the picker's namespace
+# (`extproc.state.discovery.objectives`).
+Reflector = _Reflector
+Listed = _Listed
+Changed = _Changed
+Update = _Update
+default_namespace = _default_namespace
