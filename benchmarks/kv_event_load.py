@@ -15,7 +15,7 @@ import time
 
 import msgpack
 
-from extproc.state.kv_events import BlockRemoved, BlockStored, decode_batch
+from extproc.state.kv_decoding import BlockRemoved, BlockStored, decode_batch
 from extproc.state.prefix_index import PrefixIndex
 
 BLOCK = 16

@@ -15,19 +15,22 @@ from importlib.metadata import PackageNotFoundError, version
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("extproc.server.app", "run the endpoint picker (ext_proc gRPC, health, metrics)"),
+    "serve": ("extproc.server.cli", "run the endpoint picker (ext_proc gRPC, health, metrics)"),
     "collector": (
-        "extproc.server.collector_app",
+        "extproc.collector.app",
         "run the shared state collector that many picker replicas follow",
     ),
     "controller": (
         "extproc.controllers.cli",
         "run the bundled controllers: autoscaler, lora, kvpool or all",
     ),
-    "envoy": ("extproc.envoy_runner", "run the real Envoy binary on the bundled config"),
+    "envoy": ("extproc.bench.envoy", "run the real Envoy binary on the bundled config"),
     "sim": ("extproc.sim.cli", "run a simulated vLLM fleet"),
     "bench": ("extproc.bench.cli", "run a benchmark and write its report"),
-    "demo": ("extproc.demo", "simulated fleet + Envoy + picker + a short workload + a report"),
+    "demo": (
+        "extproc.bench.demo",
+        "simulated fleet + Envoy + picker + a short workload + a report",
+    ),
 }
 # The long-running servers: each of their flags may also come from the environment, as
 # Kubernetes users set them (`--grpc-port` <- EXTPROC_GRPC_PORT); a flag given wins.

@@ -34,9 +34,9 @@ from extproc.bench.chaos import (
     summarize,
     to_json,
 )
+from extproc.bench.envoy import validate_config
 from extproc.bench.processes import free_ports
 from extproc.config import EndpointConfig, KubernetesDiscoveryConfig, load_config
-from extproc.envoy_runner import validate_config
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
 
 

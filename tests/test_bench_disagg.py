@@ -10,7 +10,7 @@ import pytest
 
 from extproc.bench import workloads as wl
 from extproc.bench.disagg import Options, Setup, measure, render_markdown, run_disagg
-from extproc.bench.routing import CpuUse
+from extproc.bench.runs import CpuUse
 from extproc.prefix.tokenizers import load_tokenizer
 
 CPU = CpuUse(0.0, 0.0, 0.0, 0.0, 0.0)

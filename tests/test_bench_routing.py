@@ -15,17 +15,13 @@ from extproc.bench import workloads as wl
 from extproc.bench.report import checks, render_markdown, to_json, write_report
 from extproc.bench.routing import (
     Competitor,
-    CpuUse,
-    Ports,
     RoutingOptions,
     RoutingReport,
-    RunResult,
     WorkloadInfo,
-    add_arguments,
-    envoy_bootstrap,
-    options_from_args,
     run_routing,
 )
+from extproc.bench.routing_cli import add_arguments, options_from_args
+from extproc.bench.runs import CpuUse, Ports, RunResult, envoy_bootstrap
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
 from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.sim.profiles import get_profile

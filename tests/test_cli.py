@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from extproc.cli import defaults_from_environment
-from extproc.server.app import add_arguments, config_from_args
+from extproc.server.cli import add_arguments, config_from_args
 
 EXTPROC = Path(sys.executable).with_name("extproc")
 

@@ -18,14 +18,8 @@ from typing import Any
 
 import pytest
 
-from extproc.demo import (
-    CONCENTRATION_REASONS,
-    STRATEGIES,
-    STRATEGY_SUMMARIES,
-    StrategyResult,
-    _in_short,
-    _routing,
-)
+from extproc.bench.demo_plan import CONCENTRATION_REASONS, STRATEGIES, STRATEGY_SUMMARIES
+from extproc.bench.demo_report import StrategyResult, _in_short, _routing
 
 pytestmark = pytest.mark.e2e
 

@@ -17,22 +17,22 @@ from typing import Any, get_args
 import pytest
 import yaml
 
-from extproc import envoy_runner
+from extproc.bench import envoy, envoy_config
 from extproc.config import BodyMode, FailureMode, ServerConfig, TenancyConfig
 from extproc.request.openai import Api, api_of
 from extproc.server.health import EXT_PROC_SERVICE
 
-SHIPPED = sorted(envoy_runner.ENVOY_DIR.glob("*.yaml"))
+SHIPPED = sorted(envoy_config.ENVOY_DIR.glob("*.yaml"))
 
 
 def _validate(path: Path) -> None:
-    result = envoy_runner.validate_config(path)
+    result = envoy.validate_config(path)
     assert result.returncode == 0, f"{path.name}:\n{result.stdout}\n{result.stderr}"
 
 
 def test_envoy_folder_ships_both_variants() -> None:
     names = {path.name for path in SHIPPED}
-    assert set(envoy_runner.TEMPLATES.values()) <= names
+    assert set(envoy_config.TEMPLATES.values()) <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -40,10 +40,10 @@ def test_shipped_file_is_valid(path: Path) -> None:
     _validate(path)
 
 
-@pytest.mark.parametrize("variant", list(envoy_runner.TEMPLATES))
-def test_rendering_defaults_reproduces_the_shipped_file(variant: envoy_runner.Variant) -> None:
-    shipped = yaml.safe_load((envoy_runner.ENVOY_DIR / envoy_runner.TEMPLATES[variant]).read_text())
-    rendered = yaml.safe_load(envoy_runner.render_bootstrap(variant=variant))
+@pytest.mark.parametrize("variant", list(envoy_config.TEMPLATES))
+def test_rendering_defaults_reproduces_the_shipped_file(variant: envoy_config.Variant) -> None:
+    shipped = yaml.safe_load((envoy_config.ENVOY_DIR / envoy_config.TEMPLATES[variant]).read_text())
+    rendered = yaml.safe_load(envoy_config.render_bootstrap(variant=variant))
     assert rendered == shipped
 
 
@@ -51,8 +51,8 @@ COMBINATIONS = list(
     itertools.product(
         get_args(FailureMode),
         get_args(BodyMode),
-        list(envoy_runner.TEMPLATES),
-        get_args(envoy_runner.ResponsePath),
+        list(envoy_config.TEMPLATES),
+        get_args(envoy_config.ResponsePath),
     )
 )
 
@@ -66,10 +66,10 @@ def test_rendered_config_is_valid(
     tmp_path: Path,
     failure_mode: FailureMode,
     body_mode: BodyMode,
-    variant: envoy_runner.Variant,
-    response_path: envoy_runner.ResponsePath,
+    variant: envoy_config.Variant,
+    response_path: envoy_config.ResponsePath,
 ) -> None:
-    text = envoy_runner.render_bootstrap(
+    text = envoy_config.render_bootstrap(
         port=18000,
         extproc="127.0.0.1:19002",
         endpoints=["127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:18003"],
@@ -106,7 +106,7 @@ def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_rendered_settings_land_where_envoy_reads_them() -> None:
     config = yaml.safe_load(
-        envoy_runner.render_bootstrap(
+        envoy_config.render_bootstrap(
             port=18000,
             extproc="picker.local:19002",
             endpoints=["10.0.0.1:8000", "10.0.0.2:8000"],
@@ -163,7 +163,7 @@ def test_rendered_settings_land_where_envoy_reads_them() -> None:
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        envoy_runner.render_bootstrap(**kwargs)
+        envoy_config.render_bootstrap(**kwargs)
 
 
 def test_print_config_writes_the_rendered_bootstrap(capsys: pytest.CaptureFixture[str]) -> None:
@@ -231,7 +231,7 @@ def _short(name: str) -> str:
 
 def test_every_response_path_and_body_mode_is_in_the_table() -> None:
     assert set(_RESPONSE_PATHS) == set(
-        itertools.product(get_args(envoy_runner.ResponsePath), get_args(BodyMode))
+        itertools.product(get_args(envoy_config.ResponsePath), get_args(BodyMode))
     )
 
 
@@ -240,12 +240,12 @@ def test_every_response_path_and_body_mode_is_in_the_table() -> None:
     list(_RESPONSE_PATHS),
     ids=["-".join(k) for k in _RESPONSE_PATHS],
 )
-@pytest.mark.parametrize("variant", list(envoy_runner.TEMPLATES))
+@pytest.mark.parametrize("variant", list(envoy_config.TEMPLATES))
 def test_response_path_shapes(
-    response_path: envoy_runner.ResponsePath, body_mode: BodyMode, variant: envoy_runner.Variant
+    response_path: envoy_config.ResponsePath, body_mode: BodyMode, variant: envoy_config.Variant
 ) -> None:
     config = yaml.safe_load(
-        envoy_runner.render_bootstrap(
+        envoy_config.render_bootstrap(
             response_path=response_path, body_mode=body_mode, variant=variant
         )
     )
@@ -267,22 +267,22 @@ def test_response_path_shapes(
 
 
 def test_the_default_response_path_is_ended() -> None:
-    default = inspect.signature(envoy_runner.render_bootstrap).parameters["response_path"].default
+    default = inspect.signature(envoy_config.render_bootstrap).parameters["response_path"].default
     assert default == "ended"
     parser = argparse.ArgumentParser()
-    envoy_runner.add_arguments(parser)
+    envoy.add_arguments(parser)
     assert parser.parse_args([]).response_path == "ended"
     # And the shipped files are that shape as they stand.
-    for variant, name in envoy_runner.TEMPLATES.items():
-        shipped = yaml.safe_load((envoy_runner.ENVOY_DIR / name).read_text())
+    for variant, name in envoy_config.TEMPLATES.items():
+        shipped = yaml.safe_load((envoy_config.ENVOY_DIR / name).read_text())
         ended = yaml.safe_load(
-            envoy_runner.render_bootstrap(variant=variant, response_path="ended")
+            envoy_config.render_bootstrap(variant=variant, response_path="ended")
         )
         assert shipped == ended
 
 
 def test_usage_log_goes_to_the_picker_only_for_requests_it_named() -> None:
-    config = yaml.safe_load(envoy_runner.render_bootstrap(extproc="127.0.0.1:19002"))
+    config = yaml.safe_load(envoy_config.render_bootstrap(extproc="127.0.0.1:19002"))
     (usage_log,) = [
         x for x in _ingress_hcm(config)["access_log"] if x["name"].endswith("http_grpc")
     ]
@@ -300,24 +300,24 @@ def test_usage_log_goes_to_the_picker_only_for_requests_it_named() -> None:
 
 
 def test_no_access_log_drops_only_the_stdout_line() -> None:
-    ended = yaml.safe_load(envoy_runner.render_bootstrap(access_log=False))
+    ended = yaml.safe_load(envoy_config.render_bootstrap(access_log=False))
     assert [x["name"] for x in _ingress_hcm(ended)["access_log"]] == [
         "envoy.access_loggers.http_grpc"
     ]
-    inline = yaml.safe_load(envoy_runner.render_bootstrap(access_log=False, response_path="inline"))
+    inline = yaml.safe_load(envoy_config.render_bootstrap(access_log=False, response_path="inline"))
     assert "access_log" not in _ingress_hcm(inline)
 
 
 def test_ended_refuses_a_template_without_the_usage_filter(tmp_path: Path) -> None:
-    config = yaml.safe_load((envoy_runner.ENVOY_DIR / "envoy.yaml").read_text())
+    config = yaml.safe_load((envoy_config.ENVOY_DIR / "envoy.yaml").read_text())
     hcm = _ingress_hcm(config)
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "extproc.usage"]
     template = tmp_path / "old.yaml"
     template.write_text(yaml.safe_dump(config))
-    with pytest.raises(envoy_runner.EnvoyError, match=r"extproc\.usage"):
-        envoy_runner.render_bootstrap(template=template)
+    with pytest.raises(envoy_config.EnvoyError, match=r"extproc\.usage"):
+        envoy_config.render_bootstrap(template=template)
     # inline does not need it.
-    envoy_runner.render_bootstrap(template=template, response_path="inline")
+    envoy_config.render_bootstrap(template=template, response_path="inline")
 
 
 def test_shipped_files_read_usage_and_log_it_the_same_way() -> None:
@@ -333,7 +333,7 @@ def test_shipped_files_read_usage_and_log_it_the_same_way() -> None:
 
 
 def test_print_config_writes_the_lua_source_as_a_block() -> None:
-    text = envoy_runner.render_bootstrap()
+    text = envoy_config.render_bootstrap()
     assert "inline_string: |\n" in text
     assert "function envoy_on_response(handle)\n" in text
 
@@ -341,7 +341,7 @@ def test_print_config_writes_the_lua_source_as_a_block() -> None:
 @pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 def test_observer_response_path_adds_a_non_blocking_filter(body_mode: str) -> None:
     config = yaml.safe_load(
-        envoy_runner.render_bootstrap(response_path="observer", body_mode=body_mode)  # type: ignore[arg-type]
+        envoy_config.render_bootstrap(response_path="observer", body_mode=body_mode)  # type: ignore[arg-type]
     )
     names = [f["name"] for f in _http_filters(config)]
     assert names.index("extproc.response_observer") < names.index("envoy.filters.http.ext_proc")
@@ -353,7 +353,7 @@ def test_observer_response_path_adds_a_non_blocking_filter(body_mode: str) -> No
 
 # --- hardening: every shipped bootstrap, and what `extproc envoy` renders from them -------------
 
-KUBERNETES = envoy_runner.ENVOY_DIR / "envoy-kubernetes.yaml"
+KUBERNETES = envoy_config.ENVOY_DIR / "envoy-kubernetes.yaml"
 
 
 def _ingress_hcm(config: dict[str, Any]) -> dict[str, Any]:
@@ -367,9 +367,9 @@ def _bootstraps() -> list[Any]:
         pytest.param(yaml.safe_load(p.read_text()), id=p.name) for p in SHIPPED if p != KUBERNETES
     ]
     params.append(pytest.param(yaml.safe_load(KUBERNETES.read_text()), id=KUBERNETES.name))
-    for variant in envoy_runner.TEMPLATES:
+    for variant in envoy_config.TEMPLATES:
         for path in ("inline", "observer"):
-            rendered = envoy_runner.render_bootstrap(variant=variant, response_path=path)
+            rendered = envoy_config.render_bootstrap(variant=variant, response_path=path)
             params.append(pytest.param(yaml.safe_load(rendered), id=f"rendered-{variant}-{path}"))
     return params
 

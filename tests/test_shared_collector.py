@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 
 from extproc._generated import state_pb2 as pb
 from extproc._generated import state_pb2_grpc as pb_grpc
+from extproc.collector.app import CollectorServer
 from extproc.config import (
     CollectorConfig,
     Config,
@@ -26,7 +29,6 @@ from extproc.config import (
     ServerConfig,
 )
 from extproc.server.app import PickerServer
-from extproc.server.collector_app import CollectorServer
 from extproc.sim import SimConfig, SimFleet
 from extproc.state.discovery.static import FixedDiscovery
 from extproc.state.prefix_index import PrefixIndex
@@ -221,3 +223,36 @@ def test_every_stats_field_crosses_the_wire() -> None:
     )
     wire = pb.EndpointStats.FromString(_encode_stats(sent, now=101.0).SerializeToString())
     assert _decode_stats(wire, now=201.0) == dataclasses.replace(sent, read_at=200.0)
+
+
+_REQUEST_PATH = (
+    "extproc.server",
+    "extproc.pipeline",
+    "extproc.request",
+    "extproc.scheduling",
+    "extproc.prefix",
+    "extproc.tenancy",
+)
+
+
+@pytest.mark.parametrize(
+    ("module", "never"),
+    [
+        ("extproc.collector.app", _REQUEST_PATH),
+        ("extproc.server.cli", ("extproc.collector",)),
+    ],
+    ids=["collector-loads-no-request-path", "picker-loads-no-collector"],
+)
+def test_each_server_process_loads_only_its_own_room(module: str, never: tuple[str, ...]) -> None:
+    """What a fresh process really loads for the command: lint-imports checks the static
+    imports, this also catches one made at run time (`importlib`, a function's own import)."""
+    listing = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print(*sys.modules, sep=chr(10))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    loaded = [m for m in listing if any(m == p or m.startswith(p + ".") for p in never)]
+    assert module in listing
+    assert loaded == []

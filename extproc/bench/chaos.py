@@ -34,6 +34,9 @@ collector hung (SIGSTOP, SIGCONT) then SIGKILLed and restarted; (f) every KV-eve
 gone (watches reset, connections refused) and back. (e)-(g) last `outage_seconds` each.
 
 Every child process is stopped by its PID at the end, also on errors and Ctrl-C.
+
+Long (about 1,100 lines) on purpose: its scenarios share one rig and read as one script of
+faults, each beside the next; the parts they cut and restore are in `faultload`.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -57,9 +59,10 @@ import aiohttp
 import redis
 
 from extproc.bench import faultload as fl
+from extproc.bench.envoy_config import EnvoyError
+from extproc.bench.harness import run_each
 from extproc.bench.processes import free_port_range, process, wait_for_port
 from extproc.bench.tenants import tenant_key
-from extproc.envoy_runner import EnvoyError
 from extproc.sim.fleet import READY_LINE
 from extproc.tenancy.policy import key_digest
 
@@ -948,16 +951,16 @@ SCENARIOS: Final[Mapping[str, Callable[[ChaosOptions], ScenarioResult]]] = {
 def run_chaos(options: ChaosOptions) -> ChaosReport:
     started = time.monotonic()
     options.output.mkdir(parents=True, exist_ok=True)
-    results = []
-    for key in options.scenarios:
-        _log(f"({key}) starting")
-        result = SCENARIOS[key](options)
-        _log(
-            f"({key}) sent {result.sent}, failed {result.failed} "
+    results = run_each(
+        options.scenarios,
+        run=lambda key, _: SCENARIOS[key](options),
+        label=lambda key: f"({key})",
+        summary=lambda result: (
+            f"sent {result.sent}, failed {result.failed} "
             f"(after visible {result.failed_after_visible}); in flight left "
             f"{result.leftover_inflight}, leases left {result.leftover_leases}"
-        )
-        results.append(result)
+        ),
+    )
     return ChaosReport(options, tuple(results), time.monotonic() - started)
 
 
@@ -1024,10 +1027,6 @@ def write_report(report: ChaosReport) -> list[Path]:
         to_json(report),
         render_markdown(report),
     )
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- the sub-command --------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     scrape.add_argument("--quick", action="store_true", help="short phases (about 30 s)")
     scrape.add_argument("--output", type=Path, default=Path("reports"))
-    from extproc.bench.routing import add_arguments as add_routing_arguments
+    from extproc.bench.routing_cli import add_arguments as add_routing_arguments
 
     routing = sub.add_parser(
         "routing",
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "soak", help="a long steady load: the picker's RSS and open files over time"
     )
     add_soak_arguments(soak)
-    from extproc.controllers.bench import add_arguments as add_autoscaling_arguments
+    from extproc.bench.autoscaling import add_arguments as add_autoscaling_arguments
 
     autoscaling = sub.add_parser(
         "autoscaling", help="autoscalers (KPA, APA, HPA) on a bursty diurnal trace, simulated"
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nreport written to {write_scrape_report(scrape_report, scrape_options.output)}")
         return 0
     if args.bench == "routing":
-        from extproc.bench.routing import run as run_routing
+        from extproc.bench.routing_cli import run as run_routing
 
         return run_routing(args)
     if args.bench == "tenants":
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_soak(args)
     if args.bench == "autoscaling":
-        from extproc.controllers.bench import run as run_autoscaling
+        from extproc.bench.autoscaling import run as run_autoscaling
 
         return run_autoscaling(args)
     raise AssertionError(args.bench)

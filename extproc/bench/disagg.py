@@ -17,6 +17,9 @@ Both compare ways of running the same simulated GPUs behind Envoy and the picker
 Each run starts a fresh fleet and picker (`extproc.bench.routing` does the same for its
 competitors), with the fleet's roles, GPU types and prices in the picker's config file. TTFT,
 ITL and token counts are the simulator's exact per-request records.
+
+One run's mechanics (ports, Envoy, sending, figures) are `runs`', shared with `routing`; the
+flags are `routing_cli`'s.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from typing import Any, Final
 import yaml
 
 from extproc.bench import workloads as wl
+from extproc.bench.envoy import running_envoy
+from extproc.bench.envoy_config import EnvoyError
+from extproc.bench.harness import Progress, run_each, start_picker
 from extproc.bench.loadgen import quantile
-from extproc.bench.processes import picker_argv, process, run_stoppable, wait_picker
-from extproc.bench.routing import (
+from extproc.bench.processes import PICKER_PREFIX, picker_argv, run_stoppable
+from extproc.bench.runs import (
     CpuMark,
     Ports,
-    Progress,
     RoutingBenchError,
     RunResult,
     allocate_ports,
@@ -52,7 +57,6 @@ from extproc.bench.routing import (
     start_fleet,
     summarize,
 )
-from extproc.envoy_runner import EnvoyError, running_envoy
 from extproc.prefix.tokenizers import load_tokenizer
 from extproc.sim.fleet import DEFAULT_MODEL
 
@@ -176,6 +180,7 @@ def _picker_config(options: Options, setup: Setup, ports: Ports) -> dict[str, An
         "server": {"shutdown_grace_seconds": 0, "drain_delay_seconds": 0},
         "kv_events": {"enabled": True},
         "collector": {"interval_seconds": options.scrape_interval},
+        "prefix": dict(PICKER_PREFIX),
         "routing": {"strategy": setup.strategy},
         "scheduling": {"ttft_target_seconds": setup.ttft_target_seconds},
         "fleet": {"prices": dict(options.prices), "speeds": dict(SPEEDS)},
@@ -286,10 +291,15 @@ def _one_run(
         fleet = start_fleet(stack, sim_argv, log=logs / f"{tag}.fleet.log")
         log = logs / f"{tag}.picker.log"
         argv = picker_argv(config, (), grpc=ports.grpc, health=ports.health, metrics=ports.metrics)
-        picker = stack.enter_context(process(argv, log=log))
-        problem = wait_picker(picker, grpc=ports.grpc, metrics=ports.metrics, endpoints=pods)
-        if problem is not None:
-            raise RoutingBenchError(f"{problem}; see {log}")
+        picker = start_picker(
+            stack,
+            argv,
+            grpc=ports.grpc,
+            metrics=ports.metrics,
+            endpoints=pods,
+            log=log,
+            error=lambda why: RoutingBenchError(f"{why}; see {log}"),
+        )
         mark = CpuMark.now(fleet.pid, picker.pid, envoy_pid)
         total = len(workload.requests)
         sent = asyncio.run(
@@ -343,9 +353,16 @@ def run_disagg(options: Options, *, progress: bool = True) -> Report:
     logs.mkdir(parents=True, exist_ok=True)
     plan = _plan(options)
     setups = options.setups()
-    bar = Progress(len(plan) * len(setups), enabled=progress)
     ports = allocate_ports(options.pods)
-    results: list[Result] = []
+    cells = [(mix, workload, rate, setup) for mix, workload, rate in plan for setup in setups]
+
+    def summary(result: Result) -> str:
+        return (
+            f"TTFT p90 {result.base.ttft_p90_ms:.0f} ms, ITL p90 {result.itl_p90_ms:.1f} "
+            f"ms, {result.base.output_tokens_per_s:.0f} tok/s"
+            + (f", {result.base.errors} errors" if result.base.errors else "")
+        )
+
     with (
         (logs / "envoy.log").open("w") as envoy_log,
         running_envoy(
@@ -355,30 +372,29 @@ def run_disagg(options: Options, *, progress: bool = True) -> Report:
             stderr=envoy_log,
         ) as envoy,
     ):
-        for mix, workload, rate in plan:
-            for setup in setups:
-                bar.start(f"{setup.name} {mix} rate {rate:g}")
-                try:
-                    result = _one_run(
-                        options,
-                        ports,
-                        setup,
-                        mix=mix,
-                        workload=workload,
-                        rate=rate,
-                        envoy_pid=envoy.pid,
-                        logs=logs,
-                        progress=bar,
-                    )
-                except RoutingBenchError as exc:
-                    bar.finish_run(f"FAILED, left out of the report: {exc}")
-                    continue
-                results.append(result)
-                bar.finish_run(
-                    f"TTFT p90 {result.base.ttft_p90_ms:.0f} ms, ITL p90 {result.itl_p90_ms:.1f} "
-                    f"ms, {result.base.output_tokens_per_s:.0f} tok/s"
-                    + (f", {result.base.errors} errors" if result.base.errors else "")
-                )
+
+        def one(cell: tuple[str, wl.Workload, float, Setup], bar: Progress) -> Result:
+            mix, workload, rate, setup = cell
+            return _one_run(
+                options,
+                ports,
+                setup,
+                mix=mix,
+                workload=workload,
+                rate=rate,
+                envoy_pid=envoy.pid,
+                logs=logs,
+                progress=bar,
+            )
+
+        results = run_each(
+            cells,
+            run=one,
+            label=lambda cell: f"{cell[3].name} {cell[0]} rate {cell[2]:g}",
+            summary=summary,
+            skip=(RoutingBenchError,),
+            progress=progress,
+        )
     return Report(options, tuple(results), time.monotonic() - started)
 
 

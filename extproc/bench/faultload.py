@@ -5,6 +5,9 @@ every request is recorded (streamed or not), varied prompts, and readings of a r
 A streamed request counts as successful only when its stream ends with `data: [DONE]`: a pod
 killed mid-stream may leave a stream that Envoy closes cleanly after a few chunks, and that is a
 failed request to its client even though the status was 200.
+
+Long (about 710 lines): the rig and the fault parts that `chaos` and `soak` both drive, kept in
+one place so the two benchmarks cannot drift apart.
 """
 
 from __future__ import annotations
@@ -32,17 +35,17 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.bench.envoy import running_envoy
+from extproc.bench.envoy_config import render_bootstrap
+from extproc.bench.harness import start_picker
 from extproc.bench.processes import (
     free_port_range,
     free_ports,
     picker_argv,
-    process,
     run_stoppable,
-    wait_picker,
 )
 from extproc.bench.tenants import _error_code as error_code
 from extproc.bench.workloads import COMPLETIONS_PATH, WORDS
-from extproc.envoy_runner import render_bootstrap, running_envoy
 from extproc.sim.fleet import DEFAULT_MODEL
 
 # What the picker's health reports for its ext_proc service (extproc/server/health.py; the
@@ -348,25 +351,24 @@ def start_replica(
 ) -> subprocess.Popen[str]:
     """Start one picker replica inside `stack` (stopped by PID when it unwinds) and wait until it
     sees every endpoint ready."""
-    child = stack.enter_context(
-        process(
-            replica_argv(
-                config,
-                ports,
-                replica=replica,
-                pods=pods,
-                probe_dir=probe_dir,
-                trace=trace,
-                endpoints_from_config=endpoints_from_config,
-            ),
-            log=log,
-        )
-    )
     grpc, _, metrics = ports.pickers[replica]
-    problem = wait_picker(child, grpc=grpc, metrics=metrics, endpoints=pods)
-    if problem is not None:
-        raise RuntimeError(f"picker replica {replica}: {problem}; see {log}")
-    return child
+    return start_picker(
+        stack,
+        replica_argv(
+            config,
+            ports,
+            replica=replica,
+            pods=pods,
+            probe_dir=probe_dir,
+            trace=trace,
+            endpoints_from_config=endpoints_from_config,
+        ),
+        grpc=grpc,
+        metrics=metrics,
+        endpoints=pods,
+        log=log,
+        error=lambda why: RuntimeError(f"picker replica {replica}: {why}; see {log}"),
+    )
 
 
 def envoy_bootstrap(ports: RigPorts, *, pods: int, health_checks: bool = False) -> str:

@@ -1,7 +1,7 @@
 """`extproc bench overhead`: what the picker adds to a request, measured beside Envoy alone.
 
 One Envoy process serves one listener straight to the backend pool and one per response path
-(`envoy_runner.ResponsePath`: how the picker learns about responses) through the ext_proc filter
+(`envoy_config.ResponsePath`: how the picker learns about responses) through the ext_proc filter
 and the picker. All paths are driven in the same run, in alternating phases, so the machine's
 noise hits all of them, and the report gives the differences:
 
@@ -15,6 +15,9 @@ noise hits all of them, and the report gives the differences:
 Scenarios 1-3 are the "one-chunk" ones: the backends (`extproc.bench.backend`) answer at once
 with a single body. In 4 they stream at a fixed token rate, so a response's cost in each process
 grows with its length only if that process handles every chunk.
+
+Long (about 740 lines): its scenarios share one set of options, processes and tables;
+splitting them would only spread that shared state over several files.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import aiohttp
 import yaml
 
 from extproc.bench import loadgen
+from extproc.bench.envoy import running_envoy
+from extproc.bench.envoy_config import ResponsePath, render_bootstrap
 from extproc.bench.loadgen import Summary, quantile
 from extproc.bench.processes import cpu_seconds, free_ports, process, wait_for_port
-from extproc.envoy_runner import ResponsePath, render_bootstrap, running_envoy
 
 MODEL = "bench-model"
 ENVOY = "envoy"

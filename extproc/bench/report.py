@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from extproc.bench.routing import PROFILE, RoutingOptions, RoutingReport, RunResult
+from extproc.bench.routing import RoutingOptions, RoutingReport
+from extproc.bench.runs import PROFILE, RunResult
 
 SUBJECT: Final = "cost"  # the strategy the targets are about
 BASELINE: Final = "round-robin"  # the picker's own, through Envoy like the subject

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from extproc.bench import faultload as fl
+from extproc.bench.envoy_config import EnvoyError
 from extproc.bench.picker_probe import request_dump
 from extproc.bench.processes import process
-from extproc.envoy_runner import EnvoyError
 from extproc.sim.fleet import READY_LINE
 
 DEFAULT_OUTPUT: Final = Path("reports/soak")

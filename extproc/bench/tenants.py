@@ -39,6 +39,9 @@ deadline) is counted apart. Goodput is per second of the scenario (first send to
 output tokens of successful requests, and successful requests whose TTFT met `slo_ttft_ms`.
 
 Every child process is stopped by its PID at the end, also on errors and Ctrl-C.
+
+Long (about 900 lines): one benchmark's options, client, scenarios and report, each used only
+here; the run loop and the picker's start are `harness`'s.
 """
 
 from __future__ import annotations
@@ -64,17 +67,24 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.bench import workloads as wl
+from extproc.bench.envoy import running_envoy
+from extproc.bench.envoy_config import EnvoyError, render_bootstrap
+from extproc.bench.harness import (
+    Progress,
+    cpu_of,
+    loopback_endpoints,
+    run_each,
+    start_picker,
+)
 from extproc.bench.loadgen import quantile
 from extproc.bench.processes import (
-    cpu_seconds,
+    PICKER_PREFIX,
     free_port_range,
     free_ports,
     picker_argv,
     process,
     run_stoppable,
-    wait_picker,
 )
-from extproc.envoy_runner import EnvoyError, render_bootstrap, running_envoy
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
 from extproc.sim.fleet import DEFAULT_MODEL, READY_LINE
 from extproc.tenancy.policy import key_digest
@@ -485,10 +495,6 @@ def allocate_ports(pods: int) -> Ports:
     return Ports(free_port_range(pods, set(singles)), *singles)
 
 
-def _endpoints(ports: Ports, pods: int) -> list[str]:
-    return [f"127.0.0.1:{ports.sim + i}" for i in range(pods)]
-
-
 def _sim_argv(options: TenantsOptions, ports: Ports) -> list[str]:
     config = {
         "pods": options.pods,
@@ -519,6 +525,7 @@ def picker_config(
         "server": {"shutdown_grace_seconds": 0, "drain_delay_seconds": 0},
         "routing": {"strategy": options.strategy},
         "collector": {"interval_seconds": options.scrape_interval},
+        "prefix": dict(PICKER_PREFIX),
         "scheduling": {"saturation_requests": options.saturation_requests},
         "tenancy": {
             "enabled": True,
@@ -544,17 +551,11 @@ def tenant_key(tenant: str) -> str:
 def _picker_argv(options: TenantsOptions, ports: Ports, config: Path) -> list[str]:
     return picker_argv(
         config,
-        _endpoints(ports, options.pods),
+        loopback_endpoints(ports.sim, options.pods),
         grpc=ports.grpc,
         health=ports.health,
         metrics=ports.metrics,
     )
-
-
-def _wait_picker(child: subprocess.Popen[str], ports: Ports, pods: int, config: Path) -> None:
-    problem = wait_picker(child, grpc=ports.grpc, metrics=ports.metrics, endpoints=pods)
-    if problem is not None:
-        raise TenantsBenchError(f"{problem}; run `extproc serve --config {config}` to see why")
 
 
 def queue_wait_means(metrics_port: int) -> dict[str, float]:
@@ -578,13 +579,6 @@ def queue_wait_means(metrics_port: int) -> dict[str, float]:
     return {t: 1000 * sums.get(t, 0.0) / n for t, n in counts.items() if n}
 
 
-def _cpu(pid: int) -> float:
-    try:
-        return cpu_seconds(pid)
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 # --- the whole benchmark ----------------------------------------------------------------------
 
 
@@ -606,12 +600,18 @@ def run_scenario(
             sort_keys=False,
         )
     )
-    with (
-        _fleet(options, ports) as fleet,
-        process(_picker_argv(options, ports, config)) as picker,
-    ):
-        _wait_picker(picker, ports, options.pods, config)
-        cpu_before = _cpu(picker.pid), _cpu(fleet.pid), time.monotonic()
+    with _fleet(options, ports) as fleet, contextlib.ExitStack() as stack:
+        picker = start_picker(
+            stack,
+            _picker_argv(options, ports, config),
+            grpc=ports.grpc,
+            metrics=ports.metrics,
+            endpoints=options.pods,
+            error=lambda why: TenantsBenchError(
+                f"{why}; run `extproc serve --config {config}` to see why"
+            ),
+        )
+        cpu_before = cpu_of(picker.pid), cpu_of(fleet.pid), time.monotonic()
         outcomes = asyncio.run(
             drive(
                 f"http://127.0.0.1:{ports.envoy}{wl.COMPLETIONS_PATH}",
@@ -620,8 +620,8 @@ def run_scenario(
             )
         )
         wall = max(time.monotonic() - cpu_before[2], 1e-9)
-        picker_cpu = (_cpu(picker.pid) - cpu_before[0]) / wall
-        fleet_cpu = (_cpu(fleet.pid) - cpu_before[1]) / wall
+        picker_cpu = (cpu_of(picker.pid) - cpu_before[0]) / wall
+        fleet_cpu = (cpu_of(fleet.pid) - cpu_before[1]) / wall
         waits = queue_wait_means(ports.metrics)
     span = max((o.finished for o in outcomes), default=0.0) - min(
         (o.sent for o in outcomes), default=0.0
@@ -654,7 +654,9 @@ def run_tenants(options: TenantsOptions) -> TenantsReport:
     options.output.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer("cl100k_base")  # the simulator's default
     ports = allocate_ports(options.pods)
-    sim_urls = [f"http://{e}{wl.COMPLETIONS_PATH}" for e in _endpoints(ports, options.pods)]
+    sim_urls = [
+        f"http://{e}{wl.COMPLETIONS_PATH}" for e in loopback_endpoints(ports.sim, options.pods)
+    ]
 
     _log(f"calibrating: {options.pods} x {options.profile}, {options.saturation_requests} each")
     with _fleet(options, ports):
@@ -684,12 +686,20 @@ def run_tenants(options: TenantsOptions) -> TenantsReport:
     bootstrap = render_bootstrap(
         port=ports.envoy,
         extproc=f"127.0.0.1:{ports.grpc}",
-        endpoints=_endpoints(ports, options.pods),
+        endpoints=loopback_endpoints(ports.sim, options.pods),
         admin_port=ports.admin,
         listen_host="127.0.0.1",
         access_log=False,
     )
-    results = []
+
+    def planned_for(scenario: Scenario) -> list[Planned]:
+        return sorted([*steady, *noisy[scenario.flood]], key=lambda p: p.at)
+
+    def one(scenario: Scenario, _: Progress) -> ScenarioResult:
+        rates = {name: normal for name in options.names}
+        rates[NOISY] = flood if scenario.flood else normal
+        return run_scenario(options, ports, scenario, planned_for(scenario), rates)
+
     with running_envoy(
         bootstrap,
         admin_port=ports.admin,
@@ -697,17 +707,15 @@ def run_tenants(options: TenantsOptions) -> TenantsReport:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     ):
-        for scenario in SCENARIOS:
-            planned = sorted([*steady, *noisy[scenario.flood]], key=lambda p: p.at)
-            rates = {name: normal for name in options.names}
-            rates[NOISY] = flood if scenario.flood else normal
-            _log(f"({scenario.key}) {scenario.description}: {len(planned)} requests")
-            result = run_scenario(options, ports, scenario, planned, rates)
-            results.append(result)
-            _log(
-                f"({scenario.key}) well-behaved p90 TTFT {result.steady_ttft_p90_ms:.0f} ms, "
-                f"picker {result.picker_cpu:.2f} core, fleet {result.fleet_cpu:.2f} core"
-            )
+        results = run_each(
+            SCENARIOS,
+            run=one,
+            label=lambda s: f"({s.key}) {s.description}: {len(planned_for(s))} requests",
+            summary=lambda r: (
+                f"well-behaved p90 TTFT {r.steady_ttft_p90_ms:.0f} ms, "
+                f"picker {r.picker_cpu:.2f} core, fleet {r.fleet_cpu:.2f} core"
+            ),
+        )
     together, worst = ratios(results)
     return TenantsReport(
         options=options,

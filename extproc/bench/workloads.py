@@ -18,6 +18,9 @@ Token ids come from the simulator's own tokenizer and chat template (`extproc.pr
 ids from vLLM's block hashing, so the KV demand and the oracle hit rate count exactly the blocks
 the simulated servers cache. Requests keep only their block ids, not their token ids (a few
 hundred ints each instead of thousands).
+
+Long (about 580 lines): five generators over one set of records and helpers (token blocks,
+the oracle); each generator is short.
 """
 
 from __future__ import annotations

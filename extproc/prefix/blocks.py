@@ -48,10 +48,9 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, Protocol
 
 from extproc.prefix.cache import (
@@ -59,11 +58,7 @@ from extproc.prefix.cache import (
     DEFAULT_HASH_CACHE_BLOCKS,
     ChainHasher,
     Computed,
-    Cuts,
-    HashChain,
     Plan,
-    SpliceEncoder,
-    TextEncoder,
 )
 from extproc.prefix.hashing import (
     DEFAULT_BLOCK_SIZE,
@@ -74,17 +69,35 @@ from extproc.prefix.hashing import (
     HashAlgo,
     LoraKey,
 )
+from extproc.prefix.local import LocalTokenizer, build_local
 from extproc.prefix.remote import HttpRemoteTokenizer, RemoteTokenizer, tokenize_body
 from extproc.prefix.resolve import DEFAULT_HUB_TIMEOUT_SECONDS, fetch_from_hub, find_local
-from extproc.prefix.tokenizers import (
-    ByteEstimateTokenizer,
-    ChatMessage,
-    ChatRenderer,
-    HFTokenizer,
-    TiktokenTokenizer,
-    load_chat_template,
-    render_chat,
+from extproc.prefix.walk import (
+    Holds,
+    PredictionObserver,
+    PromptProbe,
+    PromptTokens,
+    Walk,
+    WalkText,
 )
+
+# `PromptProbe`, `PromptTokens` and `PredictionObserver` are the walk's (`extproc.prefix.walk`),
+# named here too because `PromptBlocks`' methods answer with them.
+__all__ = [
+    "AUTO",
+    "AUTO_INTERIM",
+    "DEFAULT_INLINE_MAX_CHARS",
+    "DEFAULT_REMOTE_FALLBACK",
+    "BlocksSettings",
+    "BlocksStats",
+    "PredictionObserver",
+    "PromptBlocks",
+    "PromptLike",
+    "PromptProbe",
+    "PromptTokens",
+    "RequestLike",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +108,6 @@ DEFAULT_REMOTE_FALLBACK: Final = "bytes:4"
 # cost of a round trip, rather than another vocabulary whose hashes never match the server's.
 AUTO: Final = "auto"
 AUTO_INTERIM: Final = "remote"
-# A probe hashes this many blocks before it first asks who holds them, then twice as many each
-# run: a prompt nobody holds stops after 8 (~25 us uncached), a held one takes a few runs.
-_FIRST_HASH_RUN: Final = 8
-# Finishing a probed prompt off the decision path yields to the event loop between runs of this
-# many blocks (~0.2 ms uncached), so the decisions of other requests are not held up behind it.
-_BACKGROUND_HASH_RUN: Final = 64
-
-# `holds(hashes)`: whether some candidate holds every one of the prompt's leading `hashes`.
-Holds = Callable[[Sequence[int]], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,25 +152,6 @@ class BlocksSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class PromptTokens:
-    """A prompt as the indexes see it."""
-
-    token_count: int
-    # vLLM's chained hashes of the prompt's full blocks (64-bit event ids), in order.
-    block_hashes: tuple[int, ...]
-    # True when the ids are the ones the model server will see (not an estimate).
-    exact: bool
-    # Where the ids came from: "token_ids", "remote", "none", or the tokenizer's spec.
-    source: str
-    # Prompts in the request; only the first was tokenized when this is more than one.
-    batch: int = 1
-    # False when a probe stopped early (`PromptBlocks.probe`): `block_hashes` are the leading
-    # blocks only (enough for every candidate's match count), and `token_count` counts the part
-    # tokenized plus an estimate for the rest (its characters at the rate of the part tokenized).
-    complete: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class BlocksStats:
     """Counters since start-up, for metrics."""
 
@@ -194,13 +179,6 @@ class PromptLike(Protocol):
     def approx_chars(self) -> int: ...
 
 
-class PredictionObserver(Protocol):
-    """Told the block hashes the picker computed for a model's prompts (its predictions of what
-    the model's servers will store): `extproc.prefix.mismatch` compares them with KV events."""
-
-    def predicted(self, model: str, hashes: Sequence[int]) -> None: ...
-
-
 class RequestLike(Protocol):
     """The parts of `extproc.request.openai.ParsedRequest` read here."""
 
@@ -211,45 +189,8 @@ class RequestLike(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _HFEncoder:
-    """An HF tokenizer's ids without special tokens (the splice-able part)."""
-
-    tokenizer: Any  # tokenizers.Tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ids
-
-
-class _Local:
-    """One local tokenizer, with its caches. Shared by every model with the same spec."""
-
-    def __init__(
-        self,
-        spec: str,
-        encoder: TextEncoder,
-        *,
-        exact: bool,
-        render: ChatRenderer,
-        specials: tuple[tuple[int, ...], tuple[int, ...]],
-        settings: BlocksSettings,
-        splicing: bool,
-    ) -> None:
-        self.spec = spec
-        self.exact = exact
-        self.render = render
-        self.specials = specials  # (before, after) the text of a completion prompt
-        self.splicer = SpliceEncoder(
-            encoder,
-            chunk_chars=settings.chunk_chars,
-            cache_bytes=settings.token_cache_mib * 1024 * 1024,
-            splicing=splicing,
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class _Choice:
-    local: _Local
+    local: LocalTokenizer
     remote: bool
 
 
@@ -270,7 +211,7 @@ class PromptBlocks:
             algo=settings.hash_algo, block_size=settings.block_size, seed=settings.hash_seed
         )
         self._hasher = ChainHasher(self.hasher, cache_blocks=settings.hash_cache_blocks)
-        locals_: dict[str, _Local] = {}
+        locals_: dict[str, LocalTokenizer] = {}
         self._choices = {
             model: self._choice(spec, locals_) for model, spec in settings.tokenizers.items()
         }
@@ -297,6 +238,14 @@ class PromptBlocks:
     @property
     def block_size(self) -> int:
         return self.settings.block_size
+
+    @property
+    def chunk_chars(self) -> int:
+        return self.settings.chunk_chars
+
+    @property
+    def observer(self) -> PredictionObserver | None:
+        return self._observer
 
     def observe(self, observer: PredictionObserver | None) -> None:
         """Tell `observer` the block hashes computed for every prompt from now on."""
@@ -361,7 +310,7 @@ class PromptBlocks:
         chain = self._hasher.chain(lora=lora, cache_salt=cache_salt)
         if prompt.token_ids:
             ids = list(prompt.token_ids[0])
-            walk = _Walk(
+            walk = Walk(
                 self, chain, ids, None, exact=True, source="token_ids", batch=len(prompt.token_ids),
                 model=base_model or request.model or "",
             )  # fmt: skip
@@ -387,7 +336,7 @@ class PromptBlocks:
             if remote_ids is not None:
                 self._remote_ok += 1
                 ids = list(remote_ids)
-                walk = _Walk(
+                walk = Walk(
                     self, chain, ids, None, exact=True, source="remote", batch=batch, model=model
                 )
                 return await walk.run(None)
@@ -402,8 +351,8 @@ class PromptBlocks:
             return PromptProbe(
                 PromptTokens(prompt.approx_chars() // 4, (), exact=False, source="none")
             )
-        walk = _Walk(
-            self, chain, list(before), _Text(local, local.splicer.cut(text), after),
+        walk = Walk(
+            self, chain, list(before), WalkText(local, local.splicer.cut(text), after),
             exact=local.exact and not choice.remote, source=local.spec, batch=batch, model=model,
         )  # fmt: skip
         return await walk.run(holds)
@@ -434,8 +383,9 @@ class PromptBlocks:
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _compute(self, plan: Plan) -> Computed:
-        """Tokenize what `plan` misses: inline when it is little, else on a worker thread."""
+    async def compute(self, plan: Plan) -> Computed:
+        """Tokenize what `plan` misses: inline when it is little, else on a worker thread (for
+        the walks, `extproc.prefix.walk`)."""
         if plan.missing_chars > self.settings.inline_max_chars:
             self._offloaded += 1
             loop = asyncio.get_running_loop()
@@ -476,7 +426,7 @@ class PromptBlocks:
                 )  # fmt: skip
                 self._choices[model] = self._default
                 return
-            build = functools.partial(_build_local, f"hf:{directory}", s)
+            build = functools.partial(build_local, f"hf:{directory}", s)
             local = await loop.run_in_executor(self._resolver, build)
         except asyncio.CancelledError:
             raise
@@ -489,236 +439,19 @@ class PromptBlocks:
         self._choices[model] = _Choice(local, remote=False)
         log.info("model %s: tokenizing with its own tokenizer from %s", model, directory)
 
-    def _choice(self, spec: str, built: dict[str, _Local]) -> _Choice:
+    def _choice(self, spec: str, built: dict[str, LocalTokenizer]) -> _Choice:
         remote = spec == "remote" or spec.startswith("remote:")
         local_spec = (spec.partition(":")[2] or DEFAULT_REMOTE_FALLBACK) if remote else spec
         local = built.get(local_spec)
         if local is None:
-            local = built[local_spec] = _build_local(local_spec, self.settings)
+            local = built[local_spec] = build_local(local_spec, self.settings)
         return _Choice(local, remote)
 
 
 def _text_of(
-    local: _Local, prompt: PromptLike
+    local: LocalTokenizer, prompt: PromptLike
 ) -> tuple[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """The text to tokenize, and the special tokens around it (a completion's BOS, for `hf:`)."""
     if prompt.messages:
         return local.render(prompt.messages), ((), ())
     return prompt.texts[0], local.specials
-
-
-class PromptProbe:
-    """`PromptBlocks.probe`'s answer: `tokens` for the decision, `finish()` for the rest."""
-
-    __slots__ = ("_walk", "tokens")
-
-    def __init__(self, tokens: PromptTokens, walk: _Walk | None = None) -> None:
-        self.tokens = tokens
-        self._walk = walk
-
-    async def finish(self) -> PromptTokens:
-        """The whole prompt: what is left is tokenized (on a worker thread when long) and
-        hashed, yielding to the event loop between runs of blocks. Fills the token and hash
-        caches as `blocks` would. Cheap when `tokens.complete` already."""
-        if not self.tokens.complete and self._walk is not None:
-            self.tokens = await self._walk.finish(pause=True)
-        return self.tokens
-
-
-@dataclass(slots=True)
-class _Text:
-    """The text of a prompt being walked, and how much of it is tokenized."""
-
-    local: _Local
-    cuts: Cuts
-    after: tuple[int, ...]  # special tokens after the text (added once it is all tokenized)
-    next: int = 0  # chunks tokenized
-    ids: int = 0  # the ids they gave
-
-
-class _Walk:
-    """One prompt's ids and block hashes, computed front to back (`PromptBlocks.probe`)."""
-
-    def __init__(
-        self,
-        owner: PromptBlocks,
-        chain: HashChain,
-        ids: list[int],
-        text: _Text | None,
-        *,
-        exact: bool,
-        source: str,
-        batch: int,
-        model: str,
-    ) -> None:
-        self._owner = owner
-        self._model = model
-        self._told = 0  # hashes already told to the owner's observer
-        self._chain = chain
-        self._ids = ids  # the prompt's ids so far, from its start
-        self._hashes: list[int] = []
-        self._text = text  # None: `ids` are all of them
-        self._exact = exact
-        self._source = source
-        self._batch = batch
-
-    async def run(self, holds: Holds | None) -> PromptProbe:
-        if holds is None:
-            return PromptProbe(await self.finish(pause=False))
-        return PromptProbe(await self._probe(holds), self)
-
-    async def _probe(self, holds: Holds) -> PromptTokens:
-        """Hash what is tokenized, a run at a time, while some candidate holds every block so
-        far; tokenize more only when all of it is hashed and held. Runs double each time (a
-        run of text counts the characters not in the token cache: one new chunk first)."""
-        size = self._owner.block_size
-        hash_run = _FIRST_HASH_RUN
-        text_run = self._owner.settings.chunk_chars
-        while True:
-            ready = len(self._ids) // size
-            if self._chain.blocks < ready:
-                stop = min(ready, self._chain.blocks + hash_run)
-                self._hashes.extend(self._chain.extend(self._ids, stop))
-                hash_run *= 2
-                if not holds(self._hashes):
-                    break  # no candidate's match reaches past these blocks
-            elif self._text_left():
-                await self._tokenize(text_run)
-                text_run *= 2
-            else:
-                break
-        return self.tokens()
-
-    async def finish(self, *, pause: bool) -> PromptTokens:
-        """Everything left. `pause`: yield to the event loop between runs of hashes (work off
-        the decision path must not hold up the decisions of other requests)."""
-        if self._text_left():
-            await self._tokenize(None)
-        ready = len(self._ids) // self._owner.block_size
-        run = _BACKGROUND_HASH_RUN if pause else ready
-        while self._chain.blocks < ready:
-            self._hashes.extend(self._chain.extend(self._ids, min(ready, self._chain.blocks + run)))
-            if pause and self._chain.blocks < ready:
-                await asyncio.sleep(0)
-        return self.tokens()
-
-    def tokens(self) -> PromptTokens:
-        count = len(self._ids)
-        text = self._text
-        complete = self._chain.blocks == count // self._owner.block_size
-        if text is not None and text.next < text.cuts.count:
-            complete = False
-            done = text.cuts.bounds[text.next]
-            left = len(text.cuts.text) - done
-            # Not tokenized yet: its characters at the rate of the part that was.
-            count += (round(left * text.ids / done) if text.ids else left // 4) + len(text.after)
-        hashes = tuple(self._hashes)
-        observer = self._owner._observer
-        if observer is not None and len(hashes) > self._told and self._model:
-            observer.predicted(self._model, hashes[self._told :])
-            self._told = len(hashes)
-        return PromptTokens(
-            count, hashes, self._exact, self._source, self._batch, complete=complete
-        )
-
-    def _text_left(self) -> bool:
-        return self._text is not None and self._text.next < self._text.cuts.count
-
-    async def _tokenize(self, missing_chars: int | None) -> None:
-        """The next chunks of text, up to about `missing_chars` characters not in the token
-        cache (None: all that are left)."""
-        text = self._text
-        assert text is not None
-        cuts, start = text.cuts, text.next
-        splicer = text.local.splicer
-        plan = splicer.plan_run(cuts, start, missing_chars=missing_chars)
-        stop = start + len(plan.chunks)
-        computed = await self._owner._compute(plan)
-        splicer.commit(computed)
-        if computed.bad_seam and stop < cuts.count:
-            # A cut in this run is not neutral: the rest of the prompt, from the last cut known
-            # to be, is tokenized in one piece (as a whole prompt with a bad seam is).
-            rest = splicer.plan_whole(cuts.text[cuts.bounds[start] :])
-            computed = await self._owner._compute(rest)
-            stop = cuts.count
-        self._ids.extend(computed.ids)
-        text.ids += len(computed.ids)
-        text.next = stop
-        if stop == cuts.count:
-            self._ids.extend(text.after)
-
-
-# -- building tokenizers from specs ------------------------------------------------------------
-
-
-def _build_local(spec: str, settings: BlocksSettings) -> _Local:
-    kind, _, arg = spec.partition(":")
-    llama3 = _llama3
-    if spec in ("", "cl100k_base", "cl100k"):
-        tik = TiktokenTokenizer.cl100k()
-        return _Local(
-            "cl100k_base", tik, exact=True, render=llama3, specials=((), ()),
-            settings=settings, splicing=True,
-        )  # fmt: skip
-    if kind == "tiktoken" and arg:
-        tik = TiktokenTokenizer.from_file(arg)
-        return _Local(
-            spec, tik, exact=True, render=llama3, specials=((), ()), settings=settings,
-            splicing=True,
-        )  # fmt: skip
-    if kind == "bytes":
-        est = ByteEstimateTokenizer(int(arg) if arg else 4)
-        # Byte groups start at the text's first byte, so a cut moves every later group:
-        # splicing cannot be exact and the self-test would only confirm that.
-        return _Local(
-            spec, est, exact=False, render=llama3, specials=((), ()), settings=settings,
-            splicing=False,
-        )  # fmt: skip
-    path = Path(arg) if kind == "hf" and arg else Path(spec)
-    if kind == "hf" or path.name == "tokenizer.json" or path.is_dir():
-        return _build_hf(spec, path, settings)
-    raise ValueError(
-        f"unknown tokenizer spec {spec!r}: use cl100k_base, tiktoken:PATH, hf:PATH, "
-        "remote[:FALLBACK] or bytes[:N]"
-    )
-
-
-def _llama3(messages: Sequence[ChatMessage]) -> str:
-    return render_chat(messages, add_generation_prompt=True)
-
-
-def _build_hf(spec: str, path: Path, settings: BlocksSettings) -> _Local:
-    directory = path if path.is_dir() else path.parent
-    hf = HFTokenizer.from_file(path / "tokenizer.json" if path.is_dir() else path)
-    encoder = _HFEncoder(hf.tokenizer)
-    specials: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-    if settings.add_special_tokens:
-        specials = _special_tokens(hf.tokenizer)
-    template = load_chat_template(directory) if path.is_dir() else None
-    return _Local(
-        spec, encoder, exact=True, render=template or _llama3, specials=specials, settings=settings,
-        splicing=True,
-    )  # fmt: skip
-
-
-def _special_tokens(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """What the post-processor adds around a single sequence (BOS before, maybe EOS after).
-    Splicing tokenizes the text without them and adds them back, so check that this is all the
-    post-processor does."""
-    probes = ("hello world", "A second, longer probe.\nWith a newline.")
-    found: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
-    for probe in probes:
-        plain = tokenizer.encode(probe, add_special_tokens=False).ids
-        full = tokenizer.encode(probe, add_special_tokens=True).ids
-        for start in range(len(full) - len(plain) + 1):
-            if full[start : start + len(plain)] == plain:
-                found.add((tuple(full[:start]), tuple(full[start + len(plain) :])))
-                break
-        else:
-            found.add(((-1,), ()))
-    if len(found) != 1 or ((-1,), ()) in found:
-        raise ValueError(
-            "the tokenizer's post-processor does more than add tokens around the text; "
-            "set add_special_tokens to false or use a remote tokenizer for this model"
-        )
-    return found.pop()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 from extproc.prefix.hashing import BlockHasher
-from extproc.state.kv_events import BlockStored
+from extproc.state.kv_decoding import BlockStored
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from extproc.scheduling.cost import CostModel
+from extproc.scheduling.cost_model import CostModel
 from extproc.scheduling.types import Candidate, SchedulingRequest
 
 

@@ -76,7 +76,9 @@ def _candidate(
     )
 
 
-class _Lookup(Protocol):
+class PrefixLookup(Protocol):
+    """The precise index (KV events) or the approximate one (our own routing)."""
+
     def lookup(
         self, hashes: Sequence[int], endpoints: Collection[str] | None = None
     ) -> dict[str, int]: ...
@@ -85,7 +87,7 @@ class _Lookup(Protocol):
 
 
 def with_prefix_matches(
-    candidates: Sequence[Candidate], block_hashes: Sequence[int], index: _Lookup
+    candidates: Sequence[Candidate], block_hashes: Sequence[int], index: PrefixLookup
 ) -> list[Candidate]:
     """Each candidate with the number of the prompt's leading blocks it holds, and the number
     of blocks it holds in all."""
@@ -101,7 +103,7 @@ def with_prefix_matches(
 
 
 def prefix_holds(
-    candidates: Sequence[Candidate], index: _Lookup | None
+    candidates: Sequence[Candidate], index: PrefixLookup | None
 ) -> Callable[[Sequence[int]], bool]:
     """Whether some candidate holds every one of a prompt's leading hashes: what a prompt probe
     (`PromptBlocks.probe`) asks before computing more of the prompt. Once no candidate does, no
@@ -116,7 +118,7 @@ def prefix_holds(
 class _PrefixHolds:
     __slots__ = ("_alive", "_index", "_seen")
 
-    def __init__(self, addresses: list[str], index: _Lookup) -> None:
+    def __init__(self, addresses: list[str], index: PrefixLookup) -> None:
         self._alive = addresses  # the candidates holding every hash seen so far
         self._index = index
         self._seen = 0

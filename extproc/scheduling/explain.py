@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 
 from extproc.scheduling.admission import Admission, LeastBad
-from extproc.scheduling.cost import CostModel
+from extproc.scheduling.cost_model import CostModel
 from extproc.scheduling.framework import Profile
 from extproc.scheduling.types import Candidate, Ranked, SchedulingRequest
 

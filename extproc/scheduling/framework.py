@@ -9,6 +9,31 @@ from extproc.scheduling.types import Candidate, Filter, Picker, Ranked, Scheduli
 
 
 @dataclass(frozen=True, slots=True)
+class Needs:
+    """What a plugin reads beyond the endpoints' snapshot, declared where it is registered
+    (`registry.py`), so the pipeline computes a request's costly inputs only for profiles whose
+    plugins read them."""
+
+    # The prompt tokenized into vLLM's block hashes, and each endpoint's prefix match.
+    block_hashes: bool = False
+    # The request's LoRA adapter: such a plugin weighs adapter loads itself, so a built-in
+    # strategy adds no `lora-affinity` scorer beside it.
+    adapter: bool = False
+    # The request's session (`x-session-id`).
+    session: bool = False
+    # The learned cost model (`CostLearner.current`).
+    cost_model: bool = False
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            block_hashes=self.block_hashes or other.block_hashes,
+            adapter=self.adapter or other.adapter,
+            session=self.session or other.session,
+            cost_model=self.cost_model or other.cost_model,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class WeightedScorer:
     scorer: Scorer
     weight: float
@@ -27,6 +52,9 @@ class Profile:
     filters: tuple[Filter, ...]
     scorers: tuple[WeightedScorer, ...]
     picker: Picker
+    # Its plugins' needs, from their registrations (`registry.needs` reads it); a profile built
+    # by hand, outside the registry, may leave it empty.
+    needs: Needs = Needs()
 
     def schedule(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> Ranked:
         for f in self.filters:

@@ -1,20 +1,17 @@
-"""`extproc serve`: build the picker once, serve ext_proc, health and metrics, stop on SIGTERM.
+"""The picker assembled: build it once, serve ext_proc, health and metrics, stop on SIGTERM.
 
 Everything the request path uses is constructed here and passed in; nothing is global. The
-`PickerServer` class is the same assembly as a library, for tests and benchmarks.
+`PickerServer` class is the same assembly as a library, for tests and benchmarks; the
+`extproc serve` command around it (flags, config checks, signals) is `extproc.server.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,31 +20,30 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
-from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import start_http_server
 
-from extproc.config import Config, ConfigError, EndpointConfig, ServerConfig, load_config
+from extproc.config import Config, ConfigError
 from extproc.metrics import PickerMetrics, PoolCollector
 from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks
 from extproc.prefix.mismatch import MismatchDetector, MismatchReporter, MismatchSettings
 from extproc.request.objectives import ObjectiveResolver
-from extproc.scheduling.cost import CostLearner
+from extproc.scheduling.cost_learner import CostLearner
 from extproc.scheduling.profiles import parse_endpoint_picker_config
-from extproc.scheduling.strategies import Strategies, known_strategies, validate_strategy_name
+from extproc.scheduling.room import PoolRoom, saturation_thresholds
+from extproc.scheduling.strategies import Strategies
 from extproc.server import reply
 from extproc.server.access_log import AccessLogReceiver
 from extproc.server.field_metrics import MeteredPipeline, pool_reader
 from extproc.server.health import PREFIX_HASHING_CONDITION, Health
-from extproc.server.logs import configure_logging
 from extproc.server.prefill import HttpPrefiller
 from extproc.server.stream import StreamHandler
-from extproc.server.tls import server_credentials
+from extproc.serving.tls import add_port
 from extproc.state.discovery import Discovery
+from extproc.state.discovery.configured import discovery_for
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
 from extproc.state.discovery.objectives import ObjectivesWatch
-from extproc.state.discovery.static import FixedDiscovery, StaticDiscovery
 from extproc.state.inflight import InFlight
 from extproc.state.models import ModelsReading
 from extproc.state.objectives import ObjectivesStore
@@ -56,6 +52,7 @@ from extproc.state.prefix_index import PrefixIndex
 from extproc.state.shared import ChannelTls, SharedStateClient
 from extproc.state.side import StateSide
 from extproc.state.snapshot import Snapshot, SnapshotStore
+from extproc.tenancy.gate import TenancyGate
 from extproc.tenancy.limits import Limiter, LocalLimiter
 from extproc.tenancy.redis_limits import RedisLimiter
 from extproc.tenancy.reload import TenancyReloader, load_directory
@@ -129,6 +126,8 @@ class PickerServer:
             if config.disaggregation.mode == "centralized"
             else None
         )
+        # The tenancy gate (limits, fair queue) sees the pool only through the snapshot.
+        self.gate = tenancy_gate(config, self.tenancy, self.store, self.inflight, self.metrics)
         self.pipeline = MeteredPipeline(
             config,
             self.store,
@@ -139,7 +138,7 @@ class PickerServer:
             matcher=self.index if precise else self.learned,
             learned=self.learned,
             cost=self.cost,
-            tenancy=self.tenancy,
+            gate=self.gate,
             prefiller=self.prefiller,
             objectives=ObjectiveResolver(lambda: self.objectives.current, rng=random.Random()),
         )
@@ -384,6 +383,22 @@ def tenancy_for(config: Config, metrics: PickerMetrics) -> Tenancy | None:
     return Tenancy(settings, load_directory(settings), limiter)
 
 
+def tenancy_gate(
+    config: Config,
+    tenancy: Tenancy | None,
+    store: SnapshotStore,
+    inflight: InFlight,
+    metrics: PickerMetrics,
+) -> TenancyGate | None:
+    """The gate for `tenancy` (None when tenancy is off): it sees the pool only through
+    `PoolRoom`, the snapshot's candidates and the in-flight counts."""
+    if tenancy is None:
+        return None
+    thresholds = saturation_thresholds(config.scheduling)
+    room = PoolRoom(store, inflight, thresholds=thresholds, collector=config.collector)
+    return TenancyGate(tenancy, room, metrics)
+
+
 def strategies_for(config: Config, cost: CostLearner | None = None) -> Strategies:
     """Built-in strategies plus the profiles of the configured EndpointPickerConfig."""
     raw = config.scheduling.endpoint_picker_config
@@ -402,216 +417,8 @@ def strategies_for(config: Config, cost: CostLearner | None = None) -> Strategie
     )
 
 
-def discovery_for(
-    config: Config,
-    *,
-    config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Discovery:
-    """Where endpoints come from: InferencePools, the config file at `config_path` (reloaded on
-    change, with the same flag overrides), or the fixed list in `config`."""
-    if config.discovery.kubernetes is not None:
-        return KubernetesDiscovery(config.discovery.kubernetes, fleet=config.fleet)
-    if config_path is not None:
-        return StaticDiscovery(config_path, overrides=overrides)
-    return FixedDiscovery(config.endpoints)
-
-
-async def serve(
-    config: Config,
-    discovery: Discovery,
-    *,
-    config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> None:
-    picker = PickerServer(config, discovery=discovery, config_path=config_path, overrides=overrides)
-    await picker.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    delay = config.server.drain_delay_seconds
-    log.info(
-        "shutting down: not ready, still taking new streams for %.1fs, then draining open "
-        "streams for up to %.1fs",
-        delay,
-        config.server.shutdown_grace_seconds,
-    )
-    # A stream that reaches a stopping picker is refused, and its request fails: take new ones
-    # until the proxies have seen the not-ready status (Envoy's health check of the ext_proc
-    # port, Kubernetes endpoints) and sent their streams to the other replicas.
-    await picker.health.draining()
-    await asyncio.sleep(delay)
-    await picker.stop()
-
-
-def check_protobuf_backend() -> None:
-    """The pure-Python protobuf backend is ~10x slower on this path; refuse to run on it."""
-    backend = api_implementation.Type()
-    if backend != "upb":
-        raise RuntimeError(
-            f"protobuf is using the '{backend}' backend, not 'upb'; unset "
-            "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION and install protobuf >= 4.21"
-        )
-
-
 def _collector_tls(config: Config) -> ChannelTls | None:
     if not config.collector.source_tls:
         return None
     ca_file = config.collector.source_ca_file
     return ChannelTls(ca=Path(ca_file).read_bytes() if ca_file else None)
-
-
-def add_port(server: grpc.aio.Server, address: str, config: ServerConfig) -> int:
-    """Listen on `address`, over TLS when `config.secure_serving` (docs/deploy.md, "TLS")."""
-    if not config.secure_serving:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, server_credentials(config.cert_path))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see docs/configuration.md)")
-    parser.add_argument("--endpoints", help="comma-separated ip:port list of model servers")
-    parser.add_argument(
-        "--strategy",
-        help=f"routing strategy: {', '.join(known_strategies())}, or a blend like least-request:2",
-    )
-    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--grpc-port", type=int, help="ext_proc port (default 9002)")
-    parser.add_argument("--health-port", type=int, help="gRPC health port (default 9003)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 9090)")
-    parser.add_argument("--max-body-bytes", type=int, help="refuse larger bodies with 413")
-    parser.add_argument("--fallbacks", type=int, help="fallback endpoints after the pick")
-    parser.add_argument(
-        "--body-mode",
-        choices=["streamed", "buffered"],
-        help="body mode to assume when Envoy does not announce one",
-    )
-    parser.add_argument(
-        "--secure-serving",
-        action="store_true",
-        default=None,
-        help="serve ext_proc over TLS (self-signed certificate unless --cert-path)",
-    )
-    parser.add_argument(
-        "--cert-path", help="directory with tls.crt and tls.key, read again when they change"
-    )
-    parser.add_argument(
-        "--destination-endpoint-hint-metadata-namespace",
-        help="dynamic-metadata namespace of the decision (default envoy.lb)",
-    )
-    parser.add_argument(
-        "--destination-endpoint-hint-key",
-        help="header and metadata key of the decision (default x-gateway-destination-endpoint)",
-    )
-    parser.add_argument(
-        "--emit-endpoint-scores",
-        action="store_true",
-        default=None,
-        help="send each scored endpoint's score in the metadata too",
-    )
-    add_pool_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        default="text",
-        help="text for a terminal, json (one object per line, with request ids) for a pipeline",
-    )
-
-
-def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
-    """The pool flags of the field's picker (`extproc serve` and `extproc collector`): any of
-    them turns Kubernetes discovery on (`discovery.kubernetes`)."""
-    parser.add_argument(
-        "--pool-name", help="the InferencePool to serve (only that pool is watched)"
-    )
-    parser.add_argument("--pool-namespace", help="its namespace (default: the pod's own namespace)")
-    parser.add_argument(
-        "--all-pools",
-        action="store_true",
-        default=None,
-        help="serve every InferencePool of the namespace instead of one",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
-    """The config the flags and file describe, and the flag overrides (for reloads)."""
-    overrides: dict[str, Any] = {}
-    flags = {
-        "host": "server.host",
-        "grpc_port": "server.grpc_port",
-        "health_port": "server.health_port",
-        "metrics_port": "server.metrics_port",
-        "max_body_bytes": "server.max_body_bytes",
-        "body_mode": "server.default_body_mode",
-        "strategy": "routing.strategy",
-        "fallbacks": "routing.fallbacks",
-        "secure_serving": "server.secure_serving",
-        "cert_path": "server.cert_path",
-        "destination_endpoint_hint_metadata_namespace": "routing.destination_metadata_namespace",
-        "destination_endpoint_hint_key": "routing.destination_key",
-        "emit_endpoint_scores": "routing.emit_endpoint_scores",
-        "pool_name": "discovery.kubernetes.pool_name",
-        "pool_namespace": "discovery.kubernetes.namespace",
-        "all_pools": "discovery.kubernetes.all_pools",
-    }
-    for attr, key in flags.items():
-        value = getattr(args, attr, None)
-        # EXTPROC_ALL_POOLS=false must not create a discovery.kubernetes section by itself.
-        if value is not None and not (attr == "all_pools" and value is False):
-            overrides[key] = value
-    config = load_config(args.config, overrides)
-    if args.endpoints:
-        try:
-            endpoints = tuple(
-                EndpointConfig(address=a.strip()) for a in args.endpoints.split(",") if a.strip()
-            )
-        except ConfigError as exc:
-            raise ConfigError(f"--endpoints {exc.key}", exc.problem) from exc
-        config = dataclasses.replace(config, endpoints=endpoints)
-    configured = strategies_for(config).names()
-    for key, name in (
-        ("routing.strategy", config.routing.strategy),
-        ("disaggregation.prefill_strategy", config.disaggregation.prefill_strategy),
-        ("disaggregation.decode_strategy", config.disaggregation.decode_strategy),
-    ):
-        try:
-            validate_strategy_name(name, configured=configured)
-        except ValueError as exc:
-            raise ConfigError(key, str(exc)) from exc
-    if config.discovery.kubernetes is not None and config.endpoints:
-        raise ConfigError(
-            "discovery.kubernetes",
-            "endpoints come from InferencePools or from a static list, not both",
-        )
-    if config.tenancy.enabled:
-        load_directory(config.tenancy)  # the keys file must be readable and valid at start-up
-    if not config.endpoints and config.discovery.kubernetes is None:
-        raise ConfigError(
-            "endpoints",
-            "no endpoints: give --endpoints, an 'endpoints' list, or discovery.kubernetes",
-        )
-    return config, overrides
-
-
-def run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_format)
-    try:
-        config, overrides = config_from_args(args)
-    except ConfigError as exc:
-        print(f"extproc: config error: {exc}", file=sys.stderr)
-        return 2
-    check_protobuf_backend()
-    # --endpoints fixes the set; otherwise the config file's list is followed as it changes.
-    path = None if args.endpoints else args.config
-    discovery = discovery_for(config, config_path=path, overrides=overrides)
-    main = serve(config, discovery, config_path=args.config, overrides=overrides)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-    return 0

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.config import Config
+from extproc.decision import LocalAnswer, RequestHead, Routed
 from extproc.metrics import FieldMetrics, PoolLoad
-from extproc.pipeline import LocalAnswer, Pipeline, RequestHead, Routed
+from extproc.pipeline import Pipeline
 from extproc.request.errors import OpenAIError
 from extproc.request.usage import Usage
 from extproc.state.collector import freshness

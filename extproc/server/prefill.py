@@ -1,5 +1,5 @@
 """The `centralized` prefill: the picker posts a disaggregated request's prompt to its prefill
-endpoint and reads back where the KV cache is (`extproc.request.kv_transfer`).
+endpoint and reads back where the KV cache is (`extproc.scheduling.disaggregation`).
 
 One aiohttp session for the picker's life, no connection limit (a prefill is one request per
 routed request, and a pool's worth at once must not queue behind each other here). The answer
@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from extproc.request.kv_transfer import returned_params
+from extproc.scheduling.disaggregation import returned_params
 
 
 class HttpPrefiller:

@@ -43,8 +43,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from extproc.config import BodyMode
+from extproc.decision import LocalAnswer, RequestHead, Routed
 from extproc.metrics import PickerMetrics
-from extproc.pipeline import LocalAnswer, Pipeline, RequestHead, Routed
+from extproc.pipeline import Pipeline
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
 from extproc.request.usage import Usage, UsageReader

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from extproc.prefix.hashing import BlockHasher
-from extproc.sim.engine import Engine, EngineConfig, FinishedRequest
+from extproc.sim.engine import Engine, EngineConfig
 from extproc.sim.profiles import GIB, StepProfile, get_profile
+from extproc.sim.request import FinishedRequest
 
 METRICS: Final = ("ttft_mean_ms", "ttft_p99_ms", "tpot_median_ms", "output_tok_s")
 DEFAULT_BAND: Final = (0.85, 1.15)  # the target: within 15% of every published figure

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
@@ -40,6 +40,31 @@ class EventFormat:
     int_hashes: bool = True
     block_size: int = 16
     medium: str = "GPU"
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventsSettings:
+    endpoint: str  # e.g. tcp://127.0.0.1:5557 or tcp://127.0.0.1:0
+    replay_endpoint: str | None
+    topic: str = "kv-events"
+    fmt: EventFormat = field(default_factory=EventFormat)
+    buffer_steps: int = 10_000
+
+
+def event_sources(settings: KVEventsSettings) -> dict[str, Any]:
+    """`/kv_event_sources`: vLLM's `KVEventsConfig` per data-parallel rank (one here)."""
+    return {
+        "0": {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": settings.endpoint,
+            "replay_endpoint": settings.replay_endpoint,
+            "buffer_steps": settings.buffer_steps,
+            "hwm": 100_000,
+            "max_queue_size": 100_000,
+            "topic": settings.topic,
+        }
+    }
 
 
 def encode_event(event: CacheEvent, fmt: EventFormat) -> Any:

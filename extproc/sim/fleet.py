@@ -30,10 +30,11 @@ from aiohttp import web
 
 from extproc.prefix.hashing import DEFAULT_NONE_HASH_SEED, BlockHasher, HashAlgo
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer, resolve_spec
-from extproc.sim.engine import EngineConfig, EngineStats, FinishedRequest
-from extproc.sim.events import EventFormat
+from extproc.sim.engine import EngineConfig, EngineStats
+from extproc.sim.events import EventFormat, KVEventsSettings
 from extproc.sim.profiles import get_profile
-from extproc.sim.server import KVEventsSettings, ServerConfig, SimServer
+from extproc.sim.request import FinishedRequest
+from extproc.sim.server import ServerConfig, SimServer
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 # The line `extproc sim` (and the benchmarks' fleet host) prints once every server listens,

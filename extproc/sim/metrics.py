@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from extproc.sim.engine import EngineStats, FinishedRequest
+from extproc.sim.engine import EngineConfig, EngineStats
+from extproc.sim.request import FinishedRequest
 
 TTFT_BUCKETS: Final = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -43,6 +44,25 @@ ITERATION_TOKENS_BUCKETS: Final = (
 REQUEST_NUM_PREEMPTIONS_BUCKETS: Final = (1, 2, 3, 4, 5, 10, 20)
 # Wall seconds a scrape may see histograms that old (see `ServerMetrics`).
 HISTOGRAM_REFRESH_SECONDS: Final = 1.0
+
+
+def cache_config_info(eng: EngineConfig) -> dict[str, str]:
+    """The labels of `vllm:cache_config_info`, as vLLM's `CacheConfig` renders them."""
+    return {
+        "block_size": str(eng.block_size),
+        "cache_dtype": "auto",
+        "calculate_kv_scales": "False",
+        "cpu_offload_gb": "0",
+        "enable_prefix_caching": str(eng.enable_prefix_caching),
+        "gpu_memory_utilization": str(eng.profile.gpu_memory_utilization),
+        "is_attention_free": "False",
+        "num_cpu_blocks": "None",
+        "num_gpu_blocks": str(eng.num_gpu_blocks),
+        "num_gpu_blocks_override": "None",
+        "prefix_caching_hash_algo": eng.hasher.algo,
+        "sliding_window": "None",
+        "swap_space": "4",
+    }
 
 
 def request_tokens_buckets(max_model_len: int) -> list[float]:

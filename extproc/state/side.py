@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 from extproc.config import Config, EndpointConfig
 from extproc.state.collector import CollectedState, CollectorMetrics, MetricsCollector
 from extproc.state.discovery import Discovery
-from extproc.state.kv_events import KVEventEndpoint, KVEventMetrics, KVEventSubscribers
+from extproc.state.kv_events import KVEventMetrics, KVEventSubscribers
+from extproc.state.kv_sources import KVEventEndpoint
 from extproc.state.models import ModelDiscovery, ModelsReading
 from extproc.state.prefix_index import PrefixIndex
 

@@ -6,6 +6,8 @@
                                                                                  redis_limits.py)
     fair queue -> under saturation, weighted fair queuing on tokens              (fair_queue.py)
     salt       -> the tenant's `cache_salt`, so tenants never share KV blocks    (salt.py)
+    gate       -> the lease and the queue place, held from the limits to the pick and
+                  given back unless the request is routed                     (gate.py)
 
 Nothing here knows HTTP: refusals are values the pipeline turns into OpenAI errors.
 """

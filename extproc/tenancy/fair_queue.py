@@ -19,9 +19,10 @@ waiting, so time spent idle is not banked as credit to flood with later. Request
 without waiting are charged too, so a tenant that had the pool to itself is behind the others
 when contention starts.
 
-"Room" is the pipeline's question (`has_room(tenant, model)`): this module only orders, wakes
-and keeps the counts that tell whether a tenant holds more than its weighted share of the
-pool's slots (`over_share`), which the pipeline uses to keep headroom for the others. It looks
+"Room" is the gate's question (`has_room(tenant, model)`, answered from the pool's snapshot):
+this module only orders, wakes and keeps the counts that tell whether a tenant holds more than
+its weighted share of the pool's slots (`over_share`), which the gate uses to keep headroom for
+the others. It looks
 again whenever something may have freed room (`poke`: a response ended, new metrics arrived)
 and every `tick` seconds while anything waits.
 """
@@ -56,7 +57,7 @@ class _Waiter:
 
 
 class FairQueue:
-    """One per event loop (per pipeline)."""
+    """One per event loop (per tenancy gate)."""
 
     def __init__(
         self,

@@ -1,6 +1,5 @@
-"""Tenancy as one object the pipeline holds: the current directory and settings (replaced whole
-on reload), the limiter, and the salt. The fair queue belongs to the pipeline, which knows what
-room is."""
+"""Tenancy as one object: the current directory and settings (replaced whole on reload), the
+limiter, and the salt. The gate (gate.py) holds it, with the fair queue."""
 
 from __future__ import annotations
 

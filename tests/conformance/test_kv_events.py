@@ -17,7 +17,8 @@ from extproc.sim.cache import AllBlocksCleared as SimCleared
 from extproc.sim.cache import BlockRemoved as SimRemoved
 from extproc.sim.cache import BlockStored as SimStored
 from extproc.sim.events import EventFormat, encode_batch
-from extproc.state import kv_events as ours
+from extproc.state import kv_decoding as ours
+from extproc.state import kv_sources
 from tests.conformance.vllm_src import exec_definitions
 
 _STRUCTS = (
@@ -229,8 +230,8 @@ def test_kv_event_sources_of_vllm_033(vllm_root: Path) -> None:
         replay_endpoint="tcp://*:5558", topic="kv",
     )  # fmt: skip
     document = json.loads(json.dumps({"0": dataclasses.asdict(cfg)}))
-    assert ours.parse_event_sources(document, "10.0.0.5:8000") == ours.KVEventSource(
+    assert kv_sources.parse_event_sources(document, "10.0.0.5:8000") == kv_sources.KVEventSource(
         "tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558", "kv"
     )
     off = env["KVEventsConfig"]()
-    assert ours.parse_event_sources({"0": dataclasses.asdict(off)}, "10.0.0.5:8000") is None
+    assert kv_sources.parse_event_sources({"0": dataclasses.asdict(off)}, "10.0.0.5:8000") is None

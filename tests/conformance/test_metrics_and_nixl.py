@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.request.kv_transfer import PREFILL_PARAMS
+from extproc.scheduling.disaggregation import PREFILL_PARAMS
 from extproc.sim.engine import EngineStats
 from extproc.sim.metrics import ServerMetrics
 from tests.conformance.vllm_src import load_module, path_of
@@ -191,13 +191,13 @@ def test_prefill_request_params_are_nixls(vllm_root: Path) -> None:
 
 
 def test_simulator_prefill_answer_carries_what_a_decode_needs(vllm_root: Path) -> None:
-    from extproc.sim import server
+    from extproc.sim import disagg
 
-    source = Path(server.__file__).read_text()
+    source = Path(disagg.__file__).read_text()
     tree = ast.parse(source)
     keys: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "_kv_transfer_params":
+        if isinstance(node, ast.FunctionDef) and node.name == "kv_transfer_params":
             for d in ast.walk(node):
                 if isinstance(d, ast.Dict):
                     keys = {k.value for k in d.keys if isinstance(k, ast.Constant)}
@@ -207,12 +207,12 @@ def test_simulator_prefill_answer_carries_what_a_decode_needs(vllm_root: Path) -
 
 
 def test_simulator_prefill_answer_has_every_nixl_field(vllm_root: Path) -> None:
-    from extproc.sim import server
+    from extproc.sim import disagg
 
-    tree = ast.parse(Path(server.__file__).read_text())
+    tree = ast.parse(Path(disagg.__file__).read_text())
     keys: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "_kv_transfer_params":
+        if isinstance(node, ast.FunctionDef) and node.name == "kv_transfer_params":
             for d in ast.walk(node):
                 if isinstance(d, ast.Dict):
                     keys = {k.value for k in d.keys if isinstance(k, ast.Constant)}

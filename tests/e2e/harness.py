@@ -4,7 +4,7 @@
   /v1/chat/completions with SSE, /v1/embeddings, /health) running on one event loop in a
   background thread, so they outlive each test's own loop and can be shared by a whole module.
   Each records what it received and answers with `x-backend: <port>`.
-- The picker is `extproc serve` as a subprocess; Envoy is started with `extproc.envoy_runner`.
+- The picker is `extproc serve` as a subprocess; Envoy is started with `extproc.bench.envoy`.
   Both are stopped by PID at teardown (terminate, wait, kill). Their logs go to files under the
   session's temp dir; `Stack.logs()` returns their tails for assertion messages.
 """
@@ -28,7 +28,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc import envoy_runner
+from extproc.bench import envoy, envoy_config
 from extproc.config import BodyMode, FailureMode
 from tests.fakes import vllm_metrics
 
@@ -339,7 +339,7 @@ class Stack:
     """An Envoy listener in front of a picker (or of nothing, to test failure modes)."""
 
     port: int
-    envoy: envoy_runner.EnvoyProcess
+    envoy: envoy.EnvoyProcess
     envoy_log: Path
     picker: Picker | None
 
@@ -363,13 +363,13 @@ def run_envoy(
     picker: Picker | None,
     failure_mode: FailureMode = "FailClose",
     body_mode: BodyMode = "streamed",
-    response_path: envoy_runner.ResponsePath = "ended",
+    response_path: envoy_config.ResponsePath = "ended",
     extproc_tls: bool = False,
     extproc_ca: Path | None = None,
     request_timeout_ms: int = 60_000,
 ) -> Iterator[Stack]:
     port, admin_port = free_port(), free_port()
-    config = envoy_runner.render_bootstrap(
+    config = envoy_config.render_bootstrap(
         port=port,
         extproc=extproc,
         endpoints=endpoints,
@@ -385,7 +385,7 @@ def run_envoy(
     )
     log = logs / f"envoy-{port}-{failure_mode}-{body_mode}-{response_path}.log"
     with log.open("wb") as out:
-        process = envoy_runner.start_envoy(
+        process = envoy.start_envoy(
             config, admin_port=admin_port, concurrency=1, stdout=out, stderr=out
         )
     try:

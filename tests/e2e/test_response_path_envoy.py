@@ -26,7 +26,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import json_format
 
-from extproc import envoy_runner
+from extproc.bench import envoy, envoy_config
 from extproc.config import BodyMode
 
 from .harness import MODEL_A, MODEL_B, Fleet, Picker, free_port
@@ -121,7 +121,7 @@ async def _envoy(logs: Path, config: dict[str, Any], *, admin_port: int) -> Asyn
     port = _ingress_port(config)
     log = logs / f"envoy-{port}-usage.log"
     with log.open("wb") as out:
-        process = envoy_runner.start_envoy(
+        process = envoy.start_envoy(
             yaml.safe_dump(config, sort_keys=False),
             admin_port=admin_port,
             concurrency=1,
@@ -164,7 +164,7 @@ async def test_usage_reaches_the_access_log_with_the_pickers_request_id(
     async with _access_log_server() as (collector, als_port):
         admin_port = free_port()
         config = yaml.safe_load(
-            envoy_runner.render_bootstrap(
+            envoy_config.render_bootstrap(
                 port=free_port(),
                 extproc=picker.address,
                 endpoints=addresses,
@@ -418,7 +418,7 @@ async def test_lua_reads_vllm_usage_however_it_is_chunked(logs: Path) -> None:
         async with _access_log_server() as (collector, als_port):
             admin_port = free_port()
             config = yaml.safe_load(
-                envoy_runner.render_bootstrap(
+                envoy_config.render_bootstrap(
                     port=free_port(),
                     extproc=f"127.0.0.1:{free_port()}",  # not used: ext_proc is removed
                     endpoints=[f"127.0.0.1:{backend_port}"],

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc import envoy_runner
+from extproc.bench import envoy, envoy_config
 from tests.redis_server import RedisServer
 
 from .harness import MODEL_A, Picker, Stack, free_port, run_picker
@@ -39,7 +39,7 @@ def _envoy_in_front_of(logs: Path, pickers: list[Picker], endpoints: list[str]) 
     """The bundled `ended` Envoy with both pickers in its `extproc` cluster, which carries the
     ext_proc streams and the access log alike."""
     port, admin_port = free_port(), free_port()
-    rendered = envoy_runner.render_bootstrap(
+    rendered = envoy_config.render_bootstrap(
         port=port,
         extproc=pickers[0].address,
         endpoints=endpoints,
@@ -64,7 +64,7 @@ def _envoy_in_front_of(logs: Path, pickers: list[Picker], endpoints: list[str]) 
     ]
     log = logs / f"envoy-{port}-two-replicas.log"
     with log.open("wb") as out:
-        process = envoy_runner.start_envoy(
+        process = envoy.start_envoy(
             yaml.safe_dump(config), admin_port=admin_port, concurrency=1, stdout=out, stderr=out
         )
     try:

@@ -32,17 +32,19 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from extproc.config import Config, load_config
+from extproc.decision import LocalAnswer, RequestHead, Routed
 from extproc.metrics import PickerMetrics
-from extproc.pipeline import LocalAnswer, Pipeline, RequestHead, Routed
+from extproc.pipeline import Pipeline
 from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import PromptBlocks
 from extproc.request.errors import OpenAIError
 from extproc.request.usage import Usage
-from extproc.scheduling.cost import CostLearner
-from extproc.server.app import blocks_settings, strategies_for
+from extproc.scheduling.cost_learner import CostLearner
+from extproc.server.app import blocks_settings, strategies_for, tenancy_gate
 from extproc.state.inflight import InFlight
 from extproc.state.snapshot import Endpoint, Snapshot, SnapshotStore
 from extproc.state.stats import EndpointStats
+from extproc.tenancy.gate import TenancyGate
 from extproc.tenancy.limits import Granted, LocalLimiter
 from extproc.tenancy.policy import key_digest
 from extproc.tenancy.reload import load_directory
@@ -150,6 +152,7 @@ class World:
     """One pipeline with its own counts, limiter and metrics: one example's."""
 
     pipeline: Pipeline
+    gate: TenancyGate
     inflight: InFlight
     metrics: PickerMetrics
     tenancy: Tenancy
@@ -166,9 +169,11 @@ class World:
         )
         tenancy = Tenancy(config.tenancy, load_directory(config.tenancy), limiter)
         learned = ApproxPrefixIndex()
+        store = SnapshotStore(Snapshot.of(ENDPOINTS))
+        gate = tenancy_gate(config, tenancy, store, inflight, metrics)
         pipeline = Pipeline(
             config,
-            SnapshotStore(Snapshot.of(ENDPOINTS)),
+            store,
             inflight,
             strategies_for(config, cost),
             metrics,
@@ -176,9 +181,10 @@ class World:
             matcher=learned,
             learned=learned,
             cost=cost,
-            tenancy=tenancy,
+            gate=gate,
         )
-        return cls(pipeline, inflight, metrics, tenancy, limiter)
+        assert gate is not None
+        return cls(pipeline, gate, inflight, metrics, tenancy, limiter)
 
     def held(self) -> list[str]:
         """Whatever a finished request left behind (empty when nothing)."""
@@ -191,9 +197,8 @@ class World:
             )
             if gauge:
                 left.append(f"in-flight gauge {gauge} at {address}")
-        fair = self.pipeline._fair
-        if fair is not None and fair.waiting():
-            left.append(f"{fair.waiting()} waiting in the fair queue")
+        if self.gate.waiting():
+            left.append(f"{self.gate.waiting()} waiting in the fair queue")
         for tenant in self.tenancy.directory.tenants.values():
             if not tenant.limits.max_concurrency:
                 continue

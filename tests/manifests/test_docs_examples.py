@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.server.app import add_arguments, config_from_args
+from extproc.server.cli import add_arguments, config_from_args
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 MARKER = "# extproc picker config"

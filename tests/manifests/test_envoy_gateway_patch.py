@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.bench.envoy import running_envoy, validate_config
 from extproc.bench.processes import free_ports
-from extproc.envoy_runner import running_envoy, validate_config
 
 POLICY = Path(__file__).resolve().parents[2] / "manifests/gateway/envoy-gateway/patch-policy.yaml"
 

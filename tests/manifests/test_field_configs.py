@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from extproc.scheduling.profiles import parse_endpoint_picker_config
-from extproc.server.app import add_arguments, config_from_args
+from extproc.server.cli import add_arguments, config_from_args
 
 MIGRATION = Path(__file__).resolve().parents[2] / "docs" / "migration.md"
 _QUOTED = re.compile(

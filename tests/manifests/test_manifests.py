@@ -24,12 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc import envoy_runner
+from extproc.bench import envoy_config
 from extproc.cli import defaults_from_environment
+from extproc.collector import app as collector_app
 from extproc.config import Config
-from extproc.server import app as app_module
-from extproc.server import collector_app
-from extproc.server.app import config_from_args
+from extproc.server import cli as serve_cli
 from tests.manifests import kustomize, wiring
 from tests.manifests.kustomize import Build, KustomizeError
 from tests.manifests.schemas import Validator
@@ -210,12 +209,12 @@ def workload_config(build: Build, kind: str, name: str, tmp_path: Path) -> Confi
     ]
     command, *flags = args
     parser = argparse.ArgumentParser()
-    module = {"serve": app_module, "collector": collector_app}[command]
+    module = {"serve": serve_cli, "collector": collector_app}[command]
     module.add_arguments(parser)
     defaults_from_environment(parser, env)
     # The file's path swapped for the copy.
     flags[flags.index("--config") + 1] = str(path)
-    config, _ = config_from_args(parser.parse_args(flags))
+    config, _ = module.config_from_args(parser.parse_args(flags))
     return config
 
 
@@ -467,7 +466,7 @@ def test_every_gateway_path_reaches_the_picker_over_tls(overlay: Path, tmp_path:
         config_map = build.find("ConfigMap", "envoy-ingress")
         assert config_map is not None
         cluster = _picker_cluster(config_map["data"]["envoy.yaml"])
-        assert cluster["transport_socket"] == envoy_runner._upstream_tls(None)
+        assert cluster["transport_socket"] == envoy_config._upstream_tls(None)
 
 
 def test_the_envoy_gateway_backend_names_the_pickers_headless_service() -> None:

@@ -26,7 +26,7 @@ import pytest
 from extproc.config import Config, DisaggregationConfig
 from extproc.scheduling.disaggregation import roles
 from extproc.scheduling.types import Candidate
-from extproc.state.discovery.kubernetes import derive_endpoints, parse_pod, parse_pool
+from extproc.state.discovery.inference_pools import derive_endpoints, parse_pod, parse_pool
 from extproc.state.inflight import Load
 from extproc.state.pool import PoolState
 from extproc.state.snapshot import Endpoint, SnapshotStore

@@ -12,9 +12,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from extproc.prefix.blocks import BlocksSettings, PromptBlocks, PromptTokens, load_chat_template
+from extproc.prefix.blocks import BlocksSettings, PromptBlocks, PromptTokens
 from extproc.prefix.hashing import BlockHasher, LoraKey
-from extproc.prefix.tokenizers import HFTokenizer, TiktokenTokenizer, render_chat
+from extproc.prefix.tokenizers import (
+    HFTokenizer,
+    TiktokenTokenizer,
+    load_chat_template,
+    render_chat,
+)
 from extproc.request.openai import ParsedRequest, parse_request
 from extproc.sim import SimConfig, SimFleet
 from tests.prefix.helpers import random_conversation, random_text, train_hf_bpe

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from extproc.prefix.blocks import _HFEncoder
 from extproc.prefix.cache import (
     ChainHasher,
     GenerationalCache,
@@ -19,6 +18,7 @@ from extproc.prefix.cache import (
     cut_points,
 )
 from extproc.prefix.hashing import BlockHasher, LoraKey
+from extproc.prefix.local import _HFEncoder
 from extproc.prefix.tokenizers import TiktokenTokenizer, render_chat
 from tests.prefix.helpers import random_conversation, random_text, train_hf_bpe
 

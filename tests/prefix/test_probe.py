@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from extproc.config import Config, load_config
+from extproc.decision import RequestHead, Routed
 from extproc.metrics import PickerMetrics
-from extproc.pipeline import Pipeline, RequestHead, Routed
+from extproc.pipeline import Pipeline
 from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks
 from extproc.prefix.cache import DEFAULT_CHUNK_CHARS, SpliceEncoder, cut_points
@@ -25,7 +26,7 @@ from extproc.prefix.tokenizers import render_chat
 from extproc.request.openai import ParsedRequest, parse_request
 from extproc.scheduling.candidates import prefix_holds, with_prefix_matches
 from extproc.scheduling.types import Candidate
-from extproc.server.app import strategies_for, tenancy_for
+from extproc.server.app import strategies_for, tenancy_for, tenancy_gate
 from extproc.state.inflight import InFlight, Load
 from extproc.state.prefix_index import PrefixIndex
 from extproc.state.snapshot import Endpoint, Snapshot, SnapshotStore
@@ -236,16 +237,18 @@ def _config(**more: Any) -> Config:
 def _pipeline(config: Config, blocks: PromptBlocks, learned: ApproxPrefixIndex) -> Pipeline:
     metrics = PickerMetrics()
     endpoints = [Endpoint(a, frozenset({MODEL}), ready=True) for a in ADDRESSES]
+    store, inflight = SnapshotStore(Snapshot.of(endpoints)), InFlight()
+    gate = tenancy_gate(config, tenancy_for(config, metrics), store, inflight, metrics)
     return Pipeline(
         config,
-        SnapshotStore(Snapshot.of(endpoints)),
-        InFlight(),
+        store,
+        inflight,
         strategies_for(config),
         metrics,
         blocks=blocks,
         matcher=learned,
         learned=learned,
-        tenancy=tenancy_for(config, metrics),
+        gate=gate,
     )
 
 
@@ -340,7 +343,7 @@ async def test_a_tenants_prompt_is_computed_before_the_decision(
         # The limit charged the exact count, and the index already holds the whole prompt.
         assert routed.tokens == full.token_count
         assert learned.blocks_of(routed.primary) == full.block_hashes
-        assert not pipeline._finishing
+        assert not pipeline._learning.pending
     finally:
         await pipeline.aclose()
 
@@ -351,7 +354,7 @@ async def test_closing_the_pipeline_cancels_unfinished_prompts(
     pb = blocks_for()
     pipeline = _pipeline(_config(), pb, ApproxPrefixIndex())
     await _route(pipeline, _chat(5))
-    tasks = set(pipeline._finishing)
+    tasks = set(pipeline._learning.pending)
     assert tasks
     await pipeline.aclose()
     assert all(task.done() for task in tasks)

@@ -8,16 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from extproc.scheduling.cost import (
+from extproc.scheduling.cost import CostScorer, cache_pressure, hot_spot
+from extproc.scheduling.cost_learner import CostLearner
+from extproc.scheduling.cost_model import (
     PRIOR_STEP_SECONDS,
     PRIOR_TOKENS_PER_SECOND,
-    CostLearner,
     CostModel,
     CostParameters,
-    CostScorer,
     EndpointCost,
-    cache_pressure,
-    hot_spot,
 )
 from extproc.scheduling.strategies import Strategies
 from extproc.scheduling.types import Candidate, SchedulingRequest

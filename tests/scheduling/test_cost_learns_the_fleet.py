@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from extproc.bench.workloads import WORDS
-from extproc.scheduling.cost import CostLearner
+from extproc.scheduling.cost_learner import CostLearner
 from extproc.sim.fleet import DEFAULT_MODEL, SimConfig, SimFleet
 from extproc.sim.profiles import get_profile
 from extproc.state.metrics_text import parse_vllm_metrics

@@ -14,13 +14,20 @@ import pytest
 from aiohttp import web
 
 from extproc.config import Config, load_config
+from extproc.decision import RequestHead, Routed
 from extproc.metrics import PickerMetrics
-from extproc.pipeline import Pipeline, RequestHead, Routed
+from extproc.pipeline import Pipeline
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks
-from extproc.request.kv_transfer import PREFILL_PARAMS, decode_body, prefill_body, returned_params
 from extproc.request.openai import ParsedRequest, parse_request
-from extproc.scheduling.cost import CostLearner
-from extproc.scheduling.disaggregation import roles, worth_splitting
+from extproc.scheduling.cost_learner import CostLearner
+from extproc.scheduling.disaggregation import (
+    PREFILL_PARAMS,
+    decode_body,
+    prefill_body,
+    returned_params,
+    roles,
+    worth_splitting,
+)
 from extproc.scheduling.types import Candidate, SchedulingRequest
 from extproc.server.app import strategies_for
 from extproc.server.prefill import HttpPrefiller

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from extproc.scheduling.admission import LeastBad, Shed, admit
-from extproc.scheduling.cost import CostModel
+from extproc.scheduling.cost_model import CostModel
 from extproc.scheduling.explain import explain, explain_admission
 from extproc.scheduling.strategies import Strategies, known_strategies, parse_blend
 from extproc.scheduling.types import SchedulingRequest

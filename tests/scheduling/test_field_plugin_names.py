@@ -10,11 +10,9 @@ import pytest
 
 from extproc.config import ConfigError
 from extproc.scheduling.filters import DecodeFilter, PrefillFilter
-from extproc.scheduling.profiles import (
-    NOT_IMPLEMENTED,
-    PLUGIN_TYPES,
-    parse_endpoint_picker_config,
-)
+from extproc.scheduling.profiles import parse_endpoint_picker_config
+from extproc.scheduling.refused import NOT_IMPLEMENTED
+from extproc.scheduling.registry import PLUGINS
 from extproc.scheduling.scorers import PrefixCacheScorer, RunningRequestsScorer
 
 
@@ -70,7 +68,7 @@ def _problem(plugin: dict[str, Any]) -> ConfigError:
 
 @pytest.mark.parametrize("type_name", UPSTREAM_TYPES)
 def test_every_upstream_type_is_accepted_or_refused_by_name(type_name: str) -> None:
-    if type_name in PLUGIN_TYPES:
+    if type_name in PLUGINS.types:
         assert "p" in parse_endpoint_picker_config(_config({"type": type_name}))
         return
     error = _problem({"type": type_name})
@@ -80,7 +78,7 @@ def test_every_upstream_type_is_accepted_or_refused_by_name(type_name: str) -> N
 
 def test_the_not_implemented_list_names_only_upstream_types() -> None:
     assert set(NOT_IMPLEMENTED) <= set(UPSTREAM_TYPES)
-    assert not set(NOT_IMPLEMENTED) & set(PLUGIN_TYPES)
+    assert not set(NOT_IMPLEMENTED) & set(PLUGINS.types)
 
 
 def test_a_refusal_says_what_comes_closest() -> None:

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from extproc.scheduling.cost import CostLearner, CostModel, EndpointCost
+from extproc.scheduling.cost_learner import CostLearner
+from extproc.scheduling.cost_model import CostModel, EndpointCost
 from extproc.scheduling.price import QUALIFIES, PriceScorer, request_price
 from extproc.scheduling.types import Candidate, SchedulingRequest
 from extproc.state.snapshot import Endpoint, Snapshot

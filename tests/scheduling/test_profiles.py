@@ -11,7 +11,8 @@ import yaml
 from extproc.config import ConfigError
 from extproc.scheduling.filters import LowQueueFilter, PreferUnsaturated
 from extproc.scheduling.pickers import MaxScorePicker, RoundRobinPicker
-from extproc.scheduling.profiles import PLUGIN_TYPES, parse_endpoint_picker_config
+from extproc.scheduling.profiles import parse_endpoint_picker_config
+from extproc.scheduling.registry import PLUGINS
 from extproc.scheduling.scorers import PrefixCacheScorer, QueueScorer
 from extproc.scheduling.strategies import Strategies, validate_strategy_name
 from extproc.scheduling.types import SchedulingRequest
@@ -312,7 +313,7 @@ def test_field_keys_outside_profiles_are_accepted() -> None:
     assert set(parse_endpoint_picker_config(data)) == {"p"}
 
 
-@pytest.mark.parametrize("type_name", sorted(PLUGIN_TYPES))
+@pytest.mark.parametrize("type_name", sorted(PLUGINS.types))
 def test_every_plugin_type_builds_without_parameters(type_name: str) -> None:
     data = {
         "plugins": [{"type": type_name}],

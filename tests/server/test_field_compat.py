@@ -27,7 +27,8 @@ from prometheus_client.samples import Sample
 from extproc.cli import defaults_from_environment
 from extproc.config import Config, load_config
 from extproc.server import reply
-from extproc.server.app import PickerServer, add_arguments, config_from_args
+from extproc.server.app import PickerServer
+from extproc.server.cli import add_arguments, config_from_args
 from tests import extproc_client as ep
 from tests.conftest import StartPicker
 from tests.fakes import ModelServer

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from extproc.sim import SimConfig, SimFleet
-from extproc.sim.engine import FinishedRequest
 from extproc.sim.metrics import HISTOGRAM_REFRESH_SECONDS
+from extproc.sim.request import FinishedRequest
 from extproc.state.metrics_text import parse_vllm_metrics
 from tests.sim.conftest import IDLE_STATS, server_metrics
 

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.prefix.tokenizers import Tokenizer
-from extproc.request.kv_transfer import PREFILL_PARAMS
+from extproc.scheduling.disaggregation import PREFILL_PARAMS
 from extproc.sim import ServerHandle, SimConfig, SimFleet
-from extproc.sim.engine import FinishedRequest
 from extproc.sim.profiles import get_profile
+from extproc.sim.request import FinishedRequest
 from tests.sim.conftest import post, until, words
 
 BANDWIDTH = 25e9

@@ -22,18 +22,18 @@ import pytest
 
 from extproc.cli import defaults_from_environment
 from extproc.config import ConfigError, EndpointConfig, FleetConfig, load_config
-from extproc.server.app import PickerServer, add_arguments, config_from_args
-from extproc.state.discovery.kubernetes import (
-    _WAITING,
-    Backoff,
-    KubernetesDiscovery,
-    KubernetesSettings,
+from extproc.server.app import PickerServer
+from extproc.server.cli import add_arguments, config_from_args
+from extproc.state.discovery.inference_pools import (
+    WAITING,
     PodState,
     PoolSpec,
     derive_endpoints,
     parse_pod,
     parse_pool,
 )
+from extproc.state.discovery.kubernetes import KubernetesDiscovery, KubernetesSettings
+from extproc.state.discovery.reflector import Backoff
 from tests.state.kubeapi import (
     NAMESPACE,
     PODS,
@@ -168,7 +168,7 @@ async def test_a_named_pool_ignores_another_pool_in_the_namespace(
     await cluster.delete_pod("l2")
     await llama.until({"10.0.0.1:8000"})
     assert all("9000" not in e.address for seen in llama.seen for e in seen)
-    assert set(llama.problems) == {"", _WAITING}
+    assert set(llama.problems) == {"", WAITING}
 
 
 async def test_a_missing_pool_is_logged_and_reported_until_it_appears(
@@ -182,7 +182,7 @@ async def test_a_missing_pool_is_logged_and_reported_until_it_appears(
         llama = discover(pool_name="llama")
         await llama.until(set())
         await eventually(lambda: llama.problems[-1] == f"InferencePool {NAMESPACE}/llama not found")
-        assert llama.problems == [_WAITING, f"InferencePool {NAMESPACE}/llama not found"]
+        assert llama.problems == [WAITING, f"InferencePool {NAMESPACE}/llama not found"]
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1
         assert "InferencePool llm/llama not found" in warnings[0]
@@ -205,7 +205,7 @@ async def test_a_named_pool_that_selects_nothing_usable_is_a_problem(
 ) -> None:
     await cluster.add_pool("llama", {}, [8000])  # no matchLabels: unusable
     llama = discover(pool_name="llama")
-    await eventually(lambda: bool(llama.problems) and llama.problems[-1] != _WAITING)
+    await eventually(lambda: bool(llama.problems) and llama.problems[-1] != WAITING)
     assert llama.problems[-1] == f"InferencePool {NAMESPACE}/llama selects nothing usable"
     await cluster.change_pool("llama", LLAMA, [8000])
     await eventually(lambda: llama.problems[-1] == "")
@@ -609,12 +609,12 @@ def test_pool_flags_and_their_environment_forms() -> None:
 
 
 def test_the_collector_takes_the_same_pool_flags() -> None:
-    from extproc.server import collector_app
+    from extproc.collector import app as collector_app
 
     parser = argparse.ArgumentParser()
     collector_app.add_arguments(parser)
     defaults_from_environment(parser, {"EXTPROC_POOL_NAMESPACE": "llm"})
-    config, _ = config_from_args(parser.parse_args(["--pool-name", "llama"]))
+    config, _ = collector_app.config_from_args(parser.parse_args(["--pool-name", "llama"]))
     assert config.discovery.kubernetes is not None
     assert (config.discovery.kubernetes.pool_name, config.discovery.kubernetes.namespace) == (
         "llama",

@@ -20,22 +20,18 @@ from prometheus_client import CollectorRegistry
 from extproc.prefix.hashing import BlockHasher, event_id
 from extproc.prefix.tokenizers import TiktokenTokenizer, Tokenizer
 from extproc.sim import ServerHandle, SimConfig, SimFleet
-from extproc.state.kv_events import (
+from extproc.state.kv_decoding import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     DecodeError,
-    GroupSelector,
-    KVEventEndpoint,
-    KVEventMetrics,
-    KVEventSource,
-    KVEventSubscribers,
-    SubscriberSettings,
     block_hash_int,
     decode_batch,
     decode_event,
-    parse_event_sources,
 )
+from extproc.state.kv_events import KVEventMetrics, KVEventSubscribers, SubscriberSettings
+from extproc.state.kv_groups import GroupSelector
+from extproc.state.kv_sources import KVEventEndpoint, KVEventSource, parse_event_sources
 from extproc.state.prefix_index import PrefixIndex
 from tests.sim.conftest import post, words
 

@@ -324,7 +324,7 @@ async def test_refusals_are_logged_as_json_with_the_request_id_and_never_the_key
     server = await model_servers("model-a")
     _, channel = await start_picker(_config([server.address], {}))
     headers = {"authorization": "Bearer sk-leaked-guess-123", "x-request-id": "req-42"}
-    with caplog.at_level(logging.INFO, logger="extproc.pipeline"):
+    with caplog.at_level(logging.INFO, logger="extproc.request.record"):
         await _send(channel, PROMPT, headers)
         await _send(
             channel, {**PROMPT, "model": "model-a"}, {**_bearer("globex"), "x-request-id": "req-43"}

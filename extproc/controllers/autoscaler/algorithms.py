@@ -7,7 +7,7 @@
 Nothing here does I/O or reads a clock: an `Observation` carries the time, the replica counts and
 one `MetricWindow` per metric source (samples of the metric summed over the ready pods), and a
 `Decision` carries the replica count, a one-line reason and the algorithm's updated `Memory`. The
-controller (`controller.py`) and the simulated benchmark (`extproc/controllers/bench.py`) call the
+controller (`controller.py`) and the simulated benchmark (`extproc/bench/autoscaling.py`) call the
 same objects, so what the benchmark measures is what runs in the cluster.
 
 With several metric sources each one proposes a replica count and the largest wins (as the HPA

@@ -25,15 +25,9 @@ from typing import Any
 
 import kubernetes.client
 
-from extproc.state.discovery.kubernetes import (
-    Changed,
-    KubernetesSettings,
-    Listed,
-    Reflector,
-    Update,
-    default_namespace,
-    make_api_client,
-)
+from extproc.state.discovery.kubernetes import KubernetesSettings
+from extproc.state.discovery.reflector import Reflector, default_namespace, make_api_client
+from extproc.state.discovery.watch import Changed, Listed, Update
 from extproc.state.objectives import (
     OBJECTIVE_GROUPS,
     OBJECTIVE_PLURAL,

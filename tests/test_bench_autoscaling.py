@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from extproc.controllers import bench
+from extproc.bench import autoscaling as bench
 from extproc.controllers.autoscaler.algorithms import Bounds, Decision, Memory, Observation
 
 

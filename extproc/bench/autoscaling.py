@@ -1,7 +1,7 @@
 """Autoscaling benchmark: a bursty diurnal trace on a simulated fleet that the autoscaler resizes.
 
-    .venv/bin/python -m extproc.controllers.bench            # KPA vs APA vs HPA, table + report
-    .venv/bin/python -m extproc.controllers.bench --hours 0.2 --out /tmp/as
+    .venv/bin/python -m extproc.bench.autoscaling            # KPA vs APA vs HPA, table + report
+    .venv/bin/python -m extproc.bench.autoscaling --hours 0.2 --out /tmp/as
 
 Simulated time, not wall time: a discrete-event loop runs the trace's arrivals, every pod's engine
 steps, pod start-ups and the autoscaler's samples and decisions in time order, so two simulated
@@ -22,6 +22,9 @@ cached); a removed pod takes no new request and counts until its last request ha
 graceful drain). Requests go to the ready pod with the fewest requests (running + waiting); with
 no ready pod they wait at the gateway, which is also the activation signal for scale-from-zero.
 Pod-seconds count every pod from creation (a starting pod holds its GPU) to the end of its drain.
+
+Long (about 580 lines): the trace, the pod model and the event loop are one simulation whose
+parts share its clock and records; split, each would need the others to be read.
 """
 
 from __future__ import annotations
@@ -512,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options, for `python -m extproc.controllers.bench` and `extproc bench autoscaling`."""
+    """The options, for `python -m extproc.bench.autoscaling` and `extproc bench autoscaling`."""
     trace_defaults, fleet_defaults = TraceConfig(), FleetConfig()
     parser.add_argument("--hours", type=float, default=trace_defaults.hours)
     parser.add_argument("--low-rate", type=float, default=trace_defaults.low_rate)

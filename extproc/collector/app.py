@@ -21,8 +21,10 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from extproc._generated import state_pb2_grpc as pb_grpc
 from extproc.config import Config, ConfigError
-from extproc.server.app import add_pool_arguments, add_port, config_from_args, discovery_for
+from extproc.serving.flags import SERVER_FLAGS, add_pool_arguments, config_from_flags
+from extproc.serving.tls import add_port
 from extproc.state.discovery import Discovery
+from extproc.state.discovery.configured import discovery_for
 from extproc.state.shared import KEEPALIVE, RecordingIndex, StateService
 from extproc.state.side import StateSide
 
@@ -94,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_pool_arguments(parser)  # the pickers' pool, which the collector follows for them
     parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+    """The pickers' config as the collector reads it: the file, `--endpoints` and the flags
+    both servers take (`extproc.serving.flags`). Routing and tenancy keys are the pickers' to
+    check; the collector uses neither."""
+    return config_from_flags(args, SERVER_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

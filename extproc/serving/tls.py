@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from extproc.config import ServerConfig
+
 log = logging.getLogger(__name__)
 
 CERT_FILE = "tls.crt"
@@ -122,6 +124,13 @@ def server_credentials(cert_path: str) -> grpc.ServerCredentials:
     # gRPC documents None from the fetcher as "no change"; its stubs do not say so.
     fetch = _Reloader(directory, first)
     return grpc.dynamic_ssl_server_credentials(_configuration(first), fetch)  # type: ignore[arg-type]
+
+
+def add_port(server: grpc.aio.Server, address: str, config: ServerConfig) -> int:
+    """Listen on `address`, over TLS when `config.secure_serving` (docs/deploy.md, "TLS")."""
+    if not config.secure_serving:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(config.cert_path))
 
 
 def _matches(pair: KeyPair) -> bool:

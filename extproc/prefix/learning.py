@@ -1,0 +1,52 @@
+"""The approximate prefix index learns from the picker's own decisions: a prompt routed to an
+endpoint will be cached there.
+
+A probed prompt (extproc.prefix.blocks) has only the blocks the pick needed; the index learns
+those at once, and the rest once a background task has computed them, after the decision has
+gone out. That task also fills the token and hash caches, which the conversation's next turn
+will probe. Tasks still running when the picker stops are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from extproc.prefix.approx_index import ApproxPrefixIndex
+from extproc.prefix.blocks import PromptProbe
+
+log = logging.getLogger(__name__)
+
+
+class Learning:
+    """One per pipeline. `learned`: the approximate index, when it is the matcher; `probing`:
+    whether any index probes prompts past their first chunk (else finishing one is wasted)."""
+
+    def __init__(self, learned: ApproxPrefixIndex | None, *, probing: bool) -> None:
+        self._learned = learned
+        self._probing = probing
+        self.pending: set[asyncio.Task[None]] = set()  # held until done, cancelled on close
+
+    def learn(self, probe: PromptProbe, target: str) -> None:
+        """`target` will hold the prompt: its probed blocks now, the rest in a task."""
+        if self._learned is not None and probe.tokens.block_hashes:
+            self._learned.record(target, probe.tokens.block_hashes)
+        if probe.tokens.complete or not self._probing:
+            return
+        task = asyncio.create_task(self._finish(probe, target))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def aclose(self) -> None:
+        for task in self.pending:
+            task.cancel()
+        await asyncio.gather(*self.pending, return_exceptions=True)
+
+    async def _finish(self, probe: PromptProbe, target: str) -> None:
+        try:
+            tokens = await probe.finish()
+        except Exception:  # background work: a failure must not end the picker
+            log.exception("could not finish the prompt's block hashes")
+            return
+        if self._learned is not None and tokens.block_hashes:
+            self._learned.record(target, tokens.block_hashes)

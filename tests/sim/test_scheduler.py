@@ -1,0 +1,72 @@
+"""The simulated scheduler on its own: preemption of the newest running request when blocks run
+out, and LoRA deferral that keeps a request's place in the queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+from extproc.sim.cache import BlockPool
+from extproc.sim.engine import EngineConfig
+from extproc.sim.profiles import get_profile
+from extproc.sim.request import RUNNING, WAITING, EngineRequest, LoraAdapter
+from extproc.sim.scheduler import Scheduler
+from extproc.sim.transfer import KVLink
+
+
+def _scheduler(blocks: int) -> Scheduler:
+    config = EngineConfig(
+        profile=get_profile("a100-8b"),
+        num_gpu_blocks=blocks,
+        max_num_seqs=8,
+        max_num_batched_tokens=1024,
+        max_model_len=4096,
+    )
+    link = KVLink(bandwidth=1e9, latency=0.0, block_size=16, kv_bytes_per_token=1)
+    return Scheduler(config, BlockPool(blocks), link, now=lambda: 0.0)
+
+
+def _request(request_id: str, prompt_len: int, lora: LoraAdapter | None = None) -> EngineRequest:
+    return EngineRequest(
+        request_id,
+        list(range(prompt_len)),
+        max_tokens=8,
+        lora=lora,
+        cache_salt=None,
+        stream=False,
+        arrival=0.0,
+        loop=asyncio.get_running_loop(),
+    )
+
+
+async def test_the_newest_running_request_is_preempted_when_blocks_run_out() -> None:
+    sched = _scheduler(blocks=4)
+    old, new = _request("old", 30), _request("new", 30)
+    sched.waiting.extend([old, new])
+    plan = sched.schedule()
+    assert [(r.request_id, n) for r, n in plan.items] == [("old", 30), ("new", 30)]
+    # The step ran: both computed their prompts and the old one grew past its two blocks.
+    for req in (old, new):
+        req.num_computed = 30
+    old.all_ids += [1, 2, 3]
+    plan = sched.schedule()
+    assert [(r.request_id, n) for r, n in plan.items] == [("old", 3)]
+    assert plan.preemptions == 1
+    assert (new.state, new.preemptions, new.blocks, new.num_computed) == (WAITING, 1, [], 0)
+    assert list(sched.waiting) == [new] and sched.running == [old]
+    assert len(old.blocks) == 3
+
+
+async def test_a_request_whose_adapter_does_not_fit_keeps_its_place() -> None:
+    sched = _scheduler(blocks=64)  # max_loras 1
+    x, y = LoraAdapter("x", "/x", 1), LoraAdapter("y", "/y", 2)
+    first, deferred, plain = _request("x", 20, x), _request("y", 20, y), _request("base", 20)
+    sched.waiting.extend([first, deferred, plain])
+    plan = sched.schedule()
+    assert [r.request_id for r, _ in plan.items] == ["x", "base"]
+    assert (plan.lora_swaps, sched.deferred, list(sched.waiting)) == (1, 1, [deferred])
+    assert first.state == RUNNING and sched.running_loras == {"x": 1}
+    sched.leave_running(first)  # x finished; base is mid-step with nothing new to compute
+    plain.num_computed = len(plain.all_ids)
+    plan = sched.schedule()
+    assert [r.request_id for r, _ in plan.items] == ["y"]
+    assert (plan.lora_swaps, sched.deferred, sched.running_loras) == (1, 0, {"y": 1})
