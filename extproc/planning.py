@@ -2,9 +2,10 @@
 (`Plan`), the first steps of extproc/pipeline.py.
 
     the strategy (a header's, else the configured one)  ->  the tenant (through the gate's
-      identity)  ->  parse the body  ->  may its tenant use the model  ->  its objective (priority) and model
-      rewrite  ->  candidates  ->  by role (in a prefill/decode pool)  ->  the strategy's
-      profile  ->  the cache salt  ->  tokens and block hashes  ->  prefix matches
+      identity)  ->  parse the body  ->  may its tenant use the model  ->  its objective
+      (priority) and model rewrite  ->  candidates  ->  by role (in a prefill/decode pool)
+      ->  the strategy's profile  ->  the cache salt  ->  tokens and block hashes  ->  prefix
+      matches
 
 Tokens and block hashes are probed: computed only as far as some candidate holds the prompt,
 which is all the prefix matches need; a new prompt costs one chunk (extproc.prefix.blocks).
