@@ -17,7 +17,7 @@ import yaml
 from extproc.bench.loadgen import Summary
 from extproc.bench.overhead import (
     ENVOY,
-    RESPONSE_PATHS,
+    PICKER_PATHS,
     CpuUse,
     OverheadOptions,
     OverheadReport,
@@ -25,6 +25,7 @@ from extproc.bench.overhead import (
     StreamResult,
     StreamSample,
     bootstrap_with_direct_listener,
+    path_modes,
     picker_path,
     request_body,
     run_overhead,
@@ -102,8 +103,8 @@ def test_one_envoy_config_has_a_listener_per_path_and_envoy_alone_has_no_picker(
         )
     )
     listeners = {item["name"]: item for item in config["static_resources"]["listeners"]}
-    assert set(listeners) == {ENVOY, *(picker_path(p) for p in RESPONSE_PATHS)}
-    assert {"inline", "observer"} <= set(RESPONSE_PATHS)
+    assert set(listeners) == {ENVOY, *(picker_path(p) for p in PICKER_PATHS)}
+    assert {"inline", "observer", "ended-streamed"} <= set(PICKER_PATHS)
 
     def shape(name: str) -> tuple[str, set[str], set[str]]:
         hcm = listeners[name]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -120,10 +121,21 @@ def test_one_envoy_config_has_a_listener_per_path_and_envoy_alone_has_no_picker(
     assert "envoy.filters.http.ext_proc" in filters
     _, filters, _ = shape(picker_path("observer"))
     assert "extproc.response_observer" in filters
-    if "ended" in RESPONSE_PATHS:
+    if "ended" in PICKER_PATHS:
         _, filters, loggers = shape(picker_path("ended"))
         assert "extproc.usage" in filters
         assert "envoy.access_loggers.http_grpc" in loggers
+
+    def request_body_mode(name: str) -> str:
+        hcm = listeners[name]["filter_chains"][0]["filters"][0]["typed_config"]
+        routing = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+        return str(routing["typed_config"]["processing_mode"]["request_body_mode"])
+
+    assert request_body_mode(picker_path("ended")) == "BUFFERED"  # the bundled files' mode
+    assert request_body_mode(picker_path("ended-streamed")) == "FULL_DUPLEX_STREAMED"
+    assert path_modes(picker_path("ended-buffered")) == ("ended", "buffered")
+    with pytest.raises(ValueError, match="unknown picker path"):
+        path_modes(picker_path("ended-chunked"))
 
 
 def _stream(tokens: int, path: str, *, picker: float, requests: int = 10) -> StreamResult:
@@ -132,7 +144,7 @@ def _stream(tokens: int, path: str, *, picker: float, requests: int = 10) -> Str
 
 
 def test_picker_cpu_is_net_of_its_idle_use_and_the_targets_are_judged() -> None:
-    report = OverheadReport(options={"token_gap_ms": 10.0, "stream_concurrency": 8})
+    report = OverheadReport(options={"token_gap_ms": 10.0, "stream_rate": 4.0})
     inline = picker_path("inline")
     # Idle: 0.02 CPU s over the 10 s of Envoy-alone phases, 2 ms/s: 0.01 s of each 5 s phase.
     report.streamed = [
@@ -162,7 +174,7 @@ def test_the_one_chunk_table_has_a_column_per_response_path() -> None:
     report.open_requests = dict.fromkeys(options.paths, 1000)
     table = report.table()
     header = next(line for line in table.splitlines() if line.startswith("| added by"))
-    assert header.count("|") == len(RESPONSE_PATHS) + 3
+    assert header.count("|") == len(PICKER_PATHS) + 3
     assert "(default)" in header
     # Idle equals the picker paths' use here, so nothing is charged to their requests.
     assert "0.000 ms (met)" in table
@@ -174,7 +186,7 @@ def test_the_streamed_scenario_runs_end_to_end(tmp_path: Path) -> None:
     options = OverheadOptions(
         scenarios="streamed",
         stream_tokens=(1, 20),
-        stream_concurrency=2,
+        stream_rate=30.0,
         stream_seconds=1.0,
         stream_rounds=1,
         token_gap_ms=2.0,
@@ -187,7 +199,7 @@ def test_the_streamed_scenario_runs_end_to_end(tmp_path: Path) -> None:
         (tokens, path) for tokens in (1, 20) for path in options.paths
     }
     for r in report.streamed:
-        assert r.requests >= options.stream_concurrency, r
+        assert r.requests == 30, r  # 30 per second for 1 s
         assert r.errors == 0, r.error_statuses
         assert r.tokens_received == r.requests * r.tokens
         assert 0 < r.ttft_p50_ms <= r.total_p50_ms
@@ -202,4 +214,4 @@ def test_the_streamed_scenario_runs_end_to_end(tmp_path: Path) -> None:
     assert "20-token stream / 1-token stream" in table
     written = json.loads((write_report(report, tmp_path).parent / "overhead.json").read_text())
     assert len(written["streamed"]) == 2 * len(options.paths)
-    assert set(written["stream_cpu_ratio"]) == {picker_path(p) for p in RESPONSE_PATHS}
+    assert set(written["stream_cpu_ratio"]) == {picker_path(p) for p in PICKER_PATHS}

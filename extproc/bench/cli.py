@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overhead", help="latency and throughput the picker adds, beside Envoy alone"
     )
     overhead.add_argument(
-        "--quick", action="store_true", help="short phases (about 2.5 minutes in all)"
+        "--quick", action="store_true", help="short phases (about 5 minutes in all)"
     )
     overhead.add_argument("--rate", type=float, default=200.0, help="open-loop req/s per path")
     overhead.add_argument("--strategy", default="least-request")
@@ -35,7 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time between a stream's tokens (default 10: 100 tokens/s per stream)",
     )
     overhead.add_argument(
-        "--stream-concurrency", type=int, default=8, help="streams at once (default 8)"
+        "--stream-rate",
+        type=float,
+        default=4.0,
+        help="streams started per second, for every length (default 4)",
+    )
+    overhead.add_argument(
+        "--paths",
+        type=_picker_paths,
+        default=None,
+        help="picker paths, comma-separated: response paths (ended, inline, observer) in the "
+        "bundled body mode, or with -buffered / -streamed (default "
+        "ended,inline,observer,ended-streamed)",
     )
     overhead.add_argument("--output", type=Path, default=Path("reports"))
     scrape = sub.add_parser(
@@ -95,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                 "scenarios": args.scenarios,
                 "stream_tokens": args.stream_tokens,
                 "token_gap_ms": args.token_gap_ms,
-                "stream_concurrency": args.stream_concurrency,
+                "stream_rate": args.stream_rate,
+                "picker_paths": args.paths or options.picker_paths,
             }
         )
         print(f"extproc bench overhead: {options}", flush=True)
@@ -146,6 +158,20 @@ def _token_counts(text: str) -> tuple[int, ...]:
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like 1,100,1000: {text!r}")
     return counts
+
+
+def _picker_paths(text: str) -> tuple[str, ...]:
+    from extproc.bench.overhead import path_modes, picker_path
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        for name in names:
+            path_modes(picker_path(name))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one picker path")
+    return names
 
 
 def _fields(options: object) -> dict[str, object]:

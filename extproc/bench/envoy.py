@@ -216,8 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--body-mode",
         choices=get_args(BodyMode),
-        default="streamed",
-        help="ext_proc body mode: streamed = FULL_DUPLEX_STREAMED, buffered = BUFFERED request",
+        default="buffered",
+        help="ext_proc request body mode: buffered (default: BUFFERED, the body in one message) "
+        "or streamed (FULL_DUPLEX_STREAMED, the body streamed through the picker and back)",
     )
     parser.add_argument(
         "--variant",
@@ -237,8 +238,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--message-timeout-ms",
         type=int,
-        default=10_000,
-        help="ext_proc per-message timeout (default 10000)",
+        default=35_000,
+        help="ext_proc per-message timeout; in buffered mode it bounds the pick, a fair-queue "
+        "wait included (default 35000: above tenancy.queue_timeout_seconds)",
     )
     parser.add_argument(
         "--request-timeout-ms",

@@ -132,10 +132,11 @@ def _check_usage_reporting(hcm: dict[str, Any]) -> None:
     _named(hcm.get("access_log", []), _USAGE_LOGGER)
 
 
-# ext_proc processing modes per body mode. Streamed is what the endpoint-picker protocol asks for
-# (trailers must be SEND with FULL_DUPLEX_STREAMED). Buffered is the older Envoy Gateway shape
-# (request Buffered, response Streamed), still met in the field. These are the inline response
-# path's modes; ended (_ENDED) and observer (_OBSERVED) replace the response phases.
+# ext_proc processing modes per body mode. Buffered (the bundled files' mode) sends the whole body
+# in one message and takes the pick with the reply, so the body crosses gRPC once; streamed
+# (FULL_DUPLEX_STREAMED, the mode the endpoint-picker protocol describes; trailers must be SEND)
+# sends it back as well (docs/envoy.md, "Body modes"). These are the inline response path's
+# modes; ended (_ENDED) and observer (_OBSERVED) replace the response phases.
 _PROCESSING_MODES: dict[BodyMode, dict[str, str]] = {
     "streamed": {
         "request_header_mode": "SEND",
@@ -168,8 +169,8 @@ def render_bootstrap(
     admin_port: int = 9901,
     listen_host: str = "0.0.0.0",
     failure_mode: FailureMode = "FailClose",
-    body_mode: BodyMode = "streamed",
-    message_timeout_ms: int = 10_000,
+    body_mode: BodyMode = "buffered",
+    message_timeout_ms: int = 35_000,
     request_timeout_ms: int = 60_000,
     variant: Variant = "override-host",
     response_path: ResponsePath = "ended",

@@ -1,9 +1,11 @@
 """`extproc bench overhead`: what the picker adds to a request, measured beside Envoy alone.
 
-One Envoy process serves one listener straight to the backend pool and one per response path
-(`envoy_config.ResponsePath`: how the picker learns about responses) through the ext_proc filter
-and the picker. All paths are driven in the same run, in alternating phases, so the machine's
-noise hits all of them, and the report gives the differences:
+One Envoy process serves one listener straight to the backend pool and one per picker path
+through the ext_proc filter and the picker: a response path (`envoy_config.ResponsePath`: how
+the picker learns about responses) in the bundled body mode or, named `<path>-<body mode>`, in
+another (`envoy_config.BodyMode`: how the request body reaches the picker). All paths are
+driven in the same run, in alternating phases, so the machine's noise hits all of them, and the
+report gives the differences:
 
 1. 1 KB bodies, open loop at a fixed rate: added p50/p99, picker CPU per request.
 2. 220 KB bodies at concurrency 20 (the GAIE #2928 case).
@@ -45,13 +47,23 @@ from extproc.bench.envoy import running_envoy
 from extproc.bench.envoy_config import ResponsePath, render_bootstrap
 from extproc.bench.loadgen import Summary, quantile
 from extproc.bench.processes import cpu_seconds, free_ports, process, wait_for_port
+from extproc.config import BodyMode
 
 MODEL = "bench-model"
 ENVOY = "envoy"
 # Every response path this Envoy config knows, read from the type so the bench follows it as
-# paths are added; the default is render_bootstrap's.
+# paths are added; the defaults are render_bootstrap's.
 RESPONSE_PATHS: tuple[str, ...] = tuple(get_args(ResponsePath))
-DEFAULT_RESPONSE_PATH: str = inspect.signature(render_bootstrap).parameters["response_path"].default
+_DEFAULTS = inspect.signature(render_bootstrap).parameters
+DEFAULT_RESPONSE_PATH: str = _DEFAULTS["response_path"].default
+DEFAULT_BODY_MODE: str = _DEFAULTS["body_mode"].default
+BODY_MODES: tuple[str, ...] = tuple(get_args(BodyMode))
+# Each response path in the default body mode, and the default one in the other body modes as
+# well: the body mode decides the request side's messages (docs/envoy.md, "Body modes").
+PICKER_PATHS: tuple[str, ...] = (
+    *RESPONSE_PATHS,
+    *(f"{DEFAULT_RESPONSE_PATH}-{mode}" for mode in BODY_MODES if mode != DEFAULT_BODY_MODE),
+)
 Scenarios = Literal["all", "one-chunk", "streamed"]
 # The issue's targets (issue 19).
 STREAM_CPU_RATIO_TARGET = 1.5  # picker CPU, longest streamed response / shortest
@@ -68,8 +80,23 @@ _DEFERRED_CLOSE_SECONDS = 5.5
 INCOMPLETE_STREAM = -1
 
 
-def picker_path(response_path: str) -> str:
-    return f"picker-{response_path}"
+def picker_path(name: str) -> str:
+    """The listener for `name`: a response path, with `-<body mode>` for a non-default one."""
+    return f"picker-{name}"
+
+
+def path_modes(path: str) -> tuple[str, str]:
+    """(response path, body mode) of a picker listener; "envoy" renders like `inline`."""
+    if path == ENVOY:
+        return "inline", DEFAULT_BODY_MODE
+    name = path.removeprefix("picker-")
+    response_path, _, body_mode = name.partition("-")
+    if response_path not in RESPONSE_PATHS or body_mode not in ("", *BODY_MODES):
+        raise ValueError(
+            f"unknown picker path {name!r}: expected one of {RESPONSE_PATHS}, "
+            f"optionally with -<body mode> ({', '.join(BODY_MODES)})"
+        )
+    return response_path, body_mode or DEFAULT_BODY_MODE
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,22 +112,28 @@ class OverheadOptions:
     peak_seconds: float = 10.0
     scenarios: Scenarios = "all"
     stream_tokens: tuple[int, ...] = (1, 100, 1000)
-    # 8 streams of 100 tokens/s: 800 chunks/s, a moderate load that the inline path (one gRPC
+    # Streams started per second, the same for every length, so that only the length differs
+    # between the lengths' phases: a picker's CPU per request depends on its request rate (the
+    # busier, the more messages share each wake-up; measured: 0.9 ms per 1-token stream with 32
+    # back to back, 1.5 ms per 1,000-token stream at 3 per second). 4/s of 1,000 tokens at
+    # 100 tokens/s is 40 streams at once and 4,000 chunks/s, which the inline path (one gRPC
     # message per chunk) can still carry on two shared cores.
-    stream_concurrency: int = 8
-    # Per path and response length, split over `stream_rounds` alternating phases; a phase
-    # lasts at least one response (10 s for 1,000 tokens at 10 ms).
-    stream_seconds: float = 12.0
+    stream_rate: float = 4.0
+    # Per path and response length, split over `stream_rounds` alternating phases: streams are
+    # started for this long, and each phase lasts until the last of them has ended.
+    stream_seconds: float = 24.0
     stream_rounds: int = 2
     token_gap_ms: float = 10.0
     backends: int = 4
     envoy_concurrency: int = 2
     strategy: str = "least-request"
     # The picker scrapes every endpoint's /metrics; at the default 50 ms that is ~20 ms/s of CPU
-    # whatever the traffic, which would swamp a few ms per streamed request over a 10 s phase.
-    # The instant backends' metrics are constant, so a slower scrape changes no decision.
-    # What remains is measured in the Envoy-alone phases and subtracted (`picker_idle`).
-    collector_interval_seconds: float = 0.5
+    # whatever the traffic, and still 7-13 ms/s at 0.5 s (measured), which swamps the ~2 ms per
+    # request of 1,000-token streams over their 20 s phase. The instant backends' metrics are
+    # constant, so a slower scrape changes no decision (staleness is raised with it). What
+    # remains is measured in the Envoy-alone phases and subtracted (`picker_idle`).
+    collector_interval_seconds: float = 5.0
+    picker_paths: tuple[str, ...] = PICKER_PATHS
     output: Path = Path("reports")
 
     @classmethod
@@ -109,14 +142,14 @@ class OverheadOptions:
             small_seconds=5,
             large_seconds=5,
             peak_seconds=3,
-            stream_seconds=3,
+            stream_seconds=8,
             stream_rounds=1,
             output=output,
         )
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return (ENVOY, *map(picker_path, RESPONSE_PATHS))
+        return (ENVOY, *map(picker_path, self.picker_paths))
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +231,8 @@ class OverheadReport:
     @property
     def picker_paths(self) -> list[str]:
         seen = {r.path for r in self.results} | {r.path for r in self.streamed}
-        return [picker_path(p) for p in RESPONSE_PATHS if picker_path(p) in seen]
+        named = [picker_path(p) for p in self.options.get("picker_paths", PICKER_PATHS)]
+        return [p for p in named if p in seen]
 
     def picker_idle(self) -> float:
         """The picker's CPU seconds per second while only Envoy-alone traffic runs: its own
@@ -306,9 +340,10 @@ class OverheadReport:
 
     def _streamed_table(self) -> str:
         gap = self.options["token_gap_ms"]
-        concurrency = self.options["stream_concurrency"]
+        rate = self.options["stream_rate"]
         rows = [
-            f"Streamed responses ({concurrency} streams, one event per token every {gap:g} ms). "
+            f"Streamed responses ({rate:g} started per second, one event per token every "
+            f"{gap:g} ms). "
             "Envoy rows: absolute ms; picker rows: ms added vs Envoy alone. Picker CPU is net "
             f"of its idle use ({1000 * self.picker_idle():.1f} ms/s, from the Envoy-alone "
             "phases).",
@@ -410,14 +445,15 @@ def bootstrap_with_direct_listener(
     endpoints: Sequence[str],
     admin_port: int,
 ) -> str:
-    """One Envoy config with a listener per path in `ports` ("envoy" or "picker-<response
-    path>"), all on the same clusters: the bundled bootstrap rendered for each response path,
-    and, for "envoy", the inline rendering with the ext_proc filter taken out (inline has no
-    usage filter or access log to the picker, so Envoy alone does only what Envoy alone does)."""
+    """One Envoy config with a listener per path in `ports` ("envoy" or a `picker_path`), all on
+    the same clusters: the bundled bootstrap rendered for each path's response path and body
+    mode, and, for "envoy", the inline rendering with the ext_proc filter taken out (inline has
+    no usage filter or access log to the picker, so Envoy alone does only what Envoy alone
+    does)."""
     config: dict[str, Any] | None = None
     listeners: list[dict[str, Any]] = []
     for path, port in ports.items():
-        response_path = "inline" if path == ENVOY else path.removeprefix("picker-")
+        response_path, body_mode = path_modes(path)
         rendered = yaml.safe_load(
             render_bootstrap(
                 port=port,
@@ -427,6 +463,7 @@ def bootstrap_with_direct_listener(
                 listen_host="127.0.0.1",
                 access_log=False,
                 response_path=response_path,  # type: ignore[arg-type]  # checked by render
+                body_mode=body_mode,  # type: ignore[arg-type]  # checked by render
             )
         )
         listener = copy.deepcopy(rendered["static_resources"]["listeners"][0])
@@ -497,29 +534,26 @@ async def send_streamed(
     return StreamSample(ttft, time.perf_counter() - started, status, received)
 
 
-async def streamed_closed_loop(
+async def streamed_open_loop(
     session: aiohttp.ClientSession,
     url: str,
     body: bytes,
     *,
     tokens: int,
-    concurrency: int,
+    rate: float,
     duration: float,
     headers: Mapping[str, str],
 ) -> list[StreamSample]:
-    """`concurrency` streams back to back until `duration` s have passed; each sends at least
-    one request and finishes the one it is in."""
-    samples: list[StreamSample] = []
-    deadline = time.perf_counter() + duration
-
-    async def worker() -> None:
-        while True:
-            samples.append(await send_streamed(session, url, body, tokens=tokens, headers=headers))
-            if time.perf_counter() >= deadline:
-                return
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return samples
+    """Streams started `rate` per second for `duration` s (at least one), however long each
+    takes; returns once all of them have ended."""
+    started = time.perf_counter()
+    streams = []
+    for n in range(max(1, round(rate * duration))):
+        await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+        streams.append(
+            asyncio.create_task(send_streamed(session, url, body, tokens=tokens, headers=headers))
+        )
+    return list(await asyncio.gather(*streams))
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,7 +572,7 @@ class _Meter:
         it, not to the next one, where it would count as idle use (measured: 18 ms/s of
         "idle" after observer phases, against 2-3 ms/s really idle). Envoy closes observer
         streams only after its deferred-close delay, so that work arrives seconds later."""
-        if path == picker_path("observer"):
+        if path != ENVOY and path_modes(path)[0] == "observer":
             await asyncio.sleep(_DEFERRED_CLOSE_SECONDS)
         deadline = time.monotonic() + _QUIET_WITHIN_SECONDS
         last = cpu_seconds(self.picker_pid)
@@ -626,7 +660,9 @@ async def _streamed(
     }
     # No overall deadline: a stream lasts tokens x gap; a stalled one still ends on sock_read.
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    connector = aiohttp.TCPConnector(limit=4 * options.stream_concurrency)
+    # Every stream of the longest phase may be open at once.
+    longest = max(options.stream_tokens) * options.token_gap_ms / 1000
+    connector = aiohttp.TCPConnector(limit=int(options.stream_rate * (longest + 5)) + 16)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for tokens in options.stream_tokens:
             body = request_body(1024, tokens=tokens, stream=True)
@@ -635,12 +671,12 @@ async def _streamed(
             for _ in range(options.stream_rounds):
                 for path, url in urls.items():
                     before = meter.read()
-                    collected[path] += await streamed_closed_loop(
+                    collected[path] += await streamed_open_loop(
                         session,
                         url,
                         body,
                         tokens=tokens,
-                        concurrency=options.stream_concurrency,
+                        rate=options.stream_rate,
                         duration=options.stream_seconds / options.stream_rounds,
                         headers=headers,
                     )
@@ -686,7 +722,14 @@ def run_overhead(options: OverheadOptions) -> OverheadReport:
     with tempfile.TemporaryDirectory(prefix="extproc-overhead-") as scratch:
         config = Path(scratch) / "picker.yaml"
         config.write_text(
-            yaml.safe_dump({"collector": {"interval_seconds": options.collector_interval_seconds}})
+            yaml.safe_dump(
+                {
+                    "collector": {
+                        "interval_seconds": options.collector_interval_seconds,
+                        "staleness_seconds": 4 * options.collector_interval_seconds,
+                    }
+                }
+            )
         )
         picker_cmd = [
             *(python, "-m", "extproc.cli", "serve", "--config", str(config)),

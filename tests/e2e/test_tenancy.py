@@ -14,7 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.config import BodyMode
 from extproc.sim import SimConfig, SimFleet
 from extproc.tenancy.policy import key_digest
 from extproc.tenancy.salt import tenant_salt
@@ -308,3 +310,72 @@ async def test_redis_down_with_failing_closed_is_503_through_envoy(
             # A tenant without limits never needs Redis.
             status, _, raw = await _post(session, stack, body, _bearer("acme"))
             assert status == 200, (raw, stack.logs())
+
+
+# --- a client that hangs up mid-stream, through Envoy ---------------------------------------------
+
+
+async def _inflight(session: aiohttp.ClientSession, picker: Picker) -> float:
+    async with session.get(f"http://127.0.0.1:{picker.metrics_port}/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "extproc_inflight_requests"
+    )
+
+
+async def _until_none_in_flight(session: aiohttp.ClientSession, picker: Picker) -> None:
+    """Envoy ends the ext_proc stream a few ms after the response (or the hang-up)."""
+    for _ in range(100):
+        if await _inflight(session, picker) == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still in flight after 5 s:\n{picker.log.read_text()[-2000:]}")
+
+
+@pytest.mark.parametrize("body_mode", ["buffered", "streamed"])
+async def test_a_client_that_hangs_up_mid_stream_gives_back_its_slot_through_envoy(
+    logs: Path, own_fleet: Fleet, body_mode: BodyMode
+) -> None:
+    """The default (`ended`) response path sends the picker no response chunk: the end of the
+    ext_proc stream is the request's end. A client that leaves mid-answer must free its
+    in-flight count and its tenant's one concurrency slot at once, not at a timeout."""
+    backend = own_fleet.start(MODEL_A)
+    tenancy = {
+        "enabled": True,
+        "identity": ["header"],
+        "header": TRUSTED_HEADER,
+        "tenants": {"solo": {"max_concurrency": 1}},
+    }
+    headers = {TRUSTED_HEADER: "solo", "content-type": "application/json"}
+    streamed = {"model": MODEL_A, "prompt": "hold", "max_tokens": 4, "stream": True}
+    own_fleet.hold_streams()  # each answer stops after its first chunk
+    with (
+        run_picker(logs, [backend.address], config={"tenancy": tenancy}) as picker,
+        run_envoy(
+            logs,
+            extproc=picker.address,
+            endpoints=[backend.address],
+            picker=picker,
+            body_mode=body_mode,
+        ) as stack,
+    ):
+        async with aiohttp.ClientSession() as session:
+            url = f"{stack.url}/v1/completions"
+            response = await session.post(url, data=json.dumps(streamed).encode(), headers=headers)
+            assert response.status == 200, stack.logs()
+            await response.content.readuntil(b"\n\n")  # mid-stream: one chunk in, more to come
+            assert await _inflight(session, picker) == 1
+            body = {"model": MODEL_A, "prompt": "next", "max_tokens": 2}
+            status, _, raw = await _post(session, stack, body, headers)
+            assert status == 429, raw  # the tenant's one slot is taken
+            assert json.loads(raw)["error"]["type"] == "concurrency", raw
+
+            response.close()  # the client hangs up; the backend is still streaming
+            await _until_none_in_flight(session, picker)
+            own_fleet.release_streams()
+            status, _, raw = await _post(session, stack, body, headers)
+            assert status == 200, (raw, stack.logs())  # the slot came back
+            await _until_none_in_flight(session, picker)  # and this one's end is seen too
