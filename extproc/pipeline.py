@@ -268,11 +268,28 @@ class Pipeline:
         self.ended(routed, served=served, completion_tokens=completion)
         self.settle(routed, usage, limiter_charged=True)
 
-    def ended(self, routed: Routed, *, served: str | None, completion_tokens: int = 0) -> None:
+    def ended(
+        self,
+        routed: Routed,
+        *,
+        served: str | None,
+        completion_tokens: int = 0,
+        served_later: bool = False,
+    ) -> None:
         """The response has ended: its in-flight count, its tenant's concurrency slot and its
         fair-share place are free now. Its tokens are counted by `settle`, which may come later
-        (Envoy's access log brings the usage a few ms after the stream's end)."""
-        self._accounts.ended(routed, served=served, completion_tokens=completion_tokens)
+        (Envoy's access log brings the usage a few ms after the stream's end), and with
+        `served_later` the endpoint that served it too (`served`)."""
+        self._accounts.ended(
+            routed,
+            served=served,
+            completion_tokens=completion_tokens,
+            served_later=served_later,
+        )
+
+    def served(self, routed: Routed, served: str | None) -> None:
+        """The endpoint that served a request whose end came without it (`ended(served_later)`)."""
+        self._accounts.served(routed, served)
 
     def settle(self, routed: Routed, usage: Usage | None, *, limiter_charged: bool = False) -> None:
         """Count what the response used (None: unknown) against the tenant's token limit and

@@ -107,8 +107,12 @@ def json_body(payload: Any) -> bytes:
 class Stream:
     """One ext_proc stream, written and read message by message like Envoy does."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._call = ext_proc_grpc.ExternalProcessorStub(channel).Process()
+    def __init__(
+        self, channel: grpc.aio.Channel, *, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        # `metadata`: the gRPC initial metadata of Envoy's grpc_service (the bundled configs
+        # declare the `ended` shape there).
+        self._call = ext_proc_grpc.ExternalProcessorStub(channel).Process(metadata=metadata)
 
     async def send(self, message: ProcessingRequest) -> None:
         await self._call.write(message)

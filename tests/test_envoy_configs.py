@@ -184,14 +184,25 @@ _REQUEST_PHASES = {
 }
 # (response header, body, trailer modes of the routing filter; its http_filters; its loggers)
 _RESPONSE_PATHS: dict[tuple[str, str], tuple[tuple[str, str, str], list[str], list[str]]] = {
-    # ended: headers and the stream's end only; trailers SEND keeps the stream open until the
-    # response is over. Usage from the Lua filter, via the gRPC access log.
+    # ended: the stream's end only; trailers SEND keeps the stream open until the response is
+    # over. Usage and the serving endpoint from the Lua filter, via the gRPC access log.
     ("ended", "streamed"): (
-        ("SEND", "NONE", "SEND"),
+        ("SKIP", "NONE", "SEND"),
         ["header_mutation", "ext_proc", "extproc.usage", "router"],
         ["stdout", "http_grpc"],
     ),
     ("ended", "buffered"): (
+        ("SKIP", "NONE", "SEND"),
+        ["header_mutation", "ext_proc", "extproc.usage", "router"],
+        ["stdout", "http_grpc"],
+    ),
+    # headers: ended with the response headers (and upstream.address) sent to the picker too.
+    ("headers", "streamed"): (
+        ("SEND", "NONE", "SEND"),
+        ["header_mutation", "ext_proc", "extproc.usage", "router"],
+        ["stdout", "http_grpc"],
+    ),
+    ("headers", "buffered"): (
         ("SEND", "NONE", "SEND"),
         ["header_mutation", "ext_proc", "extproc.usage", "router"],
         ["stdout", "http_grpc"],
@@ -255,6 +266,14 @@ def test_response_path_shapes(
     # The request side is the body mode's, whatever the response path.
     assert tuple(modes[f"request_{p}"] for p in phases) == _REQUEST_PHASES[body_mode]
     assert tuple(modes[f"response_{p}"] for p in phases) == response_phases
+    # Only `ended` tells the picker that the stream's end is the response's (a routing stream
+    # of the observer shape ends with the request phase, without response headers too).
+    declared = _ext_proc(config)["grpc_service"].get("initial_metadata")
+    ended = [{"key": "x-extproc-response-path", "value": "ended"}]
+    assert declared == (ended if response_path == "ended" else None)
+    # The endpoint that served comes with the response headers where they are sent.
+    attributes = _ext_proc(config).get("response_attributes")
+    assert attributes == (["upstream.address"] if response_path in ("headers", "inline") else None)
     assert [_short(f["name"]) for f in _http_filters(config)] == filters
     hcm = _ingress_hcm(config)
     assert [_short(x["name"]) for x in hcm["access_log"]] == loggers

@@ -42,9 +42,15 @@ def _config(address: str) -> Config:
     )
 
 
-async def _route(channel: grpc.aio.Channel) -> tuple[ep.Stream, str]:
+# What the bundled configs' ext_proc grpc_service sends: the stream ends when the response does.
+ENDED = (("x-extproc-response-path", "ended"),)
+
+
+async def _route(
+    channel: grpc.aio.Channel, *, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[ep.Stream, str]:
     """A request as Envoy sends it with the `ended` path: the response body mode is NONE."""
-    stream = ep.Stream(channel)
+    stream = ep.Stream(channel, metadata=metadata)
     await stream.send(
         ep.request_headers(
             "/v1/completions",
@@ -70,12 +76,19 @@ async def _rest_of_request(stream: ep.Stream) -> Any:
             return
 
 
-async def _log(channel: grpc.aio.Channel, request_id: str, **usage: float) -> None:
-    """Envoy's access log entry for `request_id`, with what its Lua filter found."""
+async def _log(
+    channel: grpc.aio.Channel, request_id: str, *, upstream: str | None = None, **usage: float
+) -> None:
+    """Envoy's access log entry for `request_id`, with what its Lua filter found and the
+    endpoint that served (`ip:port`)."""
     fields = Struct()
     fields.update({"request-id": request_id, **usage})
     entry = HTTPAccessLogEntry()
     entry.common_properties.metadata.CopyFrom(Metadata(filter_metadata={"extproc": fields}))
+    if upstream is not None:
+        address = entry.common_properties.upstream_remote_address.socket_address
+        address.address, port = upstream.rsplit(":", 1)
+        address.port_value = int(port)
     message = StreamAccessLogsMessage()
     message.http_logs.log_entry.append(entry)
     stub = als_pb2_grpc.AccessLogServiceStub(channel)
@@ -161,3 +174,46 @@ async def test_a_client_that_leaves_before_the_answer_is_released_by_the_access_
     await _log(channel, request_id)  # ...until Envoy's access log says the request is over
     await _until(lambda: picker.inflight.total() == 0, "the in-flight count released")
     assert await _slot_free(picker)
+
+
+@pytest.mark.parametrize("log_first", [False, True], ids=["end-then-log", "log-then-end"])
+async def test_the_lean_shape_releases_at_the_streams_end_and_reads_the_server_from_the_log(
+    model_servers: Any, start_picker: StartPicker, log_first: bool
+) -> None:
+    """The bundled configs skip the response headers and say so in gRPC metadata: the stream's
+    end alone releases the request, and the access log names the endpoint that served."""
+    server = await model_servers("model-a")
+    picker, channel = await start_picker(_config(server.address))
+    stream, request_id = await _route(channel, metadata=ENDED)
+    assert picker.inflight.total() == 1
+    retried_to = "127.0.0.9:8000"  # Envoy walked the fallback list
+    if log_first:
+        await _log(channel, request_id, upstream=retried_to, completion_tokens=7)
+    await stream.close()  # no response headers came: the response has ended
+    await _until(lambda: picker.inflight.total() == 0, "the in-flight count released")
+    assert await _slot_free(picker)
+    if not log_first:
+        await _log(channel, request_id, upstream=retried_to, completion_tokens=7)
+    await _until(
+        lambda: _value(picker, "extproc_served_requests_total", endpoint=retried_to) == 1,
+        "the serving endpoint counted from the access log",
+    )
+    assert _value(picker, "extproc_fallback_served_requests_total") == 1
+    assert _value(picker, "extproc_served_requests_total", endpoint=server.address) == 0
+    assert _value(picker, "extproc_tenant_tokens_total", tenant="solo", kind="completion") == 7
+
+
+async def test_the_lean_shape_counts_the_first_pick_when_the_log_never_names_a_server(
+    model_servers: Any, start_picker: StartPicker
+) -> None:
+    server = await model_servers("model-a")
+    picker, channel = await start_picker(_config(server.address))
+    stream, request_id = await _route(channel, metadata=ENDED)
+    stream.cancel()  # the client hung up before Envoy picked an upstream
+    await _until(lambda: picker.inflight.total() == 0, "the in-flight count released at once")
+    await _log(channel, request_id)
+    await _until(
+        lambda: _value(picker, "extproc_served_requests_total", endpoint=server.address) == 1,
+        "the first pick counted as the server",
+    )
+    assert _value(picker, "extproc_fallback_served_requests_total") == 0

@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--paths",
         type=_picker_paths,
         default=None,
-        help="picker paths, comma-separated: response paths (ended, inline, observer) in the "
-        "bundled body mode, or with -buffered / -streamed (default "
-        "ended,inline,observer,ended-streamed)",
+        help="picker paths, comma-separated: response paths (ended, headers, inline, "
+        "observer) in the bundled body mode, or with -buffered / -streamed (default "
+        "ended,headers,inline,observer,ended-streamed)",
     )
     overhead.add_argument("--output", type=Path, default=Path("reports"))
     scrape = sub.add_parser(

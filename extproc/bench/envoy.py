@@ -230,8 +230,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--response-path",
         choices=get_args(ResponsePath),
         default="ended",
-        help="ended (default: the picker gets response headers and the response's end, token "
-        "counts come from a Lua filter via the gRPC access log; no per-chunk cost), inline "
+        help="ended (default: the picker gets only the response's end, token counts and the "
+        "serving endpoint come from a Lua filter via the gRPC access log; no per-chunk cost), "
+        "headers (ended with the response headers sent to the picker too), inline "
         "(the response body streams through the picker, as the endpoint-picker protocol "
         "describes) or observer (a non-blocking observer filter takes the body)",
     )

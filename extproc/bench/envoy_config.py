@@ -24,14 +24,18 @@ from extproc.config import BodyMode, FailureMode
 # (envoy/envoy-original-dst.yaml).
 Variant = Literal["override-host", "original-dst"]
 # How the picker learns about a response (docs/envoy.md, "The response path"):
-# ended: response headers on the routing stream, no body; the stream's end is the request's end.
-#   Token counts come from the `extproc.usage` Lua filter via the gRPC access log. No per-chunk
-#   cost in the picker.
+# ended: nothing of the response on the routing stream, whose end is the request's end (the
+#   config says so to the picker in gRPC metadata). Token counts and the endpoint that served
+#   come from the `extproc.usage` Lua filter via the gRPC access log. No per-chunk cost in the
+#   picker, and Envoy does not wait for it on the response path.
+# headers: `ended` with the response headers sent to the picker too (the bundled shape until
+#   2026-12-05): the endpoint that served comes with them, at the cost of a message and of
+#   Envoy holding the response's first bytes for the picker's reply.
 # inline: the response body streams through the picker on the routing stream, as the
 #   endpoint-picker protocol describes (one message per chunk).
 # observer: responses go to a second ext_proc filter in observability mode (no added latency,
 #   still one message per chunk; a hang-up is seen only after Envoy's 5 s deferred close).
-ResponsePath = Literal["ended", "inline", "observer"]
+ResponsePath = Literal["ended", "headers", "inline", "observer"]
 
 # extproc/bench/envoy_config.py -> the repository root's envoy/ folder.
 ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
@@ -47,11 +51,13 @@ _OBSERVER_FILTER = "extproc.response_observer"
 _USAGE_FILTER = "extproc.usage"
 _USAGE_LOGGER = "envoy.access_loggers.http_grpc"
 _STDOUT_LOGGER = "envoy.access_loggers.stdout"
-# The routing filter's response phases when the stream's end is the signal: no body, and
-# trailers SEND, without which Envoy closes the stream right after the headers reply (measured,
-# Envoy 1.40) instead of when the response ends.
+# The gRPC metadata by which the config declares the `ended` shape to the picker.
+_ENDED_METADATA = [{"key": "x-extproc-response-path", "value": "ended"}]
+# The routing filter's response phases when the stream's end is the signal: no headers, no
+# body, and trailers SEND, without which Envoy closes the stream once the request phase is over
+# (measured, Envoy 1.40) instead of when the response ends.
 _ENDED = {
-    "response_header_mode": "SEND",
+    "response_header_mode": "SKIP",
     "response_body_mode": "NONE",
     "response_trailer_mode": "SEND",
 }
@@ -212,13 +218,22 @@ def render_bootstrap(
     ext_proc["failure_mode_allow"] = failure_mode == "FailOpen"
     ext_proc["processing_mode"] = dict(_PROCESSING_MODES[body_mode])
     _check_choice("response_path", response_path, ResponsePath)
-    if response_path == "ended":
+    ext_proc["grpc_service"].pop("initial_metadata", None)
+    if response_path in ("ended", "headers"):
         ext_proc["processing_mode"].update(_ENDED)
         _check_usage_reporting(hcm)
     else:
         _drop_usage_reporting(hcm)
+    if response_path == "ended":
+        ext_proc["grpc_service"]["initial_metadata"] = list(_ENDED_METADATA)
+    else:
+        ext_proc["processing_mode"]["response_header_mode"] = "SEND"
+    if response_path in ("headers", "inline"):
+        # The endpoint that served (after retries), with the response headers: Envoy 1.40 has
+        # no data-plane writer for envoy.lb/x-gateway-destination-endpoint-served.
+        ext_proc["response_attributes"] = ["upstream.address"]
     if response_path == "observer":
-        ext_proc["processing_mode"].update(_OBSERVED)
+        ext_proc["processing_mode"].update(_OBSERVED)  # its headers SKIP
         filters = hcm["http_filters"]
         filters.insert(filters.index(_named(filters, _EXT_PROC_FILTER)), _observer_filter())
         _disable_observer_where_ext_proc_is_off(hcm)

@@ -115,10 +115,13 @@ class Recorder:
             self._metrics.tenant_requests.labels(tenant.name, "routed").inc()
             self._metrics.tenant_tokens.labels(tenant.name, "prompt").inc(prompt_tokens)
 
-    def ended(self, target: str, served: str | None) -> None:
-        """The response to a request routed to `target` ended, served by `served` (None: the
-        picker never saw which endpoint, so the first pick's)."""
+    def ended(self, target: str) -> None:
+        """The response to a request routed to `target` ended."""
         self._metrics.inflight.labels(target).dec()
+
+    def served(self, target: str, served: str | None) -> None:
+        """The request routed to `target` was served by `served` (None: the picker never
+        learned which endpoint, so the first pick's)."""
         self._metrics.served.labels(served or target).inc()
         if served is not None and served != target:
             self._metrics.fallback_served.inc()

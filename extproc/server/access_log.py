@@ -44,6 +44,9 @@ class LogEntry:
     # The tenant the routing replica identified (None: tenancy off, or no tenant), so that a
     # replica that did not route the request can still charge it.
     tenant: str | None = None
+    # The endpoint that served it (`ip:port`, after Envoy's retries; None: no upstream, say a
+    # hang-up before one was picked). The lean `ended` shape learns it only here.
+    upstream: str | None = None
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -76,8 +79,9 @@ def read_entry(entry: HTTPAccessLogEntry) -> LogEntry | None:
         return None
     request_id = str(fields[_REQUEST_ID].string_value)
     tenant = str(fields[_TENANT].string_value) if _TENANT in fields else ""
+    upstream = _upstream(entry)
     if "completion_tokens" not in fields:
-        return LogEntry(request_id, None, tenant or None)
+        return LogEntry(request_id, None, tenant or None, upstream)
 
     def count(key: str) -> int:
         # Lua writes numbers (doubles); anything odd counts as 0 rather than failing the entry.
@@ -89,4 +93,9 @@ def read_entry(entry: HTTPAccessLogEntry) -> LogEntry | None:
         completion_tokens=count("completion_tokens"),
         cached_tokens=count("cached_tokens"),
     )
-    return LogEntry(request_id, usage, tenant or None)
+    return LogEntry(request_id, usage, tenant or None, upstream)
+
+
+def _upstream(entry: HTTPAccessLogEntry) -> str | None:
+    socket = entry.common_properties.upstream_remote_address.socket_address
+    return f"{socket.address}:{socket.port_value}" if socket.address else None

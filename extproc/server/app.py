@@ -38,7 +38,7 @@ from extproc.server.access_log import AccessLogReceiver
 from extproc.server.field_metrics import MeteredPipeline, pool_reader
 from extproc.server.health import PREFIX_HASHING_CONDITION, Health
 from extproc.server.prefill import HttpPrefiller
-from extproc.server.stream import StreamHandler
+from extproc.server.stream import RESPONSE_PATH_METADATA, StreamHandler
 from extproc.serving.tls import add_port
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.configured import discovery_for
@@ -73,7 +73,8 @@ class _ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: igno
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ProcessingResponse]:
         # grpc.aio streams replies only from an async generator function, so delegate by loop.
-        async for response in self._handler.process(request_iterator):
+        ends = (RESPONSE_PATH_METADATA, "ended") in (context.invocation_metadata() or ())
+        async for response in self._handler.process(request_iterator, ends_with_response=ends):
             yield response
 
 

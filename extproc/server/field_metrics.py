@@ -91,8 +91,17 @@ class MeteredPipeline(Pipeline):
             self._started[id(outcome)] = _Started(model, target, received)
         return outcome
 
-    def ended(self, routed: Routed, *, served: str | None, completion_tokens: int = 0) -> None:
-        super().ended(routed, served=served, completion_tokens=completion_tokens)
+    def ended(
+        self,
+        routed: Routed,
+        *,
+        served: str | None,
+        completion_tokens: int = 0,
+        served_later: bool = False,
+    ) -> None:
+        super().ended(
+            routed, served=served, completion_tokens=completion_tokens, served_later=served_later
+        )
         started = self._started.get(id(routed))
         if started is None or started.ended is not None:
             return

@@ -9,11 +9,12 @@ on their headers.
 
 How the response reaches the picker depends on Envoy's config (docs/envoy.md, "The response
 path"):
-- `ended` (the bundled default): the response headers come on this stream, its body does not,
-  and Envoy ends the stream when the response has ended; the usage comes separately, from
-  Envoy's gRPC access log (`server/access_log.py`), joined by the request's name. The decision
-  is released at the stream's end (`Pipeline.ended`) and settled when the usage arrives
-  (`Pipeline.settle`), in either order.
+- `ended` (the bundled default): nothing of the response comes on this stream, and Envoy ends
+  it when the response has ended (the config declares this in gRPC metadata); the usage and the
+  endpoint that served come separately, from Envoy's gRPC access log (`server/access_log.py`),
+  joined by the request's name. The decision is released at the stream's end
+  (`Pipeline.ended`) and settled when the entry arrives (`Pipeline.settle`), in either order.
+  `headers` is the same with the response headers on this stream (they name the server).
 - `inline` (the protocol's shape): every response chunk comes on this stream and goes back.
 - `observer`: a second ext_proc filter in observability mode reads the response; Envoy does not
   wait for the picker on the response path at all.
@@ -65,6 +66,9 @@ _OWN_NAMESPACE = "extproc"
 _REQUEST_ID = "request-id"
 _NONE = ProcessingMode.NONE
 _REQUEST_PHASES = frozenset({"request_headers", "request_body", "request_trailers"})
+# gRPC metadata the bundled Envoy configs set on the ext_proc service: "ended" declares that the
+# routing stream stays open until the response has ended (response trailers SEND).
+RESPONSE_PATH_METADATA = "x-extproc-response-path"
 T = TypeVar("T")
 
 
@@ -86,6 +90,9 @@ class _Stream:
     request_id: str = ""
     # True on an observability-mode stream: Envoy does not read replies, so none are sent.
     observer: bool = False
+    # Envoy's config says this stream ends when the response does, response headers or not
+    # (the lean `ended` shape: `StreamHandler.process`).
+    ends_with_response: bool = False
 
 
 class StreamHandler:
@@ -107,7 +114,7 @@ class StreamHandler:
         self._default_mode = _FULL_DUPLEX if default_body_mode == "streamed" else _BUFFERED
         self._awaiting: _Awaiting[Routed] = _Awaiting(ttl=awaiting_response_seconds)
         # Ended responses whose usage has not come yet, and usage that came before the end.
-        self._unsettled: _Awaiting[Routed] = _Awaiting(ttl=usage_wait_seconds)
+        self._unsettled: _Awaiting[_Ended] = _Awaiting(ttl=usage_wait_seconds)
         self._early: _Awaiting[_Logged] = _Awaiting(ttl=usage_wait_seconds)
         # Request names are unique among this process's requests in flight, and the prefix
         # tells this process's names from other replicas' (`logged`).
@@ -115,9 +122,14 @@ class StreamHandler:
         self._prefix = secrets.token_hex(6)
 
     async def process(
-        self, messages: AsyncIterator[ProcessingRequest]
+        self, messages: AsyncIterator[ProcessingRequest], *, ends_with_response: bool = False
     ) -> AsyncIterator[ProcessingResponse]:
-        state = _Stream(self._default_mode, self._default_mode)
+        """One stream. `ends_with_response`: Envoy's config declares (gRPC metadata
+        `x-extproc-response-path: ended`) that this stream stays open until the response has
+        ended, so its end releases the request even when no response headers came on it."""
+        state = _Stream(
+            self._default_mode, self._default_mode, ends_with_response=ends_with_response
+        )
         self._metrics.streams.inc()
         try:
             async for message in messages:
@@ -331,7 +343,10 @@ class StreamHandler:
         if routed is None or state.finished or state.observer or state.response_mode != _NONE:
             self._finish(state)
             return
-        if not state.responded:
+        # Lean `ended`: the response headers skipped this stream, the endpoint that served
+        # comes with the usage, in the access log.
+        lean = not state.responded and state.ends_with_response
+        if not state.responded and not lean:
             # No response on this stream: an observer stream will bring it, or the access log
             # the request's end (a client that left before the model server answered).
             for expired in self._awaiting.put(state.request_id, routed):
@@ -340,14 +355,19 @@ class StreamHandler:
             return
         # `ended`: this stream's end is the response's end; its usage comes from the access log.
         state.finished = True
-        self._pipeline.ended(routed, served=state.served)
+        self._pipeline.ended(routed, served=state.served, served_later=lean)
         early = self._early.claim(state.request_id)
         if early is not None:
-            self._pipeline.settle(routed, early.usage)
+            self._settle(_Ended(routed, lean), early.usage, early.upstream)
             return
-        for expired in self._unsettled.put(state.request_id, routed):
+        for unlogged in self._unsettled.put(state.request_id, _Ended(routed, lean)):
             self._metrics.stream_errors.labels("usage_never_logged").inc()
-            self._pipeline.settle(expired, None)
+            self._settle(unlogged, None, None)
+
+    def _settle(self, ended: _Ended, usage: Usage | None, upstream: str | None) -> None:
+        if ended.served_later:
+            self._pipeline.served(ended.routed, upstream)
+        self._pipeline.settle(ended.routed, usage)
 
     def logged(self, entry: LogEntry) -> None:
         """Envoy's access log says request `entry.request_id` is over, with its usage if the
@@ -361,7 +381,7 @@ class StreamHandler:
             return
         unsettled = self._unsettled.claim(request_id)
         if unsettled is not None:
-            self._pipeline.settle(unsettled, usage)
+            self._settle(unsettled, usage, entry.upstream)
             return
         parked = self._awaiting.claim(request_id)
         if parked is not None:  # it ended before the model server answered
@@ -369,7 +389,7 @@ class StreamHandler:
             return
         # The stream's end is still on its way. Left unclaimed, the entry expires: its request
         # was settled on its own stream (`inline` or `observer`, with an access log as well).
-        self._early.put(request_id, _Logged(usage))
+        self._early.put(request_id, _Logged(usage, entry.upstream))
 
     def _finish(self, state: _Stream) -> None:
         if state.routed is None or state.finished:
@@ -384,6 +404,16 @@ class _Logged:
     """An access log entry that came before its stream's end."""
 
     usage: Usage | None
+    upstream: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """A response that ended on its stream and waits for its access log entry."""
+
+    routed: Routed
+    # The entry also names the endpoint that served it (lean `ended`: no response headers).
+    served_later: bool
 
 
 class _Immediate(Exception):
