@@ -110,15 +110,10 @@ class Accounts:
         self._gate = gate
         self._cost = cost
 
-    def ended(
-        self, routed: Routed, *, served: str | None, completion_tokens: int, served_later: bool
-    ) -> None:
-        """Its in-flight count, its tenant's concurrency slot and fair-share place are free.
-        `served_later`: which endpoint served comes afterwards (`served`)."""
+    def ended(self, routed: Routed, *, completion_tokens: int) -> None:
+        """Its in-flight count, its tenant's concurrency slot and fair-share place are free."""
         self._inflight.finish(routed.primary, routed.tokens)
         self._record.ended(routed.primary)
-        if not served_later:
-            self._record.served(routed.primary, served)
         if self._gate is None:
             return
         if routed.tenant is not None:
@@ -126,7 +121,7 @@ class Accounts:
         self._gate.poke()
 
     def served(self, routed: Routed, served: str | None) -> None:
-        """The endpoint that served it (None: unknown, the first pick's), learned after its end."""
+        """The endpoint that served it (None: unknown, the first pick's)."""
         self._record.served(routed.primary, served)
 
     def settle(self, routed: Routed, usage: Usage | None, *, limiter_charged: bool) -> None:

@@ -265,30 +265,19 @@ class Pipeline:
         """The response has ended (or the stream broke), its usage known or not: `ended` and
         `settle` at once."""
         completion = usage.completion_tokens if usage is not None else 0
-        self.ended(routed, served=served, completion_tokens=completion)
+        self.ended(routed, completion_tokens=completion)
+        self.served(routed, served)
         self.settle(routed, usage, limiter_charged=True)
 
-    def ended(
-        self,
-        routed: Routed,
-        *,
-        served: str | None,
-        completion_tokens: int = 0,
-        served_later: bool = False,
-    ) -> None:
+    def ended(self, routed: Routed, *, completion_tokens: int = 0) -> None:
         """The response has ended: its in-flight count, its tenant's concurrency slot and its
-        fair-share place are free now. Its tokens are counted by `settle`, which may come later
-        (Envoy's access log brings the usage a few ms after the stream's end), and with
-        `served_later` the endpoint that served it too (`served`)."""
-        self._accounts.ended(
-            routed,
-            served=served,
-            completion_tokens=completion_tokens,
-            served_later=served_later,
-        )
+        fair-share place are free now. Its tokens are counted by `settle` and the endpoint that
+        served by `served`, which may both come later (Envoy's access log brings them a few ms
+        after the stream's end)."""
+        self._accounts.ended(routed, completion_tokens=completion_tokens)
 
     def served(self, routed: Routed, served: str | None) -> None:
-        """The endpoint that served a request whose end came without it (`ended(served_later)`)."""
+        """The endpoint that served (None: the picker never learned which, so the first pick's)."""
         self._accounts.served(routed, served)
 
     def settle(self, routed: Routed, usage: Usage | None, *, limiter_charged: bool = False) -> None:

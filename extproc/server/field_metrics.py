@@ -91,17 +91,8 @@ class MeteredPipeline(Pipeline):
             self._started[id(outcome)] = _Started(model, target, received)
         return outcome
 
-    def ended(
-        self,
-        routed: Routed,
-        *,
-        served: str | None,
-        completion_tokens: int = 0,
-        served_later: bool = False,
-    ) -> None:
-        super().ended(
-            routed, served=served, completion_tokens=completion_tokens, served_later=served_later
-        )
+    def ended(self, routed: Routed, *, completion_tokens: int = 0) -> None:
+        super().ended(routed, completion_tokens=completion_tokens)
         started = self._started.get(id(routed))
         if started is None or started.ended is not None:
             return

@@ -343,19 +343,20 @@ class StreamHandler:
         if routed is None or state.finished or state.observer or state.response_mode != _NONE:
             self._finish(state)
             return
-        # Lean `ended`: the response headers skipped this stream, the endpoint that served
-        # comes with the usage, in the access log.
-        lean = not state.responded and state.ends_with_response
-        if not state.responded and not lean:
+        if not state.responded and not state.ends_with_response:
             # No response on this stream: an observer stream will bring it, or the access log
             # the request's end (a client that left before the model server answered).
             for expired in self._awaiting.put(state.request_id, routed):
                 self._metrics.stream_errors.labels("response_never_observed").inc()
                 self._pipeline.finish(expired, served=None, usage=None)
             return
-        # `ended`: this stream's end is the response's end; its usage comes from the access log.
+        # `ended`: this stream's end is the response's end; its usage comes from the access log,
+        # and so does the endpoint that served when no response headers came (the lean shape).
         state.finished = True
-        self._pipeline.ended(routed, served=state.served, served_later=lean)
+        lean = not state.responded
+        self._pipeline.ended(routed)
+        if not lean:
+            self._pipeline.served(routed, state.served)
         early = self._early.claim(state.request_id)
         if early is not None:
             self._settle(_Ended(routed, lean), early.usage, early.upstream)
