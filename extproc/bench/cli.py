@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "observer) in the bundled body mode, or with -buffered / -streamed (default "
         "ended,headers,inline,observer,ended-streamed)",
     )
+    overhead.add_argument(
+        "--picker-workers",
+        type=int,
+        default=1,
+        help="picker processes on the one port (`extproc serve --workers`); Envoy gets as "
+        "many worker threads, at least 2",
+    )
     overhead.add_argument("--output", type=Path, default=Path("reports"))
     scrape = sub.add_parser(
         "scrape", help="metrics collector CPU and snapshot age: 1000 endpoints @ 1 s, 100 @ 50 ms"
@@ -108,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
                 "token_gap_ms": args.token_gap_ms,
                 "stream_rate": args.stream_rate,
                 "picker_paths": args.paths or options.picker_paths,
+                "picker_workers": args.picker_workers,
+                "envoy_concurrency": max(options.envoy_concurrency, args.picker_workers),
             }
         )
         print(f"extproc bench overhead: {options}", flush=True)

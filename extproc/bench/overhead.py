@@ -46,7 +46,13 @@ from extproc.bench import loadgen
 from extproc.bench.envoy import running_envoy
 from extproc.bench.envoy_config import ResponsePath, render_bootstrap
 from extproc.bench.loadgen import Summary, quantile
-from extproc.bench.processes import cpu_seconds, free_ports, process, wait_for_port
+from extproc.bench.processes import (
+    cpu_seconds,
+    free_port_range,
+    free_ports,
+    process,
+    wait_for_port,
+)
 from extproc.config import BodyMode
 
 MODEL = "bench-model"
@@ -126,6 +132,8 @@ class OverheadOptions:
     token_gap_ms: float = 10.0
     backends: int = 4
     envoy_concurrency: int = 2
+    # `extproc serve --workers`: picker processes on the one port (CPU is read for all of them).
+    picker_workers: int = 1
     strategy: str = "least-request"
     # The picker scrapes every endpoint's /metrics; at the default 50 ms that is ~20 ms/s of CPU
     # whatever the traffic, and still 7-13 ms/s at 0.5 s (measured), which swamps the ~2 ms per
@@ -708,7 +716,9 @@ async def _measure(options: OverheadOptions, urls: dict[str, str], meter: _Meter
 
 def run_overhead(options: OverheadOptions) -> OverheadReport:
     backend_ports = free_ports(options.backends)
-    grpc_port, health_port, metrics_port, admin = free_ports(4)
+    grpc_port, health_port, admin = free_ports(3)
+    # Worker i serves its metrics on metrics_port + i.
+    metrics_port = free_port_range(options.picker_workers, avoid=(grpc_port, health_port, admin))
     listener_ports = dict(zip(options.paths, free_ports(len(options.paths)), strict=True))
     endpoints = [f"127.0.0.1:{p}" for p in backend_ports]
     python = sys.executable
@@ -736,9 +746,13 @@ def run_overhead(options: OverheadOptions) -> OverheadReport:
             *("--host", "127.0.0.1", "--endpoints", ",".join(endpoints)),
             *("--strategy", options.strategy, "--grpc-port", str(grpc_port)),
             *("--health-port", str(health_port), "--metrics-port", str(metrics_port)),
-            *("--log-level", "WARNING"),
+            *("--log-level", "WARNING", "--workers", str(options.picker_workers)),
         ]
         with process(backend_cmd, ready_line="ready"), process(picker_cmd) as picker:
+            # Every worker up before Envoy connects, or the kernel hands it only those that are
+            # (each serves its metrics just before it takes ext_proc streams).
+            for port in range(metrics_port, metrics_port + options.picker_workers):
+                wait_for_port(port)
             wait_for_port(grpc_port)
             with running_envoy(
                 bootstrap, admin_port=admin, concurrency=options.envoy_concurrency

@@ -144,9 +144,22 @@ def wait_for_port(port: int, within: float = 30.0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc."""
+    """User + system CPU time of a process and its live children so far, from /proc (a picker
+    with `--workers` is a parent whose children do the work)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return own + sum(_cpu_or_gone(int(child)) for child in children)
+
+
+def _cpu_or_gone(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except (OSError, IndexError):  # exited between the listing and the read
+        return 0.0
 
 
 def picker_ready_endpoints(metrics_port: int) -> float:

@@ -16,6 +16,13 @@ class ServerConfig:
     grpc_port: int = key(9002, "ext_proc gRPC port (0 picks a free one).", minimum=0)
     health_port: int = key(9003, "gRPC health port.", minimum=0)
     metrics_port: int = key(9090, "Prometheus `/metrics` port.", minimum=0)
+    workers: int = key(
+        1,
+        "Picker processes sharing the ext_proc and health ports (`SO_REUSEPORT`); they share "
+        "their in-flight counts through shared memory. Worker i serves Prometheus on "
+        '`metrics_port` + i. Needs fixed ports (docs/envoy.md, "Several picker processes").',
+        minimum=1,
+    )
     max_body_bytes: int = key(
         8 * 1024 * 1024, "Request bodies above this are refused with 413.", minimum=1
     )
@@ -49,6 +56,11 @@ class ServerConfig:
         "Directory holding `tls.crt` and `tls.key` (a Kubernetes TLS Secret mounted as a "
         "volume) for `secure_serving`; read again when they change.",
     )
+
+    def __post_init__(self) -> None:
+        # Ports picked by the kernel would differ per worker: Envoy could reach only one.
+        if self.workers > 1 and 0 in (self.grpc_port, self.health_port):
+            raise ConfigError("workers", "several workers need fixed grpc_port and health_port")
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from extproc.state.discovery.configured import discovery_for
 from extproc.state.discovery.kubernetes import KubernetesDiscovery
 from extproc.state.discovery.objectives import ObjectivesWatch
 from extproc.state.inflight import InFlight
+from extproc.state.load_board import LoadBoard
 from extproc.state.models import ModelsReading
 from extproc.state.objectives import ObjectivesStore
 from extproc.state.pool import PoolState
@@ -89,12 +90,14 @@ class PickerServer:
         discovery: Discovery | None = None,
         config_path: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        board: LoadBoard | None = None,
     ) -> None:
         self.config = config
         self.metrics = PickerMetrics()
         self.store = SnapshotStore()
         self.pool = PoolState(self.store, prices=config.fleet.prices)
-        self.inflight = InFlight()
+        # With `--workers`, the other processes' in-flight counts come from the board.
+        self.inflight = InFlight(board)
         self.index = (
             PrefixIndex(max_entries=config.kv_events.max_entries)
             if config.kv_events.enabled
@@ -232,7 +235,8 @@ class PickerServer:
             AccessLogReceiver(handler.logged), self._grpc
         )
         self.grpc_port = add_port(self._grpc, f"{server.host}:{server.grpc_port}", server)
-        self._health_grpc = grpc.aio.server()
+        # Shared by the workers of `--workers`, as the ext_proc port is.
+        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_grpc)
         self.health_port = self._health_grpc.add_insecure_port(
             f"{server.host}:{server.health_port}"

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.internal import api_implementation
@@ -17,9 +19,11 @@ from extproc.config import Config, ConfigError
 from extproc.scheduling.strategies import known_strategies, validate_strategy_name
 from extproc.server.app import PickerServer, strategies_for
 from extproc.server.logs import configure_logging
+from extproc.server.workers import supervise
 from extproc.serving.flags import SERVER_FLAGS, add_pool_arguments, config_from_flags
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.configured import discovery_for
+from extproc.state.load_board import LoadBoard
 from extproc.tenancy.reload import load_directory
 
 log = logging.getLogger("extproc")
@@ -28,6 +32,7 @@ log = logging.getLogger("extproc")
 _PICKER_FLAGS: tuple[tuple[str, str], ...] = (
     ("grpc_port", "server.grpc_port"),
     ("health_port", "server.health_port"),
+    ("workers", "server.workers"),
     ("max_body_bytes", "server.max_body_bytes"),
     ("body_mode", "server.default_body_mode"),
     ("strategy", "routing.strategy"),
@@ -44,8 +49,11 @@ async def serve(
     *,
     config_path: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    board: LoadBoard | None = None,
 ) -> None:
-    picker = PickerServer(config, discovery=discovery, config_path=config_path, overrides=overrides)
+    picker = PickerServer(
+        config, discovery=discovery, config_path=config_path, overrides=overrides, board=board
+    )
     await picker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, help="ext_proc port (default 9002)")
     parser.add_argument("--health-port", type=int, help="gRPC health port (default 9003)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 9090)")
+    parser.add_argument(
+        "--workers", type=int, help="picker processes on the same ports (default 1)"
+    )
+    # Set by `--workers` on the processes it starts (extproc.server.workers).
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--load-board", help=argparse.SUPPRESS)
     parser.add_argument("--max-body-bytes", type=int, help="refuse larger bodies with 413")
     parser.add_argument("--fallbacks", type=int, help="fallback endpoints after the pick")
     parser.add_argument(
@@ -144,6 +158,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
             raise ConfigError(key, str(exc)) from exc
     if config.tenancy.enabled:
         load_directory(config.tenancy)  # the keys file must be readable and valid at start-up
+    tenancy = config.tenancy
+    if config.server.workers > 1 and tenancy.enabled and tenancy.limits_backend != "redis":
+        # Each worker would count only the requests the kernel happened to hand it.
+        raise ConfigError(
+            "server.workers",
+            "tenants' limits with several workers need tenancy.limits_backend: redis",
+        )
     return config, overrides
 
 
@@ -155,10 +176,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"extproc: config error: {exc}", file=sys.stderr)
         return 2
     check_protobuf_backend()
+    workers = config.server.workers
+    board = None
+    if workers > 1:
+        if args.load_board is None:
+            # This process only supervises; sys.argv is the command it was started with.
+            server = config.server
+            stop_seconds = server.drain_delay_seconds + server.shutdown_grace_seconds + 5
+            return supervise(sys.argv[1:], workers, stop_seconds=stop_seconds)
+        board = LoadBoard(Path(args.load_board), workers, args.worker_index)
+        config = worker_config(config, args.worker_index)
     # --endpoints fixes the set; otherwise the config file's list is followed as it changes.
     path = None if args.endpoints else args.config
     discovery = discovery_for(config, config_path=path, overrides=overrides)
-    main = serve(config, discovery, config_path=args.config, overrides=overrides)
+    main = serve(config, discovery, config_path=args.config, overrides=overrides, board=board)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -166,3 +197,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         uvloop.run(main)
     return 0
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """Worker `index`'s config: its own Prometheus port (its counters are its own)."""
+    port = config.server.metrics_port
+    server = dataclasses.replace(config.server, metrics_port=port + index if port else 0)
+    return dataclasses.replace(config, server=server)

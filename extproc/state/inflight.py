@@ -9,6 +9,9 @@ vLLM admits a request into the running batch at once while KV blocks last, so it
 stays empty while prompts queue for the token budget inside the batch; the scrape cannot show
 that contention, and a non-streamed response cannot show when its first token came. The
 prediction drains with time, so a wrong one fades instead of accumulating.
+
+With several picker processes on one port (`extproc serve --workers N`), each posts its figures
+to a `LoadBoard` and adds the others' to its own, so every decision sees the pod's traffic.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import bisect
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from extproc.state.load_board import LoadBoard
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +39,12 @@ _PICK_MEMORY_SECONDS = 5.0
 
 
 class InFlight:
-    def __init__(self) -> None:
+    def __init__(self, board: LoadBoard | None = None) -> None:
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
         self._picks: dict[str, deque[float]] = {}
         self._busy_until: dict[str, float] = {}
+        self._board = board
 
     def start(
         self,
@@ -67,24 +73,27 @@ class InFlight:
         picks.append(now)
         while picks[0] < now - _PICK_MEMORY_SECONDS:
             picks.popleft()
+        self._post(address, picked_at=now)
 
     def started_since(self, address: str, since: float) -> int:
         """Requests picked for `address` at or after monotonic time `since` (up to 5 s back):
         what its scraped queue cannot show yet."""
+        others = 0 if self._board is None else self._board.started_since(address, since)
         picks = self._picks.get(address)
         if not picks or picks[-1] < since:
-            return 0
-        return len(picks) - bisect.bisect_left(picks, since)
+            return others
+        return others + len(picks) - bisect.bisect_left(picks, since)
 
     def backlog(self, address: str, now: float) -> float:
         """Seconds of predicted prefill work we sent `address` that is not done yet."""
+        others = 0.0 if self._board is None else self._board.backlog(address, now)
         busy_until = self._busy_until.get(address)
         if busy_until is None:
-            return 0.0
+            return others
         if busy_until <= now:
             del self._busy_until[address]
-            return 0.0
-        return busy_until - now
+            return others
+        return others + busy_until - now
 
     def finish(self, address: str, tokens: int = 0) -> None:
         left = self._requests.get(address, 0) - 1
@@ -94,12 +103,30 @@ class InFlight:
         else:
             self._requests.pop(address, None)
             self._tokens.pop(address, None)
+        self._post(address)
 
     def load(self, address: str) -> Load:
-        requests = self._requests.get(address)
-        if requests is None:
+        """Requests and prompt tokens in flight to `address`, this process's and its peers'."""
+        requests = self._requests.get(address, 0)
+        tokens = self._tokens.get(address, 0)
+        if self._board is not None:
+            others = self._board.others(address)
+            requests += others.requests
+            tokens += others.tokens
+        if not requests:
             return _IDLE
-        return Load(requests, self._tokens.get(address, 0))
+        return Load(requests, tokens)
 
     def total(self) -> int:
+        """This process's requests in flight (what it must drain before it stops)."""
         return sum(self._requests.values())
+
+    def _post(self, address: str, *, picked_at: float | None = None) -> None:
+        if self._board is not None:
+            self._board.post(
+                address,
+                requests=self._requests.get(address, 0),
+                tokens=self._tokens.get(address, 0),
+                busy_until=self._busy_until.get(address, 0.0),
+                picked_at=picked_at,
+            )

@@ -1,0 +1,194 @@
+"""What the other picker processes of this pod have in flight, read from shared memory.
+
+`extproc serve --workers N` runs N picker processes on one port (docs/envoy.md, "Several picker
+processes"). Each routes only the streams the kernel hands it, so on its own a worker's
+least-request and prefill-backlog signals would see 1/N of the pod's traffic and N workers would
+pile requests on the same endpoint. The board is one file in shared memory (`/dev/shm`), a
+region per worker: each worker writes only its own region (one writer: no locks) and adds the
+others' figures to its own when it decides.
+
+A region holds, per endpoint it has seen: its address, the requests and prompt tokens in flight,
+the time its predicted prefill backlog runs out (`time.monotonic()`, which every process of the
+machine shares), and the times of its last picks (a ring, for "picked since the last scrape").
+Readers may see a region half-updated (requests already counted, tokens not yet); each figure is
+an 8-byte aligned word, so none is torn, and the next decision sees the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("extproc")
+
+SLOTS = 512  # endpoints per worker region; more are routed on this worker's own counts
+RING = 64  # pick times kept per endpoint: "picked since the scrape" counts up to this many
+_NAME_BYTES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Byte offsets of one region's arrays."""
+
+    count: int = 0
+    names: int = 8
+    requests: int = 8 + SLOTS * _NAME_BYTES
+    tokens: int = requests + SLOTS * 8
+    busy_until: int = tokens + SLOTS * 8
+    ring_at: int = busy_until + SLOTS * 8
+    ring: int = ring_at + SLOTS * 8
+    size: int = ring + SLOTS * RING * 8
+
+
+_LAYOUT = _Layout()
+
+
+class _Region:
+    """Typed views of one worker's region of the board (native 8-byte words)."""
+
+    def __init__(self, buffer: mmap.mmap, base: int) -> None:
+        def raw(offset: int, count: int) -> memoryview:
+            return memoryview(buffer)[base + offset : base + offset + 8 * count]
+
+        self.count = raw(_LAYOUT.count, 1).cast("q")
+        self.names = memoryview(buffer)[base + _LAYOUT.names : base + _LAYOUT.requests]
+        self.requests = raw(_LAYOUT.requests, SLOTS).cast("q")
+        self.tokens = raw(_LAYOUT.tokens, SLOTS).cast("q")
+        self.busy_until = raw(_LAYOUT.busy_until, SLOTS).cast("d")
+        self.ring_at = raw(_LAYOUT.ring_at, SLOTS).cast("q")
+        self.ring = raw(_LAYOUT.ring, SLOTS * RING).cast("d")
+
+    def name(self, slot: int) -> str:
+        start = slot * _NAME_BYTES
+        return bytes(self.names[start : start + _NAME_BYTES]).rstrip(b"\0").decode()
+
+    def picks_since(self, slot: int, since: float) -> int:
+        return sum(1 for at in self.ring[slot * RING : (slot + 1) * RING] if at >= since)
+
+    def release(self) -> None:
+        for view in (
+            self.count,
+            self.names,
+            self.requests,
+            self.tokens,
+            self.busy_until,
+            self.ring_at,
+            self.ring,
+        ):
+            view.release()
+
+
+def create_board(path: Path, workers: int) -> None:
+    """The zeroed board file for `workers` processes (done by the parent, before they start)."""
+    with open(path, "wb") as file:
+        file.truncate(_LAYOUT.size * workers)
+
+
+@dataclass(frozen=True, slots=True)
+class Others:
+    """The other workers' figures for one endpoint."""
+
+    requests: int = 0
+    tokens: int = 0
+
+
+_NONE = Others()
+
+
+class LoadBoard:
+    """One worker's view of the board: it posts its own region and reads the others'."""
+
+    def __init__(self, path: Path, workers: int, index: int) -> None:
+        if not 0 <= index < workers:
+            raise ValueError(f"worker {index} of {workers}")
+        with open(path, "r+b") as file:
+            self._buffer = mmap.mmap(file.fileno(), _LAYOUT.size * workers)
+        self._own = _Region(self._buffer, _LAYOUT.size * index)
+        self._others = [
+            _Region(self._buffer, _LAYOUT.size * i) for i in range(workers) if i != index
+        ]
+        self._own_slots: dict[str, int] = {}
+        # Per other worker: the slots of the addresses it has named so far (names only append).
+        self._their_slots: list[dict[str, int]] = [{} for _ in self._others]
+        self._full_logged = False
+
+    def post(
+        self,
+        address: str,
+        *,
+        requests: int,
+        tokens: int,
+        busy_until: float,
+        picked_at: float | None = None,
+    ) -> None:
+        """This worker's figures for `address` now (and a pick at `picked_at`, if one)."""
+        slot = self._slot(address)
+        if slot is None:
+            return
+        own = self._own
+        own.requests[slot] = requests
+        own.tokens[slot] = tokens
+        own.busy_until[slot] = busy_until
+        if picked_at is not None:
+            at = own.ring_at[slot]
+            own.ring[slot * RING + at % RING] = picked_at
+            own.ring_at[slot] = at + 1
+
+    def others(self, address: str) -> Others:
+        requests = tokens = 0
+        for region, slot in self._their(address):
+            requests += region.requests[slot]
+            tokens += region.tokens[slot]
+        return Others(requests, tokens) if requests or tokens else _NONE
+
+    def backlog(self, address: str, now: float) -> float:
+        """Seconds of predicted prefill the other workers sent `address` that are not done."""
+        return sum(max(0.0, r.busy_until[slot] - now) for r, slot in self._their(address))
+
+    def started_since(self, address: str, since: float) -> int:
+        """Picks of `address` by the other workers at or after `since` (up to RING each)."""
+        return sum(r.picks_since(slot, since) for r, slot in self._their(address))
+
+    def close(self) -> None:
+        for region in (self._own, *self._others):
+            region.release()
+        self._buffer.close()
+
+    def _slot(self, address: str) -> int | None:
+        slot = self._own_slots.get(address)
+        if slot is not None:
+            return slot
+        count = self._own.count[0]
+        name = address.encode()
+        if count >= SLOTS or len(name) > _NAME_BYTES:
+            if not self._full_logged:
+                log.warning("load board: %s is not shared with the other workers", address)
+                self._full_logged = True
+            return None
+        start = count * _NAME_BYTES
+        self._own.names[start : start + len(name)] = name
+        # The name is written before the count that makes it visible.
+        self._own.count[0] = count + 1
+        self._own_slots[address] = count
+        return count
+
+    def _their(self, address: str) -> list[tuple[_Region, int]]:
+        found = []
+        for region, slots in zip(self._others, self._their_slots, strict=True):
+            slot = slots.get(address)
+            if slot is None and len(slots) < region.count[0]:
+                for new in range(len(slots), region.count[0]):
+                    slots[region.name(new)] = new
+                slot = slots.get(address)
+            if slot is not None:
+                found.append((region, slot))
+        return found
+
+
+def board_path(directory: str | None = None) -> Path:
+    """Where a new board goes: shared memory when the machine has it."""
+    base = Path(directory or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"))
+    return base / f"extproc-board-{os.getpid()}"
