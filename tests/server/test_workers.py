@@ -180,6 +180,7 @@ def _pods(fleet: SimFleet) -> list[str]:
     return [url.removeprefix("http://") for url in fleet.urls]
 
 
+@pytest.mark.slow
 async def test_a_worker_that_dies_stops_the_pod_whole(fleet: SimFleet) -> None:
     grpc_port, health_port = free_ports(2)
     metrics = free_port_range(2, avoid=(grpc_port, health_port))
