@@ -39,6 +39,7 @@ from extproc.server.field_metrics import MeteredPipeline, pool_reader
 from extproc.server.health import PREFIX_HASHING_CONDITION, Health
 from extproc.server.prefill import HttpPrefiller
 from extproc.server.stream import RESPONSE_PATH_METADATA, StreamHandler
+from extproc.server.workers import LogRelay
 from extproc.serving.tls import add_port
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.configured import discovery_for
@@ -192,6 +193,8 @@ class PickerServer:
             if config.collector.source
             else None
         )
+        self._board = board
+        self._relay: LogRelay | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._shared_task: asyncio.Task[None] | None = None
@@ -214,7 +217,14 @@ class PickerServer:
                 key=self.config.routing.destination_key,
                 emit_scores=self.config.routing.emit_endpoint_scores,
             ),
+            prefix=self._board.prefix() if self._board is not None else None,
         )
+        on_entry = handler.logged
+        if self._board is not None:
+            # With `--workers`, each entry goes to the worker that routed its request.
+            self._relay = LogRelay(self._board, handler.logged)
+            self._relay.start()
+            on_entry = self._relay.entry
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1),
@@ -231,9 +241,7 @@ class PickerServer:
         # there (over TLS when that is on), so a draining replica is left before it stops.
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
         # Envoy's access log, on the same port: the `ended` response path's usage.
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            AccessLogReceiver(handler.logged), self._grpc
-        )
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(on_entry), self._grpc)
         self.grpc_port = add_port(self._grpc, f"{server.host}:{server.grpc_port}", server)
         # Shared by the workers of `--workers`, as the ext_proc port is.
         self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
@@ -315,6 +323,8 @@ class PickerServer:
         await self.health.draining()
         if self._grpc is not None:
             await self._grpc.stop(self.config.server.shutdown_grace_seconds)
+        if self._relay is not None:
+            self._relay.close()
         for task in (self._shared_task, self._reload_task, self._objectives_task):
             if task is not None:
                 task.cancel()

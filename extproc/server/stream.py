@@ -107,6 +107,7 @@ class StreamHandler:
         awaiting_response_seconds: float = 900.0,
         usage_wait_seconds: float = 10.0,
         destination: reply.Destination = reply.PROTOCOL,
+        prefix: str | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._destination = destination
@@ -117,9 +118,10 @@ class StreamHandler:
         self._unsettled: _Awaiting[_Ended] = _Awaiting(ttl=usage_wait_seconds)
         self._early: _Awaiting[_Logged] = _Awaiting(ttl=usage_wait_seconds)
         # Request names are unique among this process's requests in flight, and the prefix
-        # tells this process's names from other replicas' (`logged`).
+        # tells this process's names from other replicas' (`logged`); with `--workers` it
+        # also names the worker (`LoadBoard.prefix`).
         self._names = itertools.count()
-        self._prefix = secrets.token_hex(6)
+        self._prefix = prefix or secrets.token_hex(6)
 
     async def process(
         self, messages: AsyncIterator[ProcessingRequest], *, ends_with_response: bool = False

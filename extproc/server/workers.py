@@ -3,9 +3,9 @@
 The kernel spreads Envoy's HTTP/2 connections over the processes (`SO_REUSEPORT`); Envoy opens
 one per worker thread, so give it at least as many threads as pickers (docs/envoy.md, "Several
 picker processes"). The workers share their in-flight counts through a `LoadBoard` the parent
-creates in shared memory; each keeps its own state side (scrapes, KV events), fair queue and
-tenants' counters (token limits hold across workers with `tenancy.redis_url`, as across
-replicas).
+creates in shared memory; each keeps its own state side (scrapes, KV events) and fair queue.
+Tenants' limits must be counted in Redis (`tenancy.limits_backend: redis`, checked at start), as
+across replicas.
 
 The parent only supervises: SIGTERM and SIGINT go on to every worker (each drains as a single
 picker does), and when a worker dies the others are stopped and the parent exits 1, so that the
@@ -14,15 +14,23 @@ pod restarts whole: a worker started again would find the dead one's counts on t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 
-from extproc.state.load_board import board_path, create_board
+import msgpack
+
+from extproc.request.usage import Usage
+from extproc.server.access_log import LogEntry
+from extproc.state.load_board import LoadBoard, board_path, create_board
 
 log = logging.getLogger("extproc")
 
@@ -67,4 +75,78 @@ def supervise(argv: Sequence[str], workers: int, *, stop_seconds: float) -> int:
                 child.kill()
                 child.wait()
         path.unlink(missing_ok=True)
+        for relay in path.parent.glob(f"{path.name}.*.sock"):  # a killed worker's
+            relay.unlink(missing_ok=True)
     return code
+
+
+class LogRelay:
+    """Access log entries to the worker that routed their request.
+
+    Envoy's access log streams reach whichever worker the kernel hands their connection, so
+    most entries of a request arrive at a worker that did not route it. That worker could only
+    count them as another replica's (`StreamHandler.logged`): the routing worker would wait in
+    vain for the usage and the endpoint that served, and count the entry as never logged. The
+    relay sends each such entry on, over a Unix datagram socket per worker beside the board,
+    and hands the entries it receives to its own handler."""
+
+    def __init__(self, board: LoadBoard, deliver: Callable[[LogEntry], None]) -> None:
+        self._board = board
+        self._deliver = deliver
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+        self._path = _relay_path(board, board.index)
+        self._path.unlink(missing_ok=True)
+        self._socket.bind(str(self._path))
+        self._dropped_logged = False
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self._socket.fileno(), self._receive)
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no loop left (closed at exit)
+            asyncio.get_running_loop().remove_reader(self._socket.fileno())
+        self._socket.close()
+        self._path.unlink(missing_ok=True)
+
+    def entry(self, entry: LogEntry) -> None:
+        """An entry from Envoy: this worker's own, another pod's, or sent on to its worker."""
+        owner = self._board.owner(entry.request_id)
+        if owner is None or owner == self._board.index:
+            self._deliver(entry)
+            return
+        usage = entry.usage
+        counts = (
+            None
+            if usage is None
+            else (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        )
+        payload = msgpack.packb((entry.request_id, counts, entry.tenant, entry.upstream))
+        try:
+            self._socket.sendto(payload, str(_relay_path(self._board, owner)))
+        except OSError as exc:  # the owner is gone (the pod is stopping) or its queue is full
+            if not self._dropped_logged:
+                log.warning("access log entry not relayed to worker %d: %s", owner, exc)
+                self._dropped_logged = True
+            self._deliver(entry)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                payload = self._socket.recv(_DATAGRAM_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                request_id, counts, tenant, upstream = msgpack.unpackb(payload)
+                usage = None if counts is None else Usage(*counts)
+            except (ValueError, TypeError) as exc:  # not from a worker of ours
+                log.warning("unreadable relayed access log entry: %s", exc)
+                continue
+            self._deliver(LogEntry(request_id, usage, tenant, upstream))
+
+
+_DATAGRAM_BYTES = 64 * 1024
+
+
+def _relay_path(board: LoadBoard, index: int) -> Path:
+    return board.path.with_name(f"{board.path.name}.{index}.sock")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,23 +69,17 @@ class _Region:
     def picks_since(self, slot: int, since: float) -> int:
         return sum(1 for at in self.ring[slot * RING : (slot + 1) * RING] if at >= since)
 
-    def release(self) -> None:
-        for view in (
-            self.count,
-            self.names,
-            self.requests,
-            self.tokens,
-            self.busy_until,
-            self.ring_at,
-            self.ring,
-        ):
-            view.release()
+
+# Before the regions: the pod's token, which names its workers' requests (`LoadBoard.prefix`).
+_HEADER = 64
 
 
 def create_board(path: Path, workers: int) -> None:
-    """The zeroed board file for `workers` processes (done by the parent, before they start)."""
+    """The board file for `workers` processes, zeroed but for a fresh token (written by the
+    parent, before they start)."""
     with open(path, "wb") as file:
-        file.truncate(_LAYOUT.size * workers)
+        file.write(secrets.token_hex(6).encode().ljust(_HEADER, b"\0"))
+        file.truncate(_HEADER + _LAYOUT.size * workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +99,15 @@ class LoadBoard:
     def __init__(self, path: Path, workers: int, index: int) -> None:
         if not 0 <= index < workers:
             raise ValueError(f"worker {index} of {workers}")
+        self.path = path
+        self.workers = workers
+        self.index = index
         with open(path, "r+b") as file:
-            self._buffer = mmap.mmap(file.fileno(), _LAYOUT.size * workers)
-        self._own = _Region(self._buffer, _LAYOUT.size * index)
+            self._buffer = mmap.mmap(file.fileno(), _HEADER + _LAYOUT.size * workers)
+        self.token = bytes(self._buffer[:_HEADER]).rstrip(b"\0").decode()
+        self._own = _Region(self._buffer, _HEADER + _LAYOUT.size * index)
         self._others = [
-            _Region(self._buffer, _LAYOUT.size * i) for i in range(workers) if i != index
+            _Region(self._buffer, _HEADER + _LAYOUT.size * i) for i in range(workers) if i != index
         ]
         self._own_slots: dict[str, int] = {}
         # Per other worker: the slots of the addresses it has named so far (names only append).
@@ -137,6 +136,19 @@ class LoadBoard:
             own.ring[slot * RING + at % RING] = picked_at
             own.ring_at[slot] = at + 1
 
+    def prefix(self, index: int | None = None) -> str:
+        """The request-name prefix of worker `index` (this one by default): the pod's token and
+        the index, so any worker can tell which of them routed a request."""
+        return f"{self.token}w{self.index if index is None else index}"
+
+    def owner(self, request_id: str) -> int | None:
+        """The worker of this pod that named `request_id`, or None (another pod's request)."""
+        head, _, _ = request_id.rpartition("-")
+        token, mark, index = head.rpartition("w")
+        if mark and token == self.token and index.isdigit() and int(index) < self.workers:
+            return int(index)
+        return None
+
     def others(self, address: str) -> Others:
         requests = tokens = 0
         for region, slot in self._their(address):
@@ -151,11 +163,6 @@ class LoadBoard:
     def started_since(self, address: str, since: float) -> int:
         """Picks of `address` by the other workers at or after `since` (up to RING each)."""
         return sum(r.picks_since(slot, since) for r, slot in self._their(address))
-
-    def close(self) -> None:
-        for region in (self._own, *self._others):
-            region.release()
-        self._buffer.close()
 
     def _slot(self, address: str) -> int | None:
         slot = self._own_slots.get(address)
@@ -188,7 +195,8 @@ class LoadBoard:
         return found
 
 
-def board_path(directory: str | None = None) -> Path:
-    """Where a new board goes: shared memory when the machine has it."""
-    base = Path(directory or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"))
+def board_path() -> Path:
+    """Where this process's board goes: shared memory when the machine has it. The map lives
+    as long as the workers do; the parent removes the file when they have stopped."""
+    base = Path("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
     return base / f"extproc-board-{os.getpid()}"

@@ -21,7 +21,10 @@ import pytest
 
 from extproc.bench.processes import free_port_range, free_ports
 from extproc.config import Config, ConfigError, ServerConfig
+from extproc.request.usage import Usage
+from extproc.server.access_log import LogEntry
 from extproc.server.cli import add_arguments, config_from_args, worker_config
+from extproc.server.workers import LogRelay
 from extproc.sim import SimConfig, SimFleet
 from extproc.state.inflight import InFlight, Load
 from extproc.state.load_board import LoadBoard, create_board
@@ -60,6 +63,35 @@ def test_a_worker_sees_what_another_process_has_in_flight(tmp_path: Path) -> Non
     assert mine.load("10.0.0.3:8000") == Load()
     # Only this process's own requests are its to drain.
     assert mine.total() == 1
+
+
+async def test_access_log_entries_reach_the_worker_that_routed_them(tmp_path: Path) -> None:
+    board = tmp_path / "board"
+    create_board(board, 2)
+    first, second = LoadBoard(board, 2, 0), LoadBoard(board, 2, 1)
+    got: tuple[list[LogEntry], list[LogEntry]] = ([], [])
+    relays = (LogRelay(first, got[0].append), LogRelay(second, got[1].append))
+    for relay in relays:
+        relay.start()
+    try:
+        usage = Usage(prompt_tokens=12, completion_tokens=3, cached_tokens=8)
+        theirs = LogEntry(f"{second.prefix()}-7", usage, "acme", "10.0.0.1:8000")
+        mine = LogEntry(f"{first.prefix()}-8", None)
+        other_pod = LogEntry("0123456789abw1-9", usage)
+        for entry in (theirs, mine, other_pod):
+            relays[0].entry(entry)
+        for _ in range(100):
+            if got[1]:
+                break
+            await asyncio.sleep(0.01)
+        # The second worker routed `theirs`; the first keeps its own and another pod's.
+        assert got == ([mine, other_pod], [theirs])
+        assert first.owner(theirs.request_id) == 1
+        assert first.owner(other_pod.request_id) is None
+    finally:
+        for relay in relays:
+            relay.close()
+    assert _sockets(tmp_path) == []
 
 
 def _config(tmp_path: Path, text: str, *argv: str) -> Config:
@@ -211,3 +243,7 @@ def _children(pid: int) -> list[str]:
 
 def _gone(path: str) -> bool:
     return not Path(path).exists()
+
+
+def _sockets(directory: Path) -> list[Path]:
+    return list(directory.glob("*.sock"))
