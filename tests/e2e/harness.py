@@ -367,6 +367,7 @@ def run_envoy(
     extproc_tls: bool = False,
     extproc_ca: Path | None = None,
     request_timeout_ms: int = 60_000,
+    concurrency: int = 1,
 ) -> Iterator[Stack]:
     port, admin_port = free_port(), free_port()
     config = envoy_config.render_bootstrap(
@@ -386,7 +387,7 @@ def run_envoy(
     log = logs / f"envoy-{port}-{failure_mode}-{body_mode}-{response_path}.log"
     with log.open("wb") as out:
         process = envoy.start_envoy(
-            config, admin_port=admin_port, concurrency=1, stdout=out, stderr=out
+            config, admin_port=admin_port, concurrency=concurrency, stdout=out, stderr=out
         )
     try:
         process.wait_ready(within=20)

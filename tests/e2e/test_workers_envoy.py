@@ -15,9 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.bench import envoy, envoy_config
-
-from .harness import MODEL_A, Picker, free_port, run_picker
+from .harness import MODEL_A, Picker, run_envoy, run_picker
 
 pytestmark = pytest.mark.e2e
 
@@ -50,51 +48,39 @@ async def _both(session: aiohttp.ClientSession, picker: Picker) -> list[dict[str
 async def test_two_workers_settle_every_request_through_envoy(
     logs: Path, addresses: list[str]
 ) -> None:
-    port, admin_port = free_port(), free_port()
-    with run_picker(logs, addresses, extra=["--workers", "2"]) as picker:
-        config = envoy_config.render_bootstrap(
-            port=port,
-            extproc=picker.address,
-            endpoints=addresses,
-            admin_port=admin_port,
-            listen_host="127.0.0.1",
-        )
-        log = logs / f"envoy-{port}-workers.log"
-        with log.open("wb") as out:
-            process = envoy.start_envoy(
-                config, admin_port=admin_port, concurrency=2, stdout=out, stderr=out
-            )
-        try:
-            process.wait_ready(within=20)
-            usage = {"include_usage": True}
-            request = {"model": MODEL_A, "prompt": "hi", "max_tokens": 4, "stream": True}
-            body = json.dumps({**request, "stream_options": usage}).encode()
-            async with aiohttp.ClientSession() as session:
+    with (
+        run_picker(logs, addresses, extra=["--workers", "2"]) as picker,
+        run_envoy(
+            logs, extproc=picker.address, endpoints=addresses, picker=picker, concurrency=2
+        ) as stack,
+    ):
+        usage = {"include_usage": True}
+        request = {"model": MODEL_A, "prompt": "hi", "max_tokens": 4, "stream": True}
+        body = json.dumps({**request, "stream_options": usage}).encode()
+        async with aiohttp.ClientSession() as session:
 
-                async def one() -> None:
-                    async with session.post(
-                        f"http://127.0.0.1:{port}/v1/completions",
-                        data=body,
-                        headers={"content-type": "application/json"},
-                    ) as response:
-                        assert response.status == 200, await response.read()
-                        await response.read()
+            async def one() -> None:
+                async with session.post(
+                    f"{stack.url}/v1/completions",
+                    data=body,
+                    headers={"content-type": "application/json"},
+                ) as response:
+                    assert response.status == 200, await response.read()
+                    await response.read()
 
-                for _ in range(REQUESTS // 4):
-                    await asyncio.gather(*(one() for _ in range(4)))
-                counted: list[dict[str, float]] = []
-                # Well inside `usage_wait_seconds` (10 s): an entry that reached no worker
-                # that knew its request would be settled only then.
-                for _ in range(60):
-                    counted = await _both(session, picker)
-                    if sum(c.get("served", 0) for c in counted) >= REQUESTS:
-                        break
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(0.3)  # anything counted twice would show up by now
+            for _ in range(REQUESTS // 4):
+                await asyncio.gather(*(one() for _ in range(4)))
+            counted: list[dict[str, float]] = []
+            # Well inside `usage_wait_seconds` (10 s): an entry that reached no worker that
+            # knew its request would be settled only then.
+            for _ in range(60):
                 counted = await _both(session, picker)
-        finally:
-            process.stop()
-    report = f"{counted}\n{log.read_text()[-2000:]}"
+                if sum(c.get("served", 0) for c in counted) >= REQUESTS:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # anything counted twice would show up by now
+            counted = await _both(session, picker)
+        report = f"{counted}\n{stack.logs()}"
     assert sum(c.get("served", 0) for c in counted) == REQUESTS, report
     assert sum(c.get("completion", 0) for c in counted) == REQUESTS * COMPLETION_TOKENS, report
     assert sum(c.get("inflight", 0) for c in counted) == 0, report
