@@ -10,6 +10,7 @@ others' figures to its own when it decides.
 A region holds, per endpoint it has seen: its address, the requests and prompt tokens in flight,
 the time its predicted prefill backlog runs out (`time.monotonic()`, which every process of the
 machine shares), and the times of its last picks (a ring, for "picked since the last scrape").
+Before the regions, the pod's token, which names the workers' requests (`prefix`, `owner`).
 Readers may see a region half-updated (requests already counted, tokens not yet); each figure is
 an 8-byte aligned word, so none is torn, and the next decision sees the rest.
 """

@@ -159,11 +159,7 @@ async def test_workers_on_one_port_balance_the_pods_between_them(fleet: SimFleet
     streams: list[ep.Stream] = []
     channels: list[grpc.aio.Channel] = []
     try:
-        deadline = time.monotonic() + 60
-        while not (await _metrics_up(metrics) and await _metrics_up(metrics + 1)):
-            assert picker.poll() is None, "the picker exited"
-            assert time.monotonic() < deadline, "the workers did not start"
-            await asyncio.sleep(0.2)
+        await _workers_up(picker, metrics)
         held: Counter[str] = Counter()
         workers: Counter[str] = Counter()
         # The kernel spreads connections over the workers; a channel of its own is a
@@ -195,6 +191,15 @@ async def test_workers_on_one_port_balance_the_pods_between_them(fleet: SimFleet
     assert _gone(f"/dev/shm/extproc-board-{picker.pid}")
 
 
+async def _workers_up(picker: subprocess.Popen[bytes], metrics: int) -> None:
+    """Until both workers serve their metrics (each does just before it takes streams)."""
+    deadline = time.monotonic() + 60
+    while not (await _metrics_up(metrics) and await _metrics_up(metrics + 1)):
+        assert picker.poll() is None, "the picker exited"
+        assert time.monotonic() < deadline, "the workers did not start"
+        await asyncio.sleep(0.2)
+
+
 def _serve(
     fleet: SimFleet, *, grpc_port: int, health_port: int, metrics: int
 ) -> subprocess.Popen[bytes]:
@@ -218,11 +223,7 @@ async def test_a_worker_that_dies_stops_the_pod_whole(fleet: SimFleet) -> None:
     metrics = free_port_range(2, avoid=(grpc_port, health_port))
     picker = _serve(fleet, grpc_port=grpc_port, health_port=health_port, metrics=metrics)
     try:
-        deadline = time.monotonic() + 60
-        while not (await _metrics_up(metrics) and await _metrics_up(metrics + 1)):
-            assert picker.poll() is None, "the picker exited"
-            assert time.monotonic() < deadline, "the workers did not start"
-            await asyncio.sleep(0.2)
+        await _workers_up(picker, metrics)
         children = _children(picker.pid)
         assert len(children) == 2
         os.kill(int(children[0]), signal.SIGKILL)
