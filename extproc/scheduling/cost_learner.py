@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from extproc.scheduling.cost_model import (
+    PRIOR_STEP_SECONDS,
     PRIOR_TOKENS_PER_SECOND,
     CostModel,
     CostParameters,
@@ -59,10 +60,17 @@ def _window(stats: EndpointStats) -> _Window:
     )
 
 
-def _ewma(old: float, sample: float, *, weight: float = 1.0) -> float:
+def _ewma(old: float, sample: float, *, weight: float = 1.0, seen: float = math.inf) -> float:
     """Move `old` toward `sample` by `_ALPHA` per unit of evidence (a window, or each request
-    finished in it, up to `_MAX_WEIGHT`): never all the way, since one window can mislead."""
-    alpha: float = 1.0 - math.pow(1.0 - _ALPHA, min(max(weight, 1.0), _MAX_WEIGHT))
+    finished in it, up to `_MAX_WEIGHT`): never all the way, since one window can mislead.
+
+    `seen`: the units of evidence `old` rests on. While they are few, `old` moves to the mean of
+    them and the sample instead (so the first sample replaces a prior, which may be ten times
+    wrong); a moving average alone would take a dozen requests to forget it, and on a slow GPU,
+    where a request finishes its prefill every few seconds, that is most of a minute."""
+    units = max(weight, 1.0)
+    alpha: float = 1.0 - math.pow(1.0 - _ALPHA, min(units, _MAX_WEIGHT))
+    alpha = max(alpha, units / (seen + units))
     return old + alpha * (sample - old)
 
 
@@ -140,19 +148,32 @@ class CostLearner:
             self._estimates.pop(gone, None)
         by_type: dict[str, list[EndpointCost]] = {}
         for address, estimate in self._estimates.items():
-            if (kind := accelerators.get(address, "")) and estimate.samples > 0:
+            if kind := accelerators.get(address, ""):
                 by_type.setdefault(kind, []).append(estimate)
+        priors = {kind: self._type_prior(kind) for kind in self._speeds}
+        for kind, group in by_type.items():
+            if any(e.rate_samples > 0 for e in group):
+                priors[kind] = _fleet_prior(group)
+        fleet = _fleet_prior(self._estimates.values())
+
+        def rated(address: str, estimate: EndpointCost) -> EndpointCost:
+            """An endpoint no prefill has been learned from yet (its step and hit rate may be)
+            is taken to compute as fast as the others of its GPU type: its first requests are
+            predicted from its peers' speed, not from a prior that may be ten times wrong."""
+            if estimate.rate_samples > 0:
+                return estimate
+            prior = priors.get(accelerators.get(address, ""), fleet)
+            return replace(estimate, tokens_per_second=prior.tokens_per_second)
+
+        estimates = {address: rated(address, e) for address, e in self._estimates.items()}
         self._model = CostModel(
-            estimates=dict(self._estimates),
+            estimates=estimates,
             parameters=self._parameters,
             mean_prompt_tokens=self._mean_prompt,
             mean_output_tokens=self._mean_output,
-            prior=_fleet_prior(self._estimates.values()),
+            prior=fleet,
             accelerators=accelerators,
-            priors={
-                **{kind: self._type_prior(kind) for kind in self._speeds},
-                **{kind: _fleet_prior(group) for kind, group in by_type.items()},
-            },
+            priors=priors,
         )
 
     def _type_prior(self, kind: str) -> EndpointCost:
@@ -176,7 +197,8 @@ class CostLearner:
         dt = stats.read_at - window.start.read_at
         if dt < _MIN_WINDOW_SECONDS:
             return
-        old = self._estimates.get(address) or self._type_prior(self._accelerators.get(address, ""))
+        # What requests read now: for an endpoint not learned yet, its type's (or the fleet's).
+        old = self._model.estimate(address)
         self._estimates[address] = self._learn(old, window, stats, dt)
         self._windows[address] = _window(stats)
 
@@ -202,6 +224,7 @@ class CostLearner:
         learned = step_learned
 
         rate = est.tokens_per_second
+        rate_samples = est.rate_samples
         first_tokens = end.first_tokens - start.first_tokens
         if end.prefill_requests > 0 and end.prefill_computed_requests > 0:
             # The server reports its prefills: learn from them alone, saturated or not.
@@ -213,7 +236,8 @@ class CostLearner:
                 running=mean_running,
             )
             if speed is not None:
-                rate = _ewma(rate, speed, weight=finished)
+                rate = _ewma(rate, speed, weight=finished, seen=rate_samples)
+                rate_samples += finished
                 learned = True
         elif window.never_queued and first_tokens > 0:
             # Until a request has finished (the prefill histograms are observed then), or on a
@@ -225,15 +249,18 @@ class CostLearner:
                 running=mean_running,
             )
             if speed is not None:
-                rate = _ewma(rate, speed, weight=first_tokens)
+                rate = _ewma(rate, speed, weight=first_tokens, seen=rate_samples)
+                rate_samples += first_tokens
                 learned = True
         elif (
             computed > 0
             and _RATE_BOUNDS[0] <= computed / dt <= _RATE_BOUNDS[1]
             and (window.always_queued or computed / dt > rate)
         ):
-            # Saturated: the engine's throughput; otherwise at least this fast.
-            rate = _ewma(rate, computed / dt)
+            # Saturated: the engine's throughput; otherwise at least this fast (so moving all
+            # the way to it, as to a first sample, can only bring a prior too low closer).
+            rate = _ewma(rate, computed / dt, seen=rate_samples)
+            rate_samples += 1
             learned = True
 
         hit_rate = est.hit_rate
@@ -243,7 +270,7 @@ class CostLearner:
 
         if not learned:
             return est
-        return EndpointCost(rate, step, hit_rate, est.samples + 1)
+        return EndpointCost(rate, step, hit_rate, est.samples + 1, rate_samples)
 
     def _speed(self, tokens: float, seconds: float, *, step: float, running: float) -> float | None:
         """Prefill tokens per second of requests that computed `tokens` new tokens each in
@@ -290,19 +317,20 @@ def _step_sample(est: EndpointCost, start: EndpointStats, end: EndpointStats) ->
 
 def _fleet_prior(estimates: Iterable[EndpointCost]) -> EndpointCost:
     """What an endpoint we have not learned yet is taken for: the mean speed of those we have
-    (of its own GPU type when it has one and some of that type are learned).
+    learned it for (of its own GPU type when it has one and some of that type are learned), and
+    the mean step of those we have learned a step for.
 
     With the fixed prior instead, a fleet splits into the endpoints that have served (their
     learned speed, a little above or below the prior) and the idle ones (the prior), and when
     the learned ones look faster they win every tie, so the idle ones stay idle and the busy
     ones evict each other's prefixes. Its hit rate stays 0: an endpoint's cache starts empty.
     """
-    learned = [e for e in estimates if e.samples > 0]
-    if not learned:
-        return EndpointCost()
+    estimates = list(estimates)
+    rated = [e.tokens_per_second for e in estimates if e.rate_samples > 0]
+    stepped = [e.step_seconds for e in estimates if e.samples > 0]
     return EndpointCost(
-        tokens_per_second=sum(e.tokens_per_second for e in learned) / len(learned),
-        step_seconds=sum(e.step_seconds for e in learned) / len(learned),
+        tokens_per_second=sum(rated) / len(rated) if rated else PRIOR_TOKENS_PER_SECOND,
+        step_seconds=sum(stepped) / len(stepped) if stepped else PRIOR_STEP_SECONDS,
     )
 
 

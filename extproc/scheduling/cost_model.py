@@ -35,6 +35,9 @@ class EndpointCost:
     hit_rate: float = 0.0
     # Windows learned from; 0 means these are the priors.
     samples: int = 0
+    # Requests whose prefill `tokens_per_second` was learned from; until the first, it is the
+    # mean of the endpoints of the same GPU type that have served (else the prior).
+    rate_samples: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 Names, help texts, labels (`model_name`, `engine`) and histogram buckets are vLLM's. Gauges and
 counters are read from the engine's counters when scraped (no per-request work); histograms are
-observed as requests finish, and rendered again at most once a second. Each server has its own
-`CollectorRegistry` pair: no global state.
+observed when vLLM observes them, and each one's text is rendered again only after something was
+observed in it. Each server has its own `CollectorRegistry`s: no global state.
 
 `vllm:lora_requests_info` follows vLLM's quirk: a new series per distinct (running, waiting)
 adapter set, its value the unix time it was last current; older series stay, newest wins.
@@ -14,7 +14,6 @@ blocks): benchmarks read them; a router should not expect them from a real serve
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
@@ -42,8 +41,6 @@ ITERATION_TOKENS_BUCKETS: Final = (
     1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 )  # fmt: skip
 REQUEST_NUM_PREEMPTIONS_BUCKETS: Final = (1, 2, 3, 4, 5, 10, 20)
-# Wall seconds a scrape may see histograms that old (see `ServerMetrics`).
-HISTOGRAM_REFRESH_SECONDS: Final = 1.0
 
 
 def cache_config_info(eng: EngineConfig) -> dict[str, str]:
@@ -211,6 +208,33 @@ class _StatsCollector(Collector):
             yield lora
 
 
+class _Histogram:
+    """One histogram in a registry of its own, and its text, kept until the next observation.
+
+    A server's histograms change at different paces (the step and inter-token ones at every
+    step, the time to first token at each first token, the rest when a request finishes), so a
+    scrape renders only those observed since the last: eight servers in one process rendering
+    all a dozen (~25 buckets each) for every scrape took a third of the simulator's CPU. Each
+    scrape still shows every observation so far, as vLLM's does: a router pairs the histograms
+    with the counters of the same scrape (the prompt tokens that reached their first token with
+    the times to first token)."""
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float], labels: list[str]) -> None:
+        self._registry = CollectorRegistry(auto_describe=False)
+        histogram = Histogram(name, doc, _LABELS, buckets=buckets, registry=self._registry)
+        self._child = histogram.labels(*labels)
+        self._text: bytes | None = None
+
+    def observe(self, value: float) -> None:
+        self._child.observe(value)
+        self._text = None
+
+    def text(self) -> bytes:
+        if self._text is None:
+            self._text = generate_latest(self._registry)
+        return self._text
+
+
 class ServerMetrics:
     """The metrics of one server: an `EngineObserver` plus the `/metrics` text."""
 
@@ -223,32 +247,23 @@ class ServerMetrics:
         max_model_len: int,
         max_lora: int | None,
         engine: str = "0",
-        clock: Callable[[], float] = time.monotonic,
         time_scale: float = 1.0,
     ) -> None:
         """`time_scale`: wall seconds per simulated second (1 / the simulator's `speed`). Every
         duration is observed in wall seconds, the clock the client and the router read, so a
         router that divides a histogram's sum by a counter's rate gets the same speed as one
         that times requests itself (token counts are not scaled: they are not durations)."""
-        self._clock = clock
         self._scale = time_scale
-        # Gauges and counters are rendered fresh for every scrape: a router reads them. The
-        # histograms (a dozen, ~25 buckets each) are rendered again only when one changed and
-        # `HISTOGRAM_REFRESH_SECONDS` have passed: eight servers in one process rendering them
-        # for scrapes every 200 ms took a third of the simulator's CPU, and delayed its
-        # answers, where real servers each render their own. Prometheus scrapes every 15 s.
         self._live = CollectorRegistry(auto_describe=False)
-        self._histograms = CollectorRegistry(auto_describe=False)
         labels = [model_name, engine]
         self._collector = _StatsCollector(stats, labels, {**cache_info, "engine": engine}, max_lora)
         self._live.register(self._collector)
-        self._histogram_text: bytes | None = None
-        self._histogram_rendered_at = -math.inf
-        self._changed = False  # a histogram was observed since `_histogram_text`
+        self._histograms: list[_Histogram] = []
 
-        def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
-            h = Histogram(name, doc, _LABELS, buckets=buckets, registry=self._histograms)
-            return h.labels(*labels)
+        def hist(name: str, doc: str, buckets: Sequence[float]) -> _Histogram:
+            histogram = _Histogram(name, doc, buckets, labels)
+            self._histograms.append(histogram)
+            return histogram
 
         tokens = request_tokens_buckets(max_model_len)
         self._ttft = hist(
@@ -321,17 +336,14 @@ class ServerMetrics:
 
     # EngineObserver
     def on_step(self, tokens: int, inter_token_latencies: Sequence[float]) -> None:
-        self._changed = True
         self._iteration_tokens.observe(tokens)
         for value in inter_token_latencies:
             self._itl.observe(value * self._scale)
 
     def on_first_token(self, ttft: float) -> None:
-        self._changed = True
         self._ttft.observe(ttft * self._scale)
 
     def on_finished(self, request: FinishedRequest) -> None:
-        self._changed = True
         r = request
         wall = self._scale
         self._e2e.observe((r.finished - r.arrival) * wall)
@@ -369,11 +381,4 @@ class ServerMetrics:
     def render(self) -> bytes:
         if self._frozen is not None:
             return self._frozen
-        now = self._clock()
-        if self._histogram_text is None or (
-            self._changed and now - self._histogram_rendered_at >= HISTOGRAM_REFRESH_SECONDS
-        ):
-            self._histogram_text = generate_latest(self._histograms)
-            self._histogram_rendered_at = now
-            self._changed = False
-        return generate_latest(self._live) + self._histogram_text
+        return generate_latest(self._live) + b"".join(h.text() for h in self._histograms)

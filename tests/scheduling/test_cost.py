@@ -3,6 +3,7 @@ on synthetic metric sequences."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -385,6 +386,60 @@ def test_unlearned_endpoints_take_the_fleets_mean_speed() -> None:
     assert (unknown.hit_rate, unknown.samples) == (0.0, 0)
     scores = CostScorer(learner.current).score(_req(4000), [cand(0), cand(1)])
     assert scores == [1.0, 1.0]
+
+
+def _prefills(
+    start: EndpointStats, *, tokens: float, seconds: float, at: float, queries: float = 0.0
+) -> EndpointStats:
+    """`start` plus one finished request that computed `tokens` in `seconds` of prefill."""
+    return dataclasses.replace(
+        start,
+        read_at=start.read_at + at,
+        prefill_requests=start.prefill_requests + 1,
+        prefill_seconds=start.prefill_seconds + seconds,
+        prefill_computed_requests=start.prefill_computed_requests + 1,
+        prefill_computed_tokens=start.prefill_computed_tokens + tokens,
+        prefix_cache_queries=start.prefix_cache_queries + queries,
+    )
+
+
+def test_the_first_prefill_replaces_a_ten_times_wrong_prior_and_sets_its_types_speed() -> None:
+    """An L4 computes ~10k tokens/s, a fifth of the H100 prior: its first finished prefill
+    moves its estimate all the way (a moving average would keep 4x the truth for a dozen
+    requests), and an L4 that has computed no prompt yet is taken for as fast as that one."""
+    learner = CostLearner()
+    s = EndpointCost().step_seconds
+    start = EndpointStats(read_at=100.0, prefill_requests=1, prefill_computed_requests=1)
+    # Endpoint 1 has answered queries (its hit rate and step are learned) but no prefill.
+    idle = dataclasses.replace(start, prefix_cache_queries=10.0)
+    scrapes = [
+        (start, idle),
+        (
+            _prefills(start, tokens=2000, seconds=0.2 + s, at=1.0),
+            _prefills(idle, tokens=0, seconds=0.0, at=1.0, queries=10.0),
+        ),
+    ]
+    for first, second in scrapes:
+        learner.update(
+            Snapshot.of(
+                [
+                    Endpoint(addr(0), frozenset({"m"}), True, stats=first, accelerator="l4"),
+                    Endpoint(addr(1), frozenset({"m"}), True, stats=second, accelerator="l4"),
+                ]
+            )
+        )
+    model = learner.current()
+    assert model.estimate(addr(0)).tokens_per_second == pytest.approx(10_000, rel=0.01)
+    assert model.estimate(addr(0)).rate_samples == 1
+    unrated = model.estimate(addr(1))
+    assert unrated.samples == 1 and unrated.rate_samples == 0
+    assert unrated.tokens_per_second == pytest.approx(10_000, rel=0.01)
+    # The second sample takes half the way.
+    later = _prefills(scrapes[1][0], tokens=2000, seconds=0.1 + s, at=1.0)
+    learner.update(
+        Snapshot.of([Endpoint(addr(0), frozenset({"m"}), True, stats=later, accelerator="l4")])
+    )
+    assert learner.current().estimate(addr(0)).tokens_per_second == pytest.approx(15_000, rel=0.01)
 
 
 def test_a_restart_does_not_poison_the_estimates() -> None:

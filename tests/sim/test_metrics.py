@@ -1,5 +1,5 @@
-"""The simulator's /metrics text: gauges fresh on every scrape, histograms at most once a second,
-every duration in the seconds a client sees."""
+"""The simulator's /metrics text: gauges, counters and histograms current on every scrape (each
+histogram rendered again only when observed), every duration in the seconds a client sees."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 
 from extproc.sim import SimConfig, SimFleet
-from extproc.sim.metrics import HISTOGRAM_REFRESH_SECONDS
 from extproc.sim.request import FinishedRequest
 from extproc.state.metrics_text import parse_vllm_metrics
 from tests.sim.conftest import IDLE_STATS, server_metrics
@@ -30,28 +29,56 @@ def _ttft_count(text: bytes) -> float:
     return float(line.split()[-1])
 
 
-def test_gauges_are_fresh_and_histograms_refresh_once_a_second() -> None:
-    now = [100.0]
+def test_every_scrape_shows_every_observation_so_far() -> None:
     stats = [IDLE_STATS]
-    metrics = server_metrics(lambda: stats[0], max_lora=None, clock=lambda: now[0])
+    metrics = server_metrics(lambda: stats[0], max_lora=None)
     first = metrics.render()
     assert _ttft_count(first) == 0
     assert parse_vllm_metrics(first, read_at=0.0).running == 0
 
     metrics.on_first_token(0.05)
-    metrics.on_finished(_finished(1))
     stats[0] = dataclasses.replace(IDLE_STATS, running=3, kv_usage=0.5)
-    now[0] += HISTOGRAM_REFRESH_SECONDS / 2
     soon = metrics.render()
-    # The gauges a router reads are current; the histograms are the last rendering's.
     assert parse_vllm_metrics(soon, read_at=0.0).running == 3
-    assert _ttft_count(soon) == 0
+    assert _ttft_count(soon) == 1
+    # A histogram nothing was observed in since is the same text, not rendered again.
+    metrics.on_finished(_finished(1))
+    later = metrics.render()
+    assert _ttft_count(later) == 1
+    assert parse_vllm_metrics(later, read_at=0.0).prefill_requests == 1
+    assert metrics.render() == later
 
-    now[0] += HISTOGRAM_REFRESH_SECONDS / 2
-    assert _ttft_count(metrics.render()) == 1
-    # Nothing new observed: the same text however late.
-    now[0] += 60
-    assert _ttft_count(metrics.render()) == 1
+
+async def test_first_token_counters_and_histogram_move_together() -> None:
+    """vLLM counts a request's prompt tokens and observes its time to first token from the same
+    step's stats, so a router that divides one by the other (the cost learner, before any
+    request has finished) needs both in the same scrape: every scrape of a server computing
+    prompts shows as many first tokens as prompts counted."""
+    config = SimConfig(speed=4.0, tokenizer="bytes")
+    async with SimFleet(config) as fleet, aiohttp.ClientSession() as http:
+        url = fleet.urls[0]
+        body = {"model": config.model, "prompt": "x" * 1000, "max_tokens": 1}
+        async with http.post(f"{url}/v1/completions", json=body) as response:
+            prompt_tokens = (await response.json())["usage"]["prompt_tokens"]
+        body["max_tokens"] = 100
+
+        async def send() -> None:
+            async with http.post(f"{url}/v1/completions", json=body) as response:
+                assert response.status == 200
+
+        sends = []
+        seen = set()
+        for i in range(60):
+            if i % 10 == 0:
+                sends.append(asyncio.create_task(send()))
+            async with http.get(f"{url}/metrics") as response:
+                stats = parse_vllm_metrics(await response.read(), read_at=0.0)
+            assert stats.prompt_tokens == stats.first_tokens * prompt_tokens, i
+            seen.add(stats.first_tokens)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*sends)
+    # The scrapes caught the first tokens one at a time, not only at the end.
+    assert len(seen) >= 3, seen
 
 
 @pytest.mark.parametrize("speed", [0.5, 4.0])
