@@ -241,7 +241,11 @@ class CostLearner:
                 learned = True
         elif window.never_queued and first_tokens > 0:
             # Until a request has finished (the prefill histograms are observed then), or on a
-            # server without them: nothing waited, so a first token's time was its prefill.
+            # server without them: nothing waited, so a first token's time was its prefill. Only
+            # roughly: it also holds the rest of the step under way when the request came, which
+            # on a fast GPU with mostly cached prompts is most of it. So these samples move the
+            # estimate as a moving average does, never all the way (measured: taken as a first
+            # sample, they halved the h100 multi-turn hit rate's margin; docs/benchmarks.md).
             speed = self._speed(
                 _per(prefilled, first_tokens),
                 _per(end.first_token_seconds - start.first_token_seconds, first_tokens),
@@ -249,7 +253,7 @@ class CostLearner:
                 running=mean_running,
             )
             if speed is not None:
-                rate = _ewma(rate, speed, weight=first_tokens, seen=rate_samples)
+                rate = _ewma(rate, speed, weight=first_tokens)
                 rate_samples += first_tokens
                 learned = True
         elif (
