@@ -152,7 +152,7 @@ class CostLearner:
                 by_type.setdefault(kind, []).append(estimate)
         priors = {kind: self._type_prior(kind) for kind in self._speeds}
         for kind, group in by_type.items():
-            if any(e.rate_samples > 0 for e in group):
+            if any(_rated(e) for e in group):
                 priors[kind] = _fleet_prior(group)
         fleet = _fleet_prior(self._estimates.values())
 
@@ -160,7 +160,7 @@ class CostLearner:
             """An endpoint no prefill has been learned from yet (its step and hit rate may be)
             is taken to compute as fast as the others of its GPU type: its first requests are
             predicted from its peers' speed, not from a prior that may be ten times wrong."""
-            if estimate.rate_samples > 0:
+            if _rated(estimate):
                 return estimate
             prior = priors.get(accelerators.get(address, ""), fleet)
             return replace(estimate, tokens_per_second=prior.tokens_per_second)
@@ -224,7 +224,7 @@ class CostLearner:
         learned = step_learned
 
         rate = est.tokens_per_second
-        rate_samples = est.rate_samples
+        rate_samples, rough_samples = est.rate_samples, est.rough_samples
         first_tokens = end.first_tokens - start.first_tokens
         if end.prefill_requests > 0 and end.prefill_computed_requests > 0:
             # The server reports its prefills: learn from them alone, saturated or not.
@@ -244,8 +244,9 @@ class CostLearner:
             # server without them: nothing waited, so a first token's time was its prefill. Only
             # roughly: it also holds the rest of the step under way when the request came, which
             # on a fast GPU with mostly cached prompts is most of it. So these samples move the
-            # estimate as a moving average does, never all the way (measured: taken as a first
-            # sample, they halved the h100 multi-turn hit rate's margin; docs/benchmarks.md).
+            # estimate as a moving average does, and the first finished prefill replaces them
+            # (measured: taken as first samples, they cost the h100 multi-turn cell its hit
+            # rate, 74 % -> 68 %; docs/benchmarks.md).
             speed = self._speed(
                 _per(prefilled, first_tokens),
                 _per(end.first_token_seconds - start.first_token_seconds, first_tokens),
@@ -254,7 +255,7 @@ class CostLearner:
             )
             if speed is not None:
                 rate = _ewma(rate, speed, weight=first_tokens)
-                rate_samples += first_tokens
+                rough_samples += first_tokens
                 learned = True
         elif (
             computed > 0
@@ -274,7 +275,7 @@ class CostLearner:
 
         if not learned:
             return est
-        return EndpointCost(rate, step, hit_rate, est.samples + 1, rate_samples)
+        return EndpointCost(rate, step, hit_rate, est.samples + 1, rate_samples, rough_samples)
 
     def _speed(self, tokens: float, seconds: float, *, step: float, running: float) -> float | None:
         """Prefill tokens per second of requests that computed `tokens` new tokens each in
@@ -330,12 +331,17 @@ def _fleet_prior(estimates: Iterable[EndpointCost]) -> EndpointCost:
     ones evict each other's prefixes. Its hit rate stays 0: an endpoint's cache starts empty.
     """
     estimates = list(estimates)
-    rated = [e.tokens_per_second for e in estimates if e.rate_samples > 0]
+    rated = [e.tokens_per_second for e in estimates if _rated(e)]
     stepped = [e.step_seconds for e in estimates if e.samples > 0]
     return EndpointCost(
         tokens_per_second=sum(rated) / len(rated) if rated else PRIOR_TOKENS_PER_SECOND,
         step_seconds=sum(stepped) / len(stepped) if stepped else PRIOR_STEP_SECONDS,
     )
+
+
+def _rated(estimate: EndpointCost) -> bool:
+    """Its prefill speed was learned from its own requests, roughly or not."""
+    return estimate.rate_samples > 0 or estimate.rough_samples > 0
 
 
 def _reset(start: EndpointStats, now: EndpointStats) -> bool:

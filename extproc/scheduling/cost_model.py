@@ -35,9 +35,13 @@ class EndpointCost:
     hit_rate: float = 0.0
     # Windows learned from; 0 means these are the priors.
     samples: int = 0
-    # Requests whose prefill `tokens_per_second` was learned from; until the first, it is the
-    # mean of the endpoints of the same GPU type that have served (else the prior).
+    # Requests whose prefill `tokens_per_second` was learned from; while there are none and no
+    # rough samples either, it is the mean of the learned endpoints of its GPU type (else the
+    # prior).
     rate_samples: float = 0.0
+    # First tokens it was learned from before any request finished: rough samples, which move
+    # it as a moving average and which the first real sample replaces (`CostLearner`).
+    rough_samples: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
