@@ -442,6 +442,26 @@ def test_the_first_prefill_replaces_a_ten_times_wrong_prior_and_sets_its_types_s
     assert learner.current().estimate(addr(0)).tokens_per_second == pytest.approx(15_000, rel=0.01)
 
 
+def test_first_token_samples_are_rough_and_the_first_finished_prefill_replaces_them() -> None:
+    """Before any request finishes, a first token's time stands in for its prefill, but it also
+    holds the rest of a step under way: such samples move the estimate 20 % of the way, and
+    the first finished prefill replaces what they taught."""
+    learner = CostLearner()
+    s = EndpointCost().step_seconds
+    start = EndpointStats(read_at=100.0)
+    # 2,000 prompt tokens reached their first token in 0.1 s + a step: 20k tokens/s, roughly.
+    rough = dataclasses.replace(
+        start, read_at=101.0, prompt_tokens=2000, first_tokens=1, first_token_seconds=0.1 + s
+    )
+    _feed(learner, iter([start, rough]))
+    estimate = learner.current().estimate(addr(0))
+    assert (estimate.rough_samples, estimate.rate_samples) == (1, 0)
+    assert estimate.tokens_per_second == pytest.approx(50_000 + 0.2 * (20_000 - 50_000))
+    finished = _prefills(rough, tokens=2000, seconds=0.2 + s, at=1.0)
+    _feed(learner, iter([finished]))
+    assert learner.current().estimate(addr(0)).tokens_per_second == pytest.approx(10_000, rel=0.01)
+
+
 def test_a_restart_does_not_poison_the_estimates() -> None:
     learner = CostLearner()
     busy = list(_engine(seconds=10, prefill_per_s=20_000, waiting=3, running=8))
