@@ -27,6 +27,7 @@ from extproc.config.discovery import (
     EndpointConfig,
     KubernetesDiscoveryConfig,
     KvEventsConfig,
+    host_port,
 )
 from extproc.config.loading import build, file_fingerprint, load_config
 from extproc.config.reference import reference_markdown
@@ -74,6 +75,7 @@ __all__ = [
     "TenantConfig",
     "build",
     "file_fingerprint",
+    "host_port",
     "is_key_digest",
     "load_config",
     "reference_markdown",

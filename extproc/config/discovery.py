@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from extproc.config.base import ConfigError, EndpointRole, StalePolicy, key
 
 
+def host_port(host: str, port: int | str) -> str:
+    """`host:port` as Envoy writes and expects it: an IPv6 address in brackets (`[::1]:8000`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     """One model server."""

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import aiohttp
 
+from extproc.config import host_port
 from extproc.state.metrics_text import MetricsFormatError, parse_vllm_metrics
 from extproc.state.stats import EndpointStats
 
@@ -32,8 +33,7 @@ class Pod:
     created: str = ""  # metadata.creationTimestamp, for ordering
 
     def address(self, port: int | None = None) -> str:
-        host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"{host}:{port or self.port}"
+        return host_port(self.ip, port or self.port)
 
 
 def parse_pod(obj: Mapping[str, Any]) -> Pod:

@@ -25,6 +25,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 
+from extproc.config import host_port
 from extproc.request.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -98,4 +99,4 @@ def read_entry(entry: HTTPAccessLogEntry) -> LogEntry | None:
 
 def _upstream(entry: HTTPAccessLogEntry) -> str | None:
     socket = entry.common_properties.upstream_remote_address.socket_address
-    return f"{socket.address}:{socket.port_value}" if socket.address else None
+    return host_port(socket.address, socket.port_value) if socket.address else None

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import pytest
 from envoy.config.core.v3.base_pb2 import Metadata
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -17,7 +18,7 @@ from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 from google.protobuf.struct_pb2 import Struct
 
-from extproc.config import Config, load_config
+from extproc.config import Config, EndpointConfig, load_config
 from extproc.request.usage import Usage
 from extproc.server.access_log import LogEntry, read_entry
 from extproc.server.app import PickerServer
@@ -141,6 +142,20 @@ def test_read_entry_without_a_tenant_or_usage() -> None:
         "ab-3", None, None
     )
     assert read_entry(_entry(tenant="solo")) is None  # no request of ours
+
+
+@pytest.mark.parametrize(
+    ("ip", "served"), [("10.0.0.7", "10.0.0.7:8000"), ("fd00::7", "[fd00::7]:8000")]
+)
+def test_read_entry_names_the_endpoint_as_the_endpoints_list_does(ip: str, served: str) -> None:
+    """The upstream is matched against endpoint addresses, which put an IPv6 host in brackets
+    (`EndpointConfig`, Kubernetes discovery)."""
+    entry = _entry(**{"request-id": "ab-1"})
+    socket = entry.common_properties.upstream_remote_address.socket_address
+    socket.address, socket.port_value = ip, 8000
+    read = read_entry(entry)
+    assert read is not None and read.upstream == served
+    EndpointConfig(address=served)  # an address the picker accepts
 
 
 # --- the routing reply --------------------------------------------------------------------------

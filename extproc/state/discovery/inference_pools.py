@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.config import ConfigError, EndpointConfig, EndpointRole, FleetConfig
+from extproc.config import ConfigError, EndpointConfig, EndpointRole, FleetConfig, host_port
 from extproc.state.discovery import ordered
 from extproc.state.discovery.watch import Listed, Update, as_mapping
 
@@ -134,16 +134,15 @@ def derive_endpoints(
         for pod in pods:
             if not all(pod.labels.get(key) == value for key, value in pool.match_labels):
                 continue
-            host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip  # IPv6 as Envoy expects it
             kv_events = pod.kv_events
             if kv_events.isdigit():
-                kv_events = f"tcp://{host}:{kv_events}"
+                kv_events = f"tcp://{host_port(pod.ip, kv_events)}"
             role, accelerator, cost = _described(pod, fleet)
             for port in pool.ports:
                 try:
                     found.append(
                         EndpointConfig(
-                            address=f"{host}:{port}",
+                            address=host_port(pod.ip, port),
                             models=pod.models,
                             kv_events=kv_events,
                             role=role,
