@@ -28,9 +28,8 @@ from extproc.config import Config
 from extproc.decision import Accounts, LocalAnswer, RequestHead, Routed, gate_error
 from extproc.metrics import PickerMetrics
 from extproc.planning import KV_APIS, Ask, Plan, Planner, explanation_of
-from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import PromptBlocks
-from extproc.prefix.learning import Learning
+from extproc.prefix.learning import Learning, RoutedPrompts
 from extproc.request import errors
 from extproc.request.errors import OpenAIError
 from extproc.request.objectives import ObjectiveResolver, fairness_id
@@ -64,7 +63,7 @@ class Pipeline:
         *,
         blocks: PromptBlocks | None = None,
         matcher: PrefixLookup | None = None,
-        learned: ApproxPrefixIndex | None = None,
+        learned: RoutedPrompts | None = None,
         cost: CostLearner | None = None,
         gate: TenancyGate | None = None,
         prefiller: Prefiller | None = None,

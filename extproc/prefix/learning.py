@@ -1,5 +1,5 @@
-"""The approximate prefix index learns from the picker's own decisions: a prompt routed to an
-endpoint will be cached there.
+"""The prefix index learns from the picker's own decisions: a prompt routed to an endpoint will
+be cached there (the approximate index, or the speculative entries over the precise one).
 
 A probed prompt (extproc.prefix.blocks) has only the blocks the pick needed; the index learns
 those at once, and the rest once a background task has computed them, after the decision has
@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
+from typing import Protocol
 
-from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import PromptProbe
 
 log = logging.getLogger(__name__)
 
 
+class RoutedPrompts(Protocol):
+    """An index that learns from our picks: `ApproxPrefixIndex`, `SpeculativeIndex`."""
+
+    def record(self, endpoint: str, hashes: Iterable[int]) -> None: ...
+
+
 class Learning:
-    """One per pipeline. `learned`: the approximate index, when it is the matcher; `probing`:
+    """One per pipeline. `learned`: the index that learns from our picks, if one; `probing`:
     whether any index probes prompts past their first chunk (else finishing one is wasted)."""
 
-    def __init__(self, learned: ApproxPrefixIndex | None, *, probing: bool) -> None:
+    def __init__(self, learned: RoutedPrompts | None, *, probing: bool) -> None:
         self._learned = learned
         self._probing = probing
         self.pending: set[asyncio.Task[None]] = set()  # held until done, cancelled on close

@@ -28,6 +28,7 @@ from extproc.metrics import PickerMetrics, PoolCollector
 from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks
 from extproc.prefix.mismatch import MismatchDetector, MismatchReporter, MismatchSettings
+from extproc.prefix.speculative import SpeculativeIndex
 from extproc.request.objectives import ObjectiveResolver
 from extproc.scheduling.cost_learner import CostLearner
 from extproc.scheduling.profiles import parse_endpoint_picker_config
@@ -108,6 +109,14 @@ class PickerServer:
         self.blocks = PromptBlocks(blocks_settings(config))
         precise = self.index is not None and config.prefix.index != "approximate"
         self.learned = None if precise else ApproxPrefixIndex()
+        # Our picks count until the events that confirm them arrive (extproc.prefix.speculative).
+        self.speculative = (
+            SpeculativeIndex(self.index) if precise and self.index is not None else None
+        )
+        # (Explicit `is None` tests: the indexes have a length, so an empty one is falsy.)
+        routed: SpeculativeIndex | ApproxPrefixIndex | None = (
+            self.speculative if self.speculative is not None else self.learned
+        )
         self.strategies = strategies_for(config, self.cost)
         self.tenancy = tenancy_for(config, self.metrics)
         self.reloader = (
@@ -140,8 +149,8 @@ class PickerServer:
             self.strategies,
             self.metrics,
             blocks=self.blocks,
-            matcher=self.index if precise else self.learned,
-            learned=self.learned,
+            matcher=routed,
+            learned=routed,
             cost=self.cost,
             gate=self.gate,
             prefiller=self.prefiller,
@@ -290,6 +299,11 @@ class PickerServer:
         fair queue looks for room."""
         self.cost.update(snapshot)
         self.pipeline.poke()
+        if self.speculative is not None:
+            known = {e.address for e in snapshot.endpoints}
+            for endpoint in self.speculative.endpoints():
+                if endpoint not in known:
+                    self.speculative.drop_endpoint(endpoint)
         if self.learned is not None:
             known = {e.address for e in snapshot.endpoints}
             for endpoint in self.learned.endpoints():
