@@ -120,6 +120,21 @@ async def test_prefix_cache_keeps_a_prefix_on_the_pod_that_has_it(
                 assert again == first
 
 
+async def test_with_kv_events_a_pick_counts_before_its_events_arrive(
+    fleet: SimFleet, picker_for: Any
+) -> None:
+    """vLLM publishes a prompt's blocks after the step that computes them: a burst of one
+    group's requests, routed before any of them ran, stays on the first one's pod
+    (extproc.prefix.speculative), where the in-flight counts alone would spread it."""
+    picker = await picker_for(_config(fleet, precise=True))
+    body = _prompt("comets")
+    first, _ = await _pick(picker, body, "prefix-cache")
+    index = picker.index
+    assert index is not None and index.lookup(await _hashes(picker, body)) == {}
+    for _ in range(3):
+        assert (await _pick(picker, body, "prefix-cache"))[0] == first
+
+
 async def test_precise_index_beats_the_learned_one_when_a_pod_evicted_behind_our_back(
     fleet: SimFleet, picker_for: Any
 ) -> None:
