@@ -66,16 +66,6 @@ class ApproxPrefixIndex(SlottedIndex[None]):
             held[h] = None
         self._enforce(slot)
 
-    def drop_endpoint(self, endpoint: str) -> None:
-        slot = self._slots.pop(endpoint, None)
-        if slot is None:
-            return
-        bit = 1 << slot
-        for h in self._held[slot]:
-            self._unown(h, bit)
-        self._held[slot].clear()
-        self._free_slot(slot)
-
     def blocks_of(self, endpoint: str) -> tuple[int, ...]:
         """The endpoint's hashes, least recently used first (tests, debugging)."""
         slot = self._slots.get(endpoint)

@@ -96,16 +96,6 @@ class SpeculativeIndex(SlottedIndex[float]):
         """The confirmed counts: how full each cache is, as the events say."""
         return self._confirmed.held(endpoints)
 
-    def drop_endpoint(self, endpoint: str) -> None:
-        slot = self._slots.pop(endpoint, None)
-        if slot is None:
-            return
-        bit = 1 << slot
-        for h in self._held[slot]:
-            self._unown(h, bit)
-        self._held[slot].clear()
-        self._free_slot(slot)
-
     def _forget(self, endpoint: str, hashes: Sequence[int]) -> None:
         slot = self._slots[endpoint]
         held, bit = self._held[slot], 1 << slot

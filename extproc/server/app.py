@@ -299,16 +299,12 @@ class PickerServer:
         fair queue looks for room."""
         self.cost.update(snapshot)
         self.pipeline.poke()
-        if self.speculative is not None:
-            known = {e.address for e in snapshot.endpoints}
-            for endpoint in self.speculative.endpoints():
-                if endpoint not in known:
-                    self.speculative.drop_endpoint(endpoint)
+        known = {e.address for e in snapshot.endpoints}
+        for index in (self.speculative, self.learned):
+            if index is not None:
+                for endpoint in set(index.endpoints()) - known:
+                    index.drop_endpoint(endpoint)
         if self.learned is not None:
-            known = {e.address for e in snapshot.endpoints}
-            for endpoint in self.learned.endpoints():
-                if endpoint not in known:
-                    self.learned.drop_endpoint(endpoint)
             for e in snapshot.endpoints:
                 if e.stats is not None and e.stats.num_gpu_blocks:
                     self.learned.set_capacity(e.address, e.stats.num_gpu_blocks)

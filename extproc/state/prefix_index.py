@@ -146,6 +146,24 @@ class SlottedIndex(Generic[V]):
         self._all |= 1 << slot
         return slot
 
+    def drop_endpoint(self, endpoint: str) -> None:
+        """Forget an endpoint and its entries; its slot is reused by the next new endpoint."""
+        slot = self._slots.pop(endpoint, None)
+        if slot is None:
+            return
+        self._clear_slot(slot)
+        self._free_slot(slot)
+
+    def _clear_slot(self, slot: int) -> int:
+        """Forget every entry of the slot; returns how many there were."""
+        held = self._held[slot]
+        bit = 1 << slot
+        for h in held:
+            self._unown(h, bit)
+        count = len(held)
+        held.clear()
+        return count
+
     def _free_slot(self, slot: int) -> None:
         """Give back an emptied slot; the next new endpoint reuses it."""
         self._names[slot] = ""
@@ -205,14 +223,6 @@ class PrefixIndex(SlottedIndex[int]):
         slot = self._slot(endpoint)
         self._capacity[slot] = capacity if capacity and capacity > 0 else self._default_capacity
         self._enforce_endpoint_cap(slot)
-
-    def drop_endpoint(self, endpoint: str) -> None:
-        """Forget an endpoint and its entries; its slot is reused by the next new endpoint."""
-        slot = self._slots.pop(endpoint, None)
-        if slot is None:
-            return
-        self._clear_slot(slot)
-        self._free_slot(slot)
 
     # -- writes (from the event subscribers) ---------------------------------------------------
 
@@ -277,13 +287,8 @@ class PrefixIndex(SlottedIndex[int]):
     # -- internals -----------------------------------------------------------------------------
 
     def _clear_slot(self, slot: int) -> int:
-        held = self._held[slot]
-        bit = 1 << slot
-        for h in held:
-            self._unown(h, bit)
-        count = len(held)
+        count = super()._clear_slot(slot)
         self._entries -= count
-        held.clear()
         return count
 
     def _evict_oldest(self, slot: int, count: int) -> None:
