@@ -53,18 +53,9 @@ class ApproxPrefixIndex(SlottedIndex[None]):
         self._enforce(slot)
 
     def record(self, endpoint: str, hashes: Iterable[int]) -> None:
-        """The picker routed a request with these prompt blocks to `endpoint`."""
-        slot = self._slot(endpoint)
-        bit = 1 << slot
-        held = self._held[slot]
-        owners = self._owners
-        for h in hashes:
-            if h in held:
-                del held[h]  # re-inserted below: now the most recently used
-            else:
-                owners[h] = owners.get(h, 0) | bit
-            held[h] = None
-        self._enforce(slot)
+        """The picker routed a request with these prompt blocks to `endpoint`: now its most
+        recently used."""
+        self._enforce(self._renew(endpoint, hashes, None))
 
     def blocks_of(self, endpoint: str) -> tuple[int, ...]:
         """The endpoint's hashes, least recently used first (tests, debugging)."""

@@ -59,19 +59,9 @@ class SpeculativeIndex(SlottedIndex[float]):
         self._clock = clock
 
     def record(self, endpoint: str, hashes: Iterable[int]) -> None:
-        """The picker routed a prompt with these blocks to `endpoint`."""
-        now = self._clock()
-        slot = self._slot(endpoint)
-        bit = 1 << slot
-        held = self._held[slot]
-        owners = self._owners
-        for h in hashes:
-            if h in held:
-                del held[h]  # re-inserted below with the new time, at the back
-            else:
-                owners[h] = owners.get(h, 0) | bit
-            held[h] = now
-        over = len(held) - self._capacity[slot]
+        """The picker routed a prompt with these blocks to `endpoint` (stamped now)."""
+        slot = self._renew(endpoint, hashes, self._clock())
+        over = len(self._held[slot]) - self._capacity[slot]
         if over > 0:
             self._forget_oldest(slot, over)
 

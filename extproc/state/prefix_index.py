@@ -154,6 +154,21 @@ class SlottedIndex(Generic[V]):
         self._clear_slot(slot)
         self._free_slot(slot)
 
+    def _renew(self, endpoint: str, hashes: Iterable[int], value: V) -> int:
+        """Credit `hashes` to `endpoint` with `value`, each moved to the back (the most recent);
+        returns the endpoint's slot. The indexes that learn from our picks record this way."""
+        slot = self._slot(endpoint)
+        bit = 1 << slot
+        held = self._held[slot]
+        owners = self._owners
+        for h in hashes:
+            if h in held:
+                del held[h]  # re-inserted below, at the back
+            else:
+                owners[h] = owners.get(h, 0) | bit
+            held[h] = value
+        return slot
+
     def _clear_slot(self, slot: int) -> int:
         """Forget every entry of the slot; returns how many there were."""
         held = self._held[slot]
