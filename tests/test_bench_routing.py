@@ -377,6 +377,7 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         },
         others=("envoy:round-robin",),
         drain_seconds=30.0,
+        explain=True,
         output=tmp_path,
     )
     report = run_routing(options, progress=False)
@@ -398,6 +399,11 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert report.results[4].ttft_p50_ms > 3 * report.results[0].ttft_p50_ms
     (info,) = report.workloads
     assert info.requests == 10 and info.oracle_hit_rate > 0
+    # --explain: every picker run logs its ten decisions with their per-endpoint scores.
+    picker_logs = sorted((tmp_path / "logs").glob("*.picker.log"))
+    assert len(picker_logs) == 6
+    for log in picker_logs:
+        assert log.read_text().count("decision ") == 10, log.name
     paths = write_report(report)
     assert (tmp_path / "routing-shared-prefix.png").stat().st_size > 0
     assert "### shared-prefix" in (tmp_path / "routing.md").read_text()

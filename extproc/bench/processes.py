@@ -177,16 +177,23 @@ def picker_ready_endpoints(metrics_port: int) -> float:
 
 
 def picker_argv(
-    config: Path, endpoints: Sequence[str], *, grpc: int, health: int, metrics: int
+    config: Path,
+    endpoints: Sequence[str],
+    *,
+    grpc: int,
+    health: int,
+    metrics: int,
+    log_level: str = "WARNING",
 ) -> list[str]:
     """`extproc serve` on loopback with `config`, the endpoints and the three ports. Without
-    `endpoints`, those of the config file (which may give roles, GPU types and prices)."""
+    `endpoints`, those of the config file (which may give roles, GPU types and prices).
+    `log_level` INFO keeps the decision lines that `scheduling.explain` writes."""
     return [
         sys.executable,
         *("-m", "extproc.cli", "serve", "--config", str(config), "--host", "127.0.0.1"),
         *(("--endpoints", ",".join(endpoints)) if endpoints else ()),
         *("--grpc-port", str(grpc), "--health-port", str(health)),
-        *("--metrics-port", str(metrics), "--log-level", "WARNING"),
+        *("--metrics-port", str(metrics), "--log-level", log_level),
     ]
 
 

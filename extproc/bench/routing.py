@@ -156,6 +156,9 @@ class RoutingOptions:
     # (the peers and Envoy do not scrape). 200 ms keeps that cost near 0.1 core.
     scrape_interval: float = 0.2
     drain_seconds: float = 300.0  # wall seconds a run may take after its last planned send
+    # The picker logs each decision's per-endpoint scores (`scheduling.explain`) into its run's
+    # log under `logs/`: how to see why a cell went the way it did. It costs the picker time.
+    explain: bool = False
     output: Path = DEFAULT_OUTPUT
     quick: bool = False
 
@@ -377,6 +380,7 @@ def _one_run(
                 grpc=ports.grpc,
                 health=ports.health,
                 metrics=ports.metrics,
+                log_level="INFO" if options.explain else "WARNING",
             )
             front = start_picker(
                 stack,
@@ -475,8 +479,11 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
         "collector": {"interval_seconds": options.scrape_interval},
         "prefix": dict(PICKER_PREFIX),
     }
+    scheduling: dict[str, Any] = {"explain": True} if options.explain else {}
     if options.scheduling:
-        picker["scheduling"] = {"endpoint_picker_config": dict(options.scheduling)}
+        scheduling["endpoint_picker_config"] = dict(options.scheduling)
+    if scheduling:
+        picker["scheduling"] = scheduling
     (logs / "picker.yaml").write_text(yaml.safe_dump(picker, sort_keys=False))
     workloads = build_workloads(options)
     infos = []

@@ -113,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an EndpointPickerConfig YAML for the picker; --strategies may name its profiles",
     )
     parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="the picker logs each decision's per-endpoint scores to logs/<run>.picker.log "
+        "(slower picks: for reading a cell, not for its figures)",
+    )
+    parser.add_argument(
         "--workload",
         choices=("pd",),
         default=None,
@@ -156,6 +162,8 @@ def options_from_args(args: argparse.Namespace) -> RoutingOptions:
         overrides["scheduling"] = _scheduling(args.scheduling)
     if args.no_stream:
         overrides["stream"] = False
+    if args.explain:
+        overrides["explain"] = True
     options = (
         RoutingOptions.quick_options(**overrides) if args.quick else RoutingOptions(**overrides)
     )
