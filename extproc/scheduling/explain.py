@@ -10,7 +10,9 @@ decides when to call this, and nothing here runs otherwise).
      "filtered":["10.0.0.3:8000"]}
 
 `endpoints` is in the picker's order (the first is the pick, then the fallbacks); `filtered`
-lists candidates the profile's filters removed; `ttft_ms` appears when a cost model is given.
+lists candidates the profile's filters removed; `prefix_blocks` appears when the endpoint holds
+some of the prompt; `ttft_ms` (predicted), `wait_ms` (its queue and KV-block share) and
+`tokens_per_s` (the learned prefill speed) appear when a cost model is given.
 """
 
 from __future__ import annotations
@@ -53,8 +55,15 @@ def explain(
                 if c.address in by_address
             },
         }
+        if c.prefix_blocks:
+            entry["prefix_blocks"] = c.prefix_blocks
         if cost_model is not None and request is not None:
-            entry["ttft_ms"] = round(cost_model.predict(request, c).total * 1000, 1)
+            # The total, the share of it spent waiting (queue and KV blocks), and the speed the
+            # learner believes: enough to tell a queue misread from a speed misread.
+            prediction = cost_model.predict(request, c)
+            entry["ttft_ms"] = round(prediction.total * 1000, 1)
+            entry["wait_ms"] = round((prediction.queue_seconds + prediction.kv_seconds) * 1000, 1)
+            entry["tokens_per_s"] = round(cost_model.estimate(c.address).tokens_per_second)
         endpoints.append(entry)
     out: dict[str, object] = {
         "strategy": profile.name,

@@ -37,7 +37,10 @@ def test_explain_lists_each_scorer_weight_and_total_in_pick_order() -> None:
             "kv-cache-utilization-scorer": 1.0,
             "least-request-scorer": 0.0,
         },
+        "prefix_blocks": 4,
         "ttft_ms": 8.0,
+        "wait_ms": 0.0,
+        "tokens_per_s": 50_000,
     }
     assert second["address"] == addr(0) and second["total"] == 3.0
     assert out["filtered"] == [addr(2)]
