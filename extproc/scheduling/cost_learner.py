@@ -146,10 +146,11 @@ class CostLearner:
         for gone in self._windows.keys() - accelerators.keys():
             del self._windows[gone]
             self._estimates.pop(gone, None)
+        # Endpoints of no declared type form one group of their own: most fleets are one GPU
+        # type, and an endpoint's own finished prefills correct the rest within seconds.
         by_type: dict[str, list[EndpointCost]] = {}
         for address, estimate in self._estimates.items():
-            if kind := accelerators.get(address, ""):
-                by_type.setdefault(kind, []).append(estimate)
+            by_type.setdefault(accelerators.get(address, ""), []).append(estimate)
         priors = {kind: self._type_prior(kind) for kind in self._speeds}
         for kind, group in by_type.items():
             if any(_rated(e) for e in group):
@@ -157,10 +158,14 @@ class CostLearner:
         fleet = _fleet_prior(self._estimates.values())
 
         def rated(address: str, estimate: EndpointCost) -> EndpointCost:
-            """An endpoint no prefill has been learned from yet (its step and hit rate may be)
-            is taken to compute as fast as the others of its GPU type: its first requests are
-            predicted from its peers' speed, not from a prior that may be ten times wrong."""
-            if _rated(estimate):
+            """An endpoint no finished prefill has been measured at yet (its step and hit rate
+            may be learned, and first tokens may have given it a rough speed) is taken to
+            compute as fast as its group: its first requests are predicted from its peers'
+            speed, not from a prior that may be ten times wrong. Its own rough speed counts only
+            in the group's mean: alone, it left endpoints that had not finished a request yet
+            looking several times faster than one that had (measured: the l4 multi-turn cell
+            sent prompts away from the endpoint holding their prefix, docs/benchmarks.md)."""
+            if estimate.rate_samples > 0:
                 return estimate
             prior = priors.get(accelerators.get(address, ""), fleet)
             return replace(estimate, tokens_per_second=prior.tokens_per_second)
@@ -331,7 +336,10 @@ def _fleet_prior(estimates: Iterable[EndpointCost]) -> EndpointCost:
     ones evict each other's prefixes. Its hit rate stays 0: an endpoint's cache starts empty.
     """
     estimates = list(estimates)
-    rated = [e.tokens_per_second for e in estimates if _rated(e)]
+    # Measured speeds when there are any: a rough one is biased by the step under way.
+    rated = [e.tokens_per_second for e in estimates if e.rate_samples > 0] or [
+        e.tokens_per_second for e in estimates if _rated(e)
+    ]
     stepped = [e.step_seconds for e in estimates if e.samples > 0]
     return EndpointCost(
         tokens_per_second=sum(rated) / len(rated) if rated else PRIOR_TOKENS_PER_SECOND,

@@ -462,6 +462,60 @@ def test_first_token_samples_are_rough_and_the_first_finished_prefill_replaces_t
     assert learner.current().estimate(addr(0)).tokens_per_second == pytest.approx(10_000, rel=0.01)
 
 
+def test_an_endpoint_with_only_rough_samples_takes_its_measured_peers_speed() -> None:
+    """Endpoint 0 finished a prefill (10k tokens/s, measured); endpoint 1 has only first-token
+    samples, which move a 50k prior a fifth of the way: alone, they would leave it looking
+    three times faster than endpoint 0, and every prompt would leave endpoint 0's cache for it.
+    Neither declares a GPU type: they are one group."""
+    learner = CostLearner()
+    s = EndpointCost().step_seconds
+    start = EndpointStats(read_at=100.0, prefill_requests=1, prefill_computed_requests=1)
+    rough_start = EndpointStats(read_at=100.0)
+    rough = dataclasses.replace(
+        rough_start, read_at=101.0, prompt_tokens=2000, first_tokens=1, first_token_seconds=0.2 + s
+    )
+    for first, second in (
+        (start, rough_start),
+        (_prefills(start, tokens=2000, seconds=0.2 + s, at=1.0), rough),
+    ):
+        learner.update(
+            Snapshot.of(
+                [
+                    Endpoint(addr(0), frozenset({"m"}), True, stats=first),
+                    Endpoint(addr(1), frozenset({"m"}), True, stats=second),
+                ]
+            )
+        )
+    model = learner.current()
+    assert model.estimate(addr(0)).tokens_per_second == pytest.approx(10_000, rel=0.01)
+    assert model.estimate(addr(1)).rough_samples == 1
+    assert model.estimate(addr(1)).tokens_per_second == pytest.approx(10_000, rel=0.01)
+
+
+def test_rough_samples_alone_are_pooled_across_the_group() -> None:
+    """Before any prefill has finished, the group's endpoints read the mean of their rough
+    speeds: one that happened to be sampled is not set apart from the rest."""
+    learner = CostLearner()
+    s = EndpointCost().step_seconds
+    idle = EndpointStats(read_at=100.0)
+    rough = dataclasses.replace(
+        idle, read_at=101.0, prompt_tokens=2000, first_tokens=1, first_token_seconds=0.2 + s
+    )
+    for first, second in ((idle, idle), (rough, dataclasses.replace(idle, read_at=101.0))):
+        learner.update(
+            Snapshot.of(
+                [
+                    Endpoint(addr(0), frozenset({"m"}), True, stats=first),
+                    Endpoint(addr(1), frozenset({"m"}), True, stats=second),
+                ]
+            )
+        )
+    model = learner.current()
+    moved = 50_000 + 0.2 * (10_000 - 50_000)
+    assert model.estimate(addr(0)).tokens_per_second == pytest.approx(moved)
+    assert model.estimate(addr(1)).tokens_per_second == pytest.approx(moved)
+
+
 def test_a_restart_does_not_poison_the_estimates() -> None:
     learner = CostLearner()
     busy = list(_engine(seconds=10, prefill_per_s=20_000, waiting=3, running=8))
