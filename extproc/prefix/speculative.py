@@ -9,15 +9,15 @@ prefix at all for its first 28 decisions, where a router that trusts its own pic
 tree) saw it from the second request on; the default's hit rate was 0.53 against 0.73.
 
 So each pick is recorded here as a *speculative* entry: the endpoint we sent the prompt to will
-hold its blocks. A lookup counts, per endpoint, the longer of the confirmed run (the events) and
-the speculative one. An entry goes when the events confirm it (the confirmed index then answers
+hold its blocks. A lookup counts, per endpoint, the confirmed run (the events) continued through
+its speculative entries. An entry goes when the events confirm it (the confirmed index then answers
 for it, evictions included) or when `SPECULATIVE_SECONDS` have passed without them (a request
 that never ran, events lost). llm-d's precise scorer does the same ("speculative indexing",
 llm-d-router #659), with a TTL.
 
     index = SpeculativeIndex(precise)        # precise: the KV-event index (`PrefixIndex`)
     index.record("10.0.0.7:8000", hashes)    # after routing there (`Learning.learn`)
-    index.lookup(hashes, endpoints)          # max(confirmed, speculative) per endpoint
+    index.lookup(hashes, endpoints)          # confirmed run, continued speculatively
     index.held(endpoints)                    # the confirmed counts only
 
 Like the indexes it joins, it is synchronous and owned by one event loop.
@@ -68,26 +68,38 @@ class SpeculativeIndex(SlottedIndex[float]):
     def lookup(
         self, hashes: Sequence[int], endpoints: Collection[str] | None = None
     ) -> dict[str, int]:
-        """Per endpoint, the longer of its confirmed and its speculative leading run. Entries
-        the confirmed index now covers are dropped: from here on the events answer for them."""
+        """Per endpoint, its confirmed leading run, continued through its speculative entries.
+        Entries the confirmed run covers are dropped: from here on the events answer for them.
+
+        The run goes on from where the confirmed one stops, rather than being the longer of
+        two runs from the start, because dropping a confirmed block may take the head of other
+        entries' chains: the chat template's first block is confirmed everywhere, and once it
+        was dropped, another prompt's pick that began with it counted for nothing (measured:
+        the quick h100 shared-prefix cell saw no prefix for a third of its groups' second
+        requests, docs/prefix.md)."""
         self._expire(self._clock() - self._ttl)
         found = self._confirmed.lookup(hashes, endpoints)
         if not self._owners:
             return found
-        for endpoint, depth in super().lookup(hashes, endpoints).items():
-            confirmed = found.get(endpoint, 0)
-            if confirmed >= depth:
-                self._forget(endpoint, hashes[:depth])
-            else:
+        count = len(hashes)
+        for endpoint, slot in self._slots.items():
+            held = self._held[slot]
+            if not held or (endpoints is not None and endpoint not in endpoints):
+                continue
+            confirmed = depth = found.get(endpoint, 0)
+            while depth < count and hashes[depth] in held:
+                depth += 1
+            if depth > confirmed:
                 found[endpoint] = depth
+            if confirmed:
+                self._forget(slot, hashes[:confirmed])
         return found
 
     def held(self, endpoints: Collection[str]) -> dict[str, int]:
         """The confirmed counts: how full each cache is, as the events say."""
         return self._confirmed.held(endpoints)
 
-    def _forget(self, endpoint: str, hashes: Sequence[int]) -> None:
-        slot = self._slots[endpoint]
+    def _forget(self, slot: int, hashes: Sequence[int]) -> None:
         held, bit = self._held[slot], 1 << slot
         for h in hashes:
             if held.pop(h, None) is not None:

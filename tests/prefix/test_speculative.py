@@ -51,6 +51,19 @@ def test_once_the_events_confirm_a_pick_they_alone_answer_for_it() -> None:
     assert index.lookup(PROMPT, [A]) == {A: 6}
 
 
+def test_a_confirmed_shared_first_block_does_not_cut_off_other_picks() -> None:
+    """Every chat prompt begins with the template's block, which the events confirm on every
+    endpoint. Looking up one prompt drops that block from the speculative entries; another
+    prompt picked for A a moment earlier must still count past it."""
+    index, precise, _ = _index()
+    header, document, other = 7, list(range(200, 210)), list(range(300, 310))
+    precise.store(A, [header])
+    precise.store(B, [header])
+    index.record(A, [header, *document])
+    assert index.lookup([header, *other], [A, B]) == {A: 1, B: 1}
+    assert index.lookup([header, *document, 999], [A, B]) == {A: 11, B: 1}
+
+
 def test_an_unconfirmed_pick_expires() -> None:
     index, _, clock = _index(ttl=10.0)
     index.record(A, PROMPT[:10])
