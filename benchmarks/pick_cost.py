@@ -7,7 +7,8 @@ prompt), of one `await probe(...)` (what the picker's decision path does: only a
 candidate holds the prompt, against an approximate index over three endpoints), and of the
 `finish()` that completes a probed prompt after the decision; then the parts alone: tokenizing
 the whole prompt, hashing its blocks uncached (the shared BlockHasher and the cached
-ChainHasher's uncached loop), and a worker-thread hop (for the inline threshold).
+ChainHasher's uncached loop), a worker-thread hop (for the inline threshold), and the precise and
+speculative prefix lookups over 8 endpoints.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks, PromptProbe
 from extproc.prefix.cache import ChainHasher
 from extproc.prefix.hashing import BlockHasher
+from extproc.prefix.speculative import SpeculativeIndex
 from extproc.prefix.tokenizers import load_tokenizer, render_chat
 from extproc.request.openai import ParsedRequest, parse_request
 from extproc.scheduling.candidates import prefix_holds, with_prefix_matches
 from extproc.scheduling.types import Candidate
 from extproc.state.inflight import Load
+from extproc.state.prefix_index import PrefixIndex
 from extproc.state.snapshot import Endpoint
 
 MODEL = "bench-model"
@@ -207,6 +210,26 @@ async def main() -> None:
     )
     rows.append(("  render_chat", timed_sync(lambda: render_chat(base), 100)))
     rows.append(("  thread hop (empty)", await timed(lambda: asyncio.to_thread(int), n)))
+    # The prefix lookups alone on the prompt's blocks, over 8 endpoints whose events confirm the
+    # first 64 (a system prompt): the precise index, then the speculative entries over it with
+    # all 8 picked for the whole prompt and none confirmed yet (their worst case: each
+    # endpoint's run goes on through every block).
+    hashes, endpoints = first.block_hashes, [f"10.0.1.{i}:8000" for i in range(8)]
+    precise = PrefixIndex()
+    for endpoint in endpoints:
+        precise.store(endpoint, hashes[:64])
+    rows.append(
+        ("  precise lookup, 8 endpoints", timed_sync(lambda: precise.lookup(hashes, endpoints), n))
+    )
+    speculative = SpeculativeIndex(precise)
+    for endpoint in endpoints:
+        speculative.record(endpoint, hashes)
+    rows.append(
+        (
+            "  speculative lookup, 8 endpoints",
+            timed_sync(lambda: speculative.lookup(hashes, endpoints), n),
+        )
+    )
     for chars in (512, 2048, 8192):
         piece = text[:chars]
         encode_piece = functools.partial(tokenizer.encode, piece)
