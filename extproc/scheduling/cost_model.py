@@ -173,7 +173,12 @@ class CostModel:
         plus those of the requests ahead of us, beyond the free ones) is freed as running
         requests finish: it takes that share of the running blocks' lifetime, a typical
         request's decode. The running requests also grow while we wait, by half a typical
-        output each on average: blocks that are free now but will not be for us."""
+        output each on average: blocks that are free now but will not be for us.
+
+        Only prompts count, ours and those ahead: vLLM allocates a request's blocks as its tokens
+        are scheduled (the scheduler's `allocate_slots`), so the blocks its answer grows into are
+        not needed before its first token. Counting them made a group's endpoint look full
+        while it held the group's prefix, and the group was copied to a second endpoint."""
         stats = candidate.stats
         if stats is None or not stats.num_gpu_blocks:
             return 0.0
@@ -181,8 +186,8 @@ class CostModel:
         block = stats.block_size or request.block_size
         output = self.mean_output_tokens or p.mean_output_tokens
         mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
-        ours = (uncached + (request.max_tokens or output)) / block
-        ahead = candidate.queue * (mean_prompt * (1.0 - est.hit_rate) + output) / block
+        ours = uncached / block
+        ahead = candidate.queue * mean_prompt * (1.0 - est.hit_rate) / block
         free = stats.num_gpu_blocks * (1.0 - stats.kv_usage)
         growth = stats.running * output / 2 / block
         short = ours + ahead + growth - free

@@ -11,8 +11,9 @@ decides when to call this, and nothing here runs otherwise).
 
 `endpoints` is in the picker's order (the first is the pick, then the fallbacks); `filtered`
 lists candidates the profile's filters removed; `prefix_blocks` appears when the endpoint holds
-some of the prompt; `ttft_ms` (predicted), `wait_ms` (its queue and KV-block share) and
-`tokens_per_s` (the learned prefill speed) appear when a cost model is given.
+some of the prompt; `ttft_ms` (predicted), `wait_ms` (its queue and KV-block share; of it,
+`backlog_ms` is our own predicted backlog and `kv_ms` the KV-block wait) and `tokens_per_s` (the
+learned prefill speed) appear when a cost model is given.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def explain(
             prediction = cost_model.predict(request, c)
             entry["ttft_ms"] = round(prediction.total * 1000, 1)
             entry["wait_ms"] = round((prediction.queue_seconds + prediction.kv_seconds) * 1000, 1)
+            # Of the wait: our own predicted backlog there, and the KV-block share; the rest is
+            # the scraped queue.
+            entry["backlog_ms"] = round(c.prefill_backlog * 1000, 1)
+            entry["kv_ms"] = round(prediction.kv_seconds * 1000, 1)
             entry["tokens_per_s"] = round(cost_model.estimate(c.address).tokens_per_second)
         endpoints.append(entry)
     out: dict[str, object] = {

@@ -40,6 +40,8 @@ def test_explain_lists_each_scorer_weight_and_total_in_pick_order() -> None:
         "prefix_blocks": 4,
         "ttft_ms": 8.0,
         "wait_ms": 0.0,
+        "backlog_ms": 0.0,
+        "kv_ms": 0.0,
         "tokens_per_s": 50_000,
     }
     assert second["address"] == addr(0) and second["total"] == 3.0
