@@ -132,15 +132,12 @@ class CostModel:
         running = stats.running if stats is not None else 0.0
         mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
 
-        # Two views of one queue: the prompts we sent and predict unfinished (inside the running
-        # batch no metric shows them), and the requests the scrape shows waiting, each taken as
-        # the uncached share of a typical prompt and a step. vLLM's waiting queue holds our own
-        # prompts too, whenever a step's token budget is spent (it admits while budget and
-        # blocks last), so adding the two counted them twice, once as a typical uncached prompt:
-        # the endpoint holding a group's prefix looked busiest right after it was given the
-        # group's requests. The larger view is the queue; others' traffic shows as the excess.
+        # The prompts we sent and predict unfinished (they sit in the running batch, where no
+        # metric shows them), then what the scrape shows waiting (others' requests, or ours held
+        # back when KV blocks ran out): each of those needs the uncached share of a typical
+        # prompt and a step.
         per_request = mean_prompt * (1.0 - est.hit_rate) / rate + est.step_seconds
-        queue_seconds = max(candidate.prefill_backlog, waiting * per_request)
+        queue_seconds = candidate.prefill_backlog + waiting * per_request
 
         cached = candidate.prefix_blocks * request.block_size
         uncached = max(0, request.prompt_tokens - cached)

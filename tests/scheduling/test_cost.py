@@ -69,14 +69,8 @@ def _req(tokens: int = 0, *, blocks: int = 0, lora: str | None = None) -> Schedu
         pytest.param(
             _req(0),
             cand(0, waiting=1, picked=2, backlog=0.05),
-            0.05 + STEP,
-            id="the-scraped-queue-within-our-backlog-is-ours",
-        ),
-        pytest.param(
-            _req(0),
-            cand(0, waiting=4, backlog=0.05),
-            4 * PER_QUEUED + STEP,
-            id="a-scraped-queue-beyond-our-backlog-counts",
+            0.05 + PER_QUEUED + STEP,
+            id="our-prefill-backlog-then-the-scraped-queue",
         ),
         pytest.param(
             _req(0),
