@@ -5,9 +5,9 @@ are fresh even between metric scrapes. One event loop owns an instance: no locks
 
 Beside the counts, each endpoint's *prefill backlog*: the time at which the prompt work we sent
 it is predicted to be done (a virtual finish time, advanced by each pick's predicted prefill).
-vLLM admits a request into the running batch at once while KV blocks last, so its waiting queue
-stays empty while prompts queue for the token budget inside the batch; the scrape cannot show
-that contention, and a non-streamed response cannot show when its first token came. The
+vLLM (V1) admits a waiting request into the running batch while a step's token budget and free KV
+blocks last, and then computes its prompt chunk by chunk inside the batch, where the waiting
+count no longer shows it; a non-streamed response cannot show when its first token came. The
 prediction drains with time, so a wrong one fades instead of accumulating.
 
 With several picker processes on one port (`extproc serve --workers N`), each posts its figures
