@@ -183,8 +183,10 @@ class Fleet:
         if (payload.get("stream_options") or {}).get("include_usage"):
             await response.write(_sse(_usage_chunk(backend.model, len(words), chat=chat)))
         await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        # Counted before the end is sent: the client sees the end only after it, whereas a count
+        # after `write_eof()` could come after the client (same event loop) had read everything.
         backend.streams_finished += 1
+        await response.write_eof()
         return response
 
 
