@@ -57,6 +57,20 @@ def test_explain_caps_endpoints_and_stays_compact() -> None:
     assert " " not in text and "ttft_ms" not in text
 
 
+def test_explain_splits_the_wait_into_our_backlog_and_the_kv_blocks() -> None:
+    """50 ms of our own prompts ahead, and a cache one block from full: 4 new blocks, 3 short
+    of 99 held, wait that share of a typical decode (256 steps of 8 ms)."""
+    profile = Strategies().get("cost")
+    busy = cand(0, backlog=0.05, kv=0.99, gpu_blocks=100)
+    ranked = profile.schedule(REQUEST, [busy])
+    out = json.loads(explain(profile, [busy], ranked, request=REQUEST, cost_model=CostModel()))
+    (entry,) = out["endpoints"]
+    kv_ms = round(3 / 99 * 256 * 0.008 * 1000, 1)
+    assert entry["backlog_ms"] == 50.0
+    assert entry["kv_ms"] == kv_ms
+    assert entry["wait_ms"] == pytest.approx(50.0 + kv_ms, abs=0.1)
+
+
 def test_explain_without_scorers() -> None:
     profile = Strategies().get("round-robin")
     ranked = profile.schedule(REQUEST, [cand(0)])
