@@ -109,6 +109,23 @@ def test_inflight_prefill_backlog_queues_and_drains() -> None:
     assert inflight.backlog("a", 11.05) == pytest.approx(0.05)
 
 
+def test_inflight_knows_which_picks_a_scrape_saw_waiting() -> None:
+    inflight = InFlight()
+    inflight.start("a", 100, waits_seconds=0.0, now=10.0)  # admitted at once
+    inflight.start("a", 100, waits_seconds=0.5, now=10.1)  # waits until 10.6
+    inflight.start("a", 100, waits_seconds=0.6, now=10.2)  # waits until 10.8
+    assert inflight.waiting_at("a", 9.9) == 0  # nothing picked yet
+    assert inflight.waiting_at("a", 10.15) == 1  # the third not picked yet
+    assert inflight.waiting_at("a", 10.3) == 2
+    assert inflight.waiting_at("a", 10.7) == 1
+    assert inflight.waiting_at("a", 10.8) == 0 and inflight.waiting_at("b", 10.3) == 0
+    # A pick still waiting outlives the 5 s memory of picks; an admitted one does not.
+    inflight.start("a", 100, waits_seconds=20.0, now=11.0)
+    inflight.start("a", 100, waits_seconds=15.0, now=17.0)
+    assert inflight.waiting_at("a", 17.0) == 2
+    assert inflight.started_since("a", 0.0) == 2
+
+
 def test_an_adapters_request_prefers_where_the_adapter_is_active_under_any_strategy() -> None:
     """Same load everywhere; only pod 1 has `sql` in its running batch (pod 2 has no free slot
     for it). A built-in blend adds LoRA affinity for adapter requests, and only for them."""

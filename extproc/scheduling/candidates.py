@@ -73,6 +73,7 @@ def _candidate(
         picked_since_scrape=inflight.started_since(endpoint.address, read_at),
         saturated=state == "stale",
         prefill_backlog=inflight.backlog(endpoint.address, now),
+        waiting_ours=inflight.waiting_at(endpoint.address, read_at),
     )
 
 

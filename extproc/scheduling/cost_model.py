@@ -132,12 +132,14 @@ class CostModel:
         running = stats.running if stats is not None else 0.0
         mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
 
-        # The prompts we sent and predict unfinished (they sit in the running batch, where no
-        # metric shows them), then what the scrape shows waiting (others' requests, or ours held
-        # back when KV blocks ran out): each of those needs the uncached share of a typical
-        # prompt and a step.
+        # The prompts we sent and predict unfinished (most sit in the running batch, where no
+        # metric shows them), then what the scrape shows waiting beyond those of ours it was
+        # predicted to hold (others' requests, or ours held back longer than predicted, as when
+        # KV blocks ran out): each of those needs the uncached share of a typical prompt and a
+        # step.
         per_request = mean_prompt * (1.0 - est.hit_rate) / rate + est.step_seconds
-        queue_seconds = candidate.prefill_backlog + waiting * per_request
+        others = max(0.0, waiting - candidate.waiting_ours)
+        queue_seconds = candidate.prefill_backlog + others * per_request
 
         cached = candidate.prefix_blocks * request.block_size
         uncached = max(0, request.prompt_tokens - cached)
@@ -196,11 +198,16 @@ class CostModel:
         held = max(1.0, stats.num_gpu_blocks * stats.kv_usage)
         return min(1.0, short / held) * output * est.step_seconds
 
-    def work(self, request: SchedulingRequest, candidate: Candidate) -> float:
+    def work(self, request: SchedulingRequest, candidate: Candidate) -> tuple[float, float]:
         """Seconds of engine time the request's prompt takes at `candidate` (what the picker
-        adds to its prefill backlog once it is sent there)."""
+        adds to its prefill backlog once it is sent there), and seconds it is predicted to wait
+        before vLLM admits it into the running batch: V1 admits a prompt once the work ahead of
+        it fits in a step's token budget, or its KV blocks come free."""
         prediction = self.predict(request, candidate)
-        return prediction.prefill_seconds + prediction.interference_seconds
+        rate = self.estimate(candidate.address).tokens_per_second
+        budget_seconds = self.parameters.chunk_tokens / rate
+        waits = max(0.0, prediction.queue_seconds - budget_seconds) + prediction.kv_seconds
+        return prediction.prefill_seconds + prediction.interference_seconds, waits
 
     def cost(self, request: SchedulingRequest, candidate: Candidate) -> float:
         """What the scorer minimises: our TTFT plus the delay our prefill imposes on those

@@ -111,12 +111,14 @@ def count_work(
     predicted work at whichever endpoint computes it (the prefill endpoint's ends unseen, so it
     is only predicted backlog there)."""
     computes = decode if prefill is None else prefill
-    work = cost_model.work(request, computes) if cost_model is not None else 0.0
-    inflight.start(
-        decode.address, request.prompt_tokens, prefill_seconds=work if prefill is None else 0
-    )
-    if prefill is not None:
-        inflight.prefill(prefill.address, work)
+    work, waits = cost_model.work(request, computes) if cost_model is not None else (0.0, 0.0)
+    if prefill is None:
+        inflight.start(
+            decode.address, request.prompt_tokens, prefill_seconds=work, waits_seconds=waits
+        )
+    else:
+        inflight.start(decode.address, request.prompt_tokens)
+        inflight.prefill(prefill.address, work, waits_seconds=waits)
 
 
 def prefill_body(payload: Mapping[str, Any]) -> bytes:

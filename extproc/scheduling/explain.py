@@ -68,6 +68,9 @@ def explain(
             # the scraped queue.
             entry["backlog_ms"] = round(c.prefill_backlog * 1000, 1)
             entry["kv_ms"] = round(prediction.kv_seconds * 1000, 1)
+            if c.waiting_ours:
+                # The scraped waiting requests predicted ours: not counted twice in wait_ms.
+                entry["waiting_ours"] = c.waiting_ours
             entry["tokens_per_s"] = round(cost_model.estimate(c.address).tokens_per_second)
         endpoints.append(entry)
     out: dict[str, object] = {

@@ -33,6 +33,9 @@ class Candidate:
     # Seconds of prompt work this picker sent it that is predicted not to be done yet
     # (`InFlight.backlog`): the queue inside vLLM's running batch that no metric shows.
     prefill_backlog: float = 0.0
+    # Of the waiting requests its metrics show, those predicted to be ours (picked before the
+    # scrape, not yet admitted then: `InFlight.waiting_at`); `prefill_backlog` counts them.
+    waiting_ours: int = 0
 
     @property
     def stats(self) -> EndpointStats | None:

@@ -10,6 +10,10 @@ blocks last, and then computes its prompt chunk by chunk inside the batch, where
 count no longer shows it; a non-streamed response cannot show when its first token came. The
 prediction drains with time, so a wrong one fades instead of accumulating.
 
+Each pick also keeps the time its prompt is predicted to leave vLLM's waiting queue: the scraped
+waiting count holds our own picks that a step's token budget could not take yet, which the
+backlog already counts (`waiting_at`), so the cost model takes only the rest as others' queue.
+
 With several picker processes on one port (`extproc serve --workers N`), each posts its figures
 to a `LoadBoard` and adds the others' to its own, so every decision sees the pod's traffic.
 """
@@ -43,6 +47,8 @@ class InFlight:
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
         self._picks: dict[str, deque[float]] = {}
+        # Beside each pick time: when that prompt is predicted to leave the waiting queue.
+        self._admits: dict[str, deque[float]] = {}
         self._busy_until: dict[str, float] = {}
         self._board = board
 
@@ -52,15 +58,24 @@ class InFlight:
         tokens: int = 0,
         *,
         prefill_seconds: float = 0.0,
+        waits_seconds: float = 0.0,
         now: float | None = None,
     ) -> None:
         """A request was sent to `address`: `tokens` prompt tokens, whose uncached part the
-        endpoint is predicted to compute in `prefill_seconds` once the work ahead is done."""
+        endpoint is predicted to compute in `prefill_seconds` once the work ahead is done, and
+        to keep waiting (not admitted into the running batch) for `waits_seconds`."""
         self._requests[address] = self._requests.get(address, 0) + 1
         self._tokens[address] = self._tokens.get(address, 0) + tokens
-        self.prefill(address, prefill_seconds, now=now)
+        self.prefill(address, prefill_seconds, waits_seconds=waits_seconds, now=now)
 
-    def prefill(self, address: str, prefill_seconds: float, *, now: float | None = None) -> None:
+    def prefill(
+        self,
+        address: str,
+        prefill_seconds: float,
+        *,
+        waits_seconds: float = 0.0,
+        now: float | None = None,
+    ) -> None:
         """`address` was given a prompt to compute (a whole request's, or only the prefill of a
         disaggregated one, which no response of ours will show ending: it is counted in the
         backlog and the picks since the scrape, not in the in-flight requests)."""
@@ -70,10 +85,15 @@ class InFlight:
                 prefill_seconds
             )
         picks = self._picks.setdefault(address, deque())
+        admits = self._admits.setdefault(address, deque())
         picks.append(now)
-        while picks[0] < now - _PICK_MEMORY_SECONDS:
+        admits.append(now + waits_seconds)
+        # Forgotten once old and predicted admitted: a pick still waiting is kept past the
+        # memory, so a long queue is not mistaken for others' requests.
+        while picks[0] < now - _PICK_MEMORY_SECONDS and admits[0] <= now:
             picks.popleft()
-        self._post(address, picked_at=now)
+            admits.popleft()
+        self._post(address, picked_at=now, admitted_at=now + waits_seconds)
 
     def started_since(self, address: str, since: float) -> int:
         """Requests picked for `address` at or after monotonic time `since` (up to 5 s back):
@@ -83,6 +103,25 @@ class InFlight:
         if not picks or picks[-1] < since:
             return others
         return others + len(picks) - bisect.bisect_left(picks, since)
+
+    def waiting_at(self, address: str, at: float) -> int:
+        """Our picks of `address` made by monotonic time `at` and predicted to be still waiting
+        then (not yet admitted into vLLM's running batch): those a scrape read at `at` counts in
+        its waiting queue."""
+        others = 0 if self._board is None else self._board.waiting_at(address, at)
+        picks = self._picks.get(address)
+        if not picks or picks[0] > at:
+            return others
+        admits = self._admits[address]
+        # Admission times follow the pick order (each prompt waits behind the ones before it),
+        # so counting back from the last pick before `at` to the first admitted one is enough,
+        # and costs only the answer.
+        index = bisect.bisect_right(picks, at)
+        count = 0
+        while index > 0 and admits[index - 1] > at:
+            index -= 1
+            count += 1
+        return others + count
 
     def backlog(self, address: str, now: float) -> float:
         """Seconds of predicted prefill work we sent `address` that is not done yet."""
@@ -121,7 +160,9 @@ class InFlight:
         """This process's requests in flight (what it must drain before it stops)."""
         return sum(self._requests.values())
 
-    def _post(self, address: str, *, picked_at: float | None = None) -> None:
+    def _post(
+        self, address: str, *, picked_at: float | None = None, admitted_at: float = 0.0
+    ) -> None:
         if self._board is not None:
             self._board.post(
                 address,
@@ -129,4 +170,5 @@ class InFlight:
                 tokens=self._tokens.get(address, 0),
                 busy_until=self._busy_until.get(address, 0.0),
                 picked_at=picked_at,
+                admitted_at=admitted_at,
             )

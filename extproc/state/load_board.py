@@ -9,7 +9,9 @@ others' figures to its own when it decides.
 
 A region holds, per endpoint it has seen: its address, the requests and prompt tokens in flight,
 the time its predicted prefill backlog runs out (`time.monotonic()`, which every process of the
-machine shares), and the times of its last picks (a ring, for "picked since the last scrape").
+machine shares), and the times of its last picks (a ring, for "picked since the last scrape"),
+each beside the time that pick is predicted to leave vLLM's waiting queue (for "ours among
+the scraped waiting").
 Before the regions, the pod's token, which names the workers' requests (`prefix`, `owner`).
 Readers may see a region half-updated (requests already counted, tokens not yet); each figure is
 an 8-byte aligned word, so none is torn, and the next decision sees the rest.
@@ -42,7 +44,8 @@ class _Layout:
     busy_until: int = tokens + SLOTS * 8
     ring_at: int = busy_until + SLOTS * 8
     ring: int = ring_at + SLOTS * 8
-    size: int = ring + SLOTS * RING * 8
+    admits: int = ring + SLOTS * RING * 8
+    size: int = admits + SLOTS * RING * 8
 
 
 _LAYOUT = _Layout()
@@ -62,6 +65,7 @@ class _Region:
         self.busy_until = raw(_LAYOUT.busy_until, SLOTS).cast("d")
         self.ring_at = raw(_LAYOUT.ring_at, SLOTS).cast("q")
         self.ring = raw(_LAYOUT.ring, SLOTS * RING).cast("d")
+        self.admits = raw(_LAYOUT.admits, SLOTS * RING).cast("d")
 
     def name(self, slot: int) -> str:
         start = slot * _NAME_BYTES
@@ -69,6 +73,13 @@ class _Region:
 
     def picks_since(self, slot: int, since: float) -> int:
         return sum(1 for at in self.ring[slot * RING : (slot + 1) * RING] if at >= since)
+
+    def waiting_at(self, slot: int, at: float) -> int:
+        picks = self.ring[slot * RING : (slot + 1) * RING]
+        admits = self.admits[slot * RING : (slot + 1) * RING]
+        return sum(
+            1 for picked, admitted in zip(picks, admits, strict=True) if picked <= at < admitted
+        )
 
 
 # Before the regions: the pod's token, which names its workers' requests (`LoadBoard.prefix`).
@@ -123,8 +134,10 @@ class LoadBoard:
         tokens: int,
         busy_until: float,
         picked_at: float | None = None,
+        admitted_at: float = 0.0,
     ) -> None:
-        """This worker's figures for `address` now (and a pick at `picked_at`, if one)."""
+        """This worker's figures for `address` now (and a pick at `picked_at`, if one,
+        predicted to leave the waiting queue at `admitted_at`)."""
         slot = self._slot(address)
         if slot is None:
             return
@@ -135,6 +148,7 @@ class LoadBoard:
         if picked_at is not None:
             at = own.ring_at[slot]
             own.ring[slot * RING + at % RING] = picked_at
+            own.admits[slot * RING + at % RING] = admitted_at
             own.ring_at[slot] = at + 1
 
     def prefix(self, index: int | None = None) -> str:
@@ -164,6 +178,11 @@ class LoadBoard:
     def started_since(self, address: str, since: float) -> int:
         """Picks of `address` by the other workers at or after `since` (up to RING each)."""
         return sum(r.picks_since(slot, since) for r, slot in self._their(address))
+
+    def waiting_at(self, address: str, at: float) -> int:
+        """The other workers' picks of `address` made by `at` and predicted still waiting then
+        (up to RING each)."""
+        return sum(r.waiting_at(slot, at) for r, slot in self._their(address))
 
     def _slot(self, address: str) -> int | None:
         slot = self._own_slots.get(address)

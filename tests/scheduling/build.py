@@ -28,6 +28,7 @@ def cand(
     backlog: float = 0.0,
     gpu_blocks: int | None = None,
     cached: int = 0,
+    ours: int = 0,
 ) -> Candidate:
     endpoint_stats = (
         EndpointStats(
@@ -50,4 +51,5 @@ def cand(
         prefix_blocks=prefix,
         prefill_backlog=backlog,
         cached_blocks=cached,
+        waiting_ours=ours,
     )

@@ -61,6 +61,20 @@ def _req(tokens: int = 0, *, blocks: int = 0, lora: str | None = None) -> Schedu
             id="queue-prefill-interference",
         ),
         pytest.param(
+            # The scrape's 3 waiting requests hold 2 of ours that the backlog already counts.
+            _req(),
+            cand(0, waiting=3, backlog=0.2, ours=2),
+            0.2 + PER_QUEUED + STEP,
+            id="queue-our-waiting-prompts-count-once",
+        ),
+        pytest.param(
+            # More of ours predicted waiting than the scrape shows: the backlog alone.
+            _req(),
+            cand(0, waiting=1, backlog=0.2, ours=3),
+            0.2 + STEP,
+            id="queue-never-below-our-backlog",
+        ),
+        pytest.param(
             _req(20000),
             cand(0, running=192),
             20000 / RATE + 3 * STEP + 3 * 192 / RATE,
@@ -143,6 +157,28 @@ def _req(tokens: int = 0, *, blocks: int = 0, lora: str | None = None) -> Schedu
 )
 def test_predicted_ttft(request_: SchedulingRequest, candidate: Candidate, expected: float) -> None:
     assert MODEL.predict(request_, candidate).total == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "waits"),
+    [
+        pytest.param(cand(0), 0.0, id="idle-admitted-at-once"),
+        # Work ahead that fits in one step's token budget (8192 tokens) shares the step.
+        pytest.param(cand(0, backlog=0.1), 0.0, id="inside-the-step-budget"),
+        pytest.param(cand(0, backlog=0.5), 0.5 - 8192 / RATE, id="behind-a-step-of-work"),
+        pytest.param(
+            cand(0, kv=0.9, gpu_blocks=1000),
+            (5000 / 16 - 100) / 900 * 256 * STEP,
+            id="waits-for-kv-blocks",
+        ),
+    ],
+)
+def test_work_and_the_wait_before_admission(candidate: Candidate, waits: float) -> None:
+    request = _req(5000)
+    work, predicted = MODEL.work(request, candidate)
+    prediction = MODEL.predict(request, candidate)
+    assert work == pytest.approx(prediction.prefill_seconds + prediction.interference_seconds)
+    assert predicted == pytest.approx(waits)
 
 
 def test_learned_estimates_and_hit_rate_change_the_prediction() -> None:

@@ -44,7 +44,7 @@ def test_a_worker_sees_what_another_process_has_in_flight(tmp_path: Path) -> Non
         from extproc.state.load_board import LoadBoard
         inflight = InFlight(LoadBoard(Path({str(board)!r}), 2, 1))
         inflight.start({POD!r}, 100, prefill_seconds=30.0)
-        inflight.start({POD!r}, 50, prefill_seconds=30.0)
+        inflight.start({POD!r}, 50, prefill_seconds=30.0, waits_seconds=30.0)
         inflight.start("10.0.0.2:8000", 7)
         inflight.finish({POD!r}, 100)
         """
@@ -57,6 +57,9 @@ def test_a_worker_sees_what_another_process_has_in_flight(tmp_path: Path) -> Non
     assert mine.started_since(POD, time.monotonic()) == 0
     # Two predicted prefills of 30 s, queued one after the other on the other worker.
     assert 50 < mine.backlog(POD, time.monotonic()) <= 60
+    # The second of them is predicted to wait in vLLM's queue: a scrape now would count it.
+    assert mine.waiting_at(POD, time.monotonic()) == 1
+    assert mine.waiting_at(POD, before - 1.0) == 0
     mine.start(POD, 10)
     assert mine.load(POD) == Load(2, 60)
     assert mine.load("10.0.0.2:8000") == Load(1, 7)
