@@ -408,3 +408,32 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "routing-shared-prefix.png").stat().st_size > 0
     assert "### shared-prefix" in (tmp_path / "routing.md").read_text()
     assert len(paths) == 3
+
+
+def test_the_ab_script_pairs_seeds_and_summarises_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "routing_ab", Path(__file__).parent.parent / "benchmarks" / "routing_ab.py"
+    )
+    assert spec is not None and spec.loader is not None
+    ab = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "routing_ab", ab)  # its dataclasses look their module up
+    spec.loader.exec_module(ab)
+    assert ab.seeds("0-3") == [0, 1, 2, 3] and ab.seeds("1,5") == [1, 5]
+    base, better, worse = (
+        ab.Run(100, 200, 120, 0.7, 0),
+        ab.Run(50, 200, 60, 0.7, 0),
+        ab.Run(200, 200, 240, 0.6, 1),
+    )
+    pairs = [
+        ab.Pair("l4-8b", "multi-turn", 0, base, better),
+        ab.Pair("l4-8b", "multi-turn", 1, base, worse),
+    ]
+    text = ab.render(pairs, "HEAD~1")
+    # Per seed 0.50 and 2.00 on p90: the geometric mean says "no change" and the range the noise.
+    assert "| l4-8b multi-turn | 0 | 100 / 200 | 50 / 200 | 0.50 | 1.00 | 0.50 |" in text
+    assert (
+        "| l4-8b multi-turn | 2 | 1.00 (0.50-2.00) | 1.00 (1.00-1.00) | 1.00 (0.50-2.00) |" in text
+    )

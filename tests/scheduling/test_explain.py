@@ -69,6 +69,19 @@ def test_explain_splits_the_wait_into_our_backlog_and_the_kv_blocks() -> None:
     assert entry["backlog_ms"] == 50.0
     assert entry["kv_ms"] == kv_ms
     assert entry["wait_ms"] == pytest.approx(50.0 + kv_ms, abs=0.1)
+    assert "waiting_ours" not in entry
+
+
+def test_explain_names_the_scraped_waiting_it_took_for_ours() -> None:
+    """Two waiting, one of them ours (in the backlog already): the wait is the backlog and one
+    typical queued request (1024 tokens at 50k tokens/s, and a step)."""
+    profile = Strategies().get("cost")
+    busy = cand(0, waiting=2, ours=1, backlog=0.05)
+    ranked = profile.schedule(REQUEST, [busy])
+    out = json.loads(explain(profile, [busy], ranked, request=REQUEST, cost_model=CostModel()))
+    (entry,) = out["endpoints"]
+    assert entry["waiting_ours"] == 1
+    assert entry["wait_ms"] == pytest.approx(50.0 + (1024 / 50_000 + 0.008) * 1000, abs=0.1)
 
 
 def test_explain_without_scorers() -> None:
