@@ -2,7 +2,7 @@
 
 `extproc bench routing --quick` runs each strategy once per cell, and a quick cell's p90 is one
 of its five or six worst requests: the same code on the same seed gave 430 and 567 ms on the
-l4 multi-turn cell, and one run in seven on another seed preempted a request and read p99
+l4 multi-turn cell, and one run in nine on another seed preempted a request and read p99
 5 s. A single sweep cannot tell a change from that. This runs one strategy of two checkouts
 (a git ref, checked out into a worktree with its own virtualenv, and this working tree) on the
 same cells over several seeds, the two alternating seed by seed so the shared machine's load

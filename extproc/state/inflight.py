@@ -113,9 +113,11 @@ class InFlight:
         if not picks or picks[0] > at:
             return others
         admits = self._admits[address]
-        # Admission times follow the pick order (each prompt waits behind the ones before it),
-        # so counting back from the last pick before `at` to the first admitted one is enough,
-        # and costs only the answer.
+        # Admission times mostly follow the pick order (each prompt waits behind the backlog of
+        # the ones before it), so this counts back from the last pick before `at` to the first
+        # predicted admitted, at the cost of the answer only. Where a later pick's scraped or
+        # KV share of the wait was shorter, the picks before it are missed: the count then errs
+        # low, toward taking the scrape's waiting for others' requests, as before it existed.
         index = bisect.bisect_right(picks, at)
         count = 0
         while index > 0 and admits[index - 1] > at:

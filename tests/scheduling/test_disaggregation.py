@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,10 @@ from extproc.pipeline import Pipeline
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks
 from extproc.request.openai import ParsedRequest, parse_request
 from extproc.scheduling.cost_learner import CostLearner
+from extproc.scheduling.cost_model import CostModel
 from extproc.scheduling.disaggregation import (
     PREFILL_PARAMS,
+    count_work,
     decode_body,
     prefill_body,
     returned_params,
@@ -176,6 +179,24 @@ def _decisions(metrics: PickerMetrics, mode: str, outcome: str) -> float:
         "extproc_disaggregation_decisions_total", {"mode": mode, "outcome": outcome}
     )
     return value or 0.0
+
+
+def test_the_prompts_wait_is_predicted_where_it_is_computed() -> None:
+    """Half a second of our work is ahead at the endpoint computing the prompt: the prompt is
+    predicted to wait there (a scrape now would count it as ours), and only there."""
+    request = SchedulingRequest(model="m", prompt_tokens=5000)
+    whole = InFlight()
+    count_work(whole, request, cand(0, backlog=0.5), None, CostModel())
+    assert whole.load(cand(0).address) == Load(1, 5000)
+    assert whole.waiting_at(cand(0).address, time.monotonic()) == 1
+
+    split = InFlight()
+    count_work(split, request, cand(0), cand(1, backlog=0.5), CostModel())
+    now = time.monotonic()
+    assert split.load(cand(0).address) == Load(1, 5000)
+    assert split.waiting_at(cand(0).address, now) == 0
+    assert split.load(cand(1).address) == Load()
+    assert split.waiting_at(cand(1).address, now) == 1
 
 
 async def test_p2p_names_the_prefill_endpoint_in_a_header(blocks: PromptBlocks) -> None:
