@@ -69,6 +69,7 @@ def test_a_disaggregated_requests_ttft_includes_its_prefill_and_the_bill_is_busy
     assert result.itl_p50_ms == pytest.approx(10)
 
 
+@pytest.mark.slow
 def test_tiny_pd_run_end_to_end(tmp_path: Path) -> None:
     options = Options(
         kind="pd",

@@ -350,6 +350,7 @@ def test_report_checks_the_targets(tmp_path: Path) -> None:
 # --- one tiny run of the real thing -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:

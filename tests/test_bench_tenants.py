@@ -88,6 +88,7 @@ def test_picker_config_is_valid(tmp_path: Path) -> None:
     assert config.scheduling.saturation_requests == options.saturation_requests
 
 
+@pytest.mark.slow
 def test_tiny_run(tmp_path: Path) -> None:
     """Every scenario end to end on one simulated server: a few seconds of load each."""
     options = TenantsOptions(

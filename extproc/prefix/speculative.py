@@ -18,7 +18,7 @@ llm-d-router #659), with a TTL.
     index = SpeculativeIndex(precise)        # precise: the KV-event index (`PrefixIndex`)
     index.record("10.0.0.7:8000", hashes)    # after routing there (`Learning.learn`)
     index.lookup(hashes, endpoints)          # confirmed run, continued speculatively
-    index.held(endpoints)                    # the confirmed counts only
+    index.held(endpoints)                    # confirmed, plus our picks not yet confirmed
 
 Like the indexes it joins, it is synchronous and owned by one event loop.
 """
@@ -96,8 +96,21 @@ class SpeculativeIndex(SlottedIndex[float]):
         return found
 
     def held(self, endpoints: Collection[str]) -> dict[str, int]:
-        """The confirmed counts: how full each cache is, as the events say."""
-        return self._confirmed.held(endpoints)
+        """How full each cache is: the events' count plus the blocks of our picks they have not
+        confirmed yet. The scheduler reads it to put a new prompt where caches are least taken
+        (`cost.cache_pressure`); on the events alone, every new group sent within one step of
+        each other saw the same counts and went to the same endpoint (measured: three groups of
+        about 300 blocks in 120 ms to the one endpoint of four holding least, which they then
+        overfilled). An entry the events have confirmed counts twice until a lookup of its
+        prompt drops it, or its time runs out: an endpoint given a prompt recently looks fuller
+        for up to `SPECULATIVE_SECONDS`, which errs toward spreading new prompts."""
+        counts = self._confirmed.held(endpoints)
+        slots = self._slots
+        for name in endpoints:
+            slot = slots.get(name)
+            if slot is not None:
+                counts[name] = counts.get(name, 0) + len(self._held[slot])
+        return counts
 
     def _forget(self, slot: int, hashes: Sequence[int]) -> None:
         held, bit = self._held[slot], 1 << slot

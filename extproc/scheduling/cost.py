@@ -40,15 +40,19 @@ __all__ = [
 
 
 def cache_pressure(candidate: Candidate) -> float:
-    """How taken an endpoint's KV cache is, in [0, 1]: the mean of the share its running
-    requests use (`kv_usage`) and the share holding any cached blocks at all (the prefix
-    index's count). The second says what traffic the endpoint already draws, the prefixes its
-    groups will come back for; the first is all there is once every cache is full."""
+    """How taken an endpoint's KV cache is: the mean of the share its running requests use
+    (`kv_usage`) and the share holding any cached blocks at all (the prefix index's count,
+    our picks the events have not confirmed yet included). The second says what traffic the
+    endpoint already draws, the prefixes its groups will come back for; the first is all there
+    is once every cache is full. The second is not capped at the whole cache: our recent picks
+    can promise more blocks than it has, and an endpoint promised more is the fuller one
+    (capped, every endpoint given a few new prompts in a row looked alike, and the stale
+    `kv_usage` sent the next one to the same endpoint again)."""
     stats = candidate.stats
     if stats is None:
         return 0.0
     held = candidate.cached_blocks / stats.num_gpu_blocks if stats.num_gpu_blocks else 0.0
-    return (stats.kv_usage + min(1.0, held)) / 2
+    return (stats.kv_usage + held) / 2
 
 
 def load_of(candidate: Candidate) -> float:
@@ -107,17 +111,21 @@ class CostScorer:
         # is where the prefix will be), and its cache says how much such traffic it already
         # draws: breaking ties by learned speed, or by a block of chat template every prompt
         # shares, piles every new prefix onto one endpoint, where they evict each other.
-        # Pressure counts relative to the most taken tied endpoint, so an empty cache beats
-        # one holding another group's prompt however small that is. Inside the tie, pressure
-        # and the cost's own ranking count half each; tied scores stay above every untied one.
+        # Pressure counts from the least to the most taken tied endpoint (0 to 1), so the
+        # least taken wins the tie however full every cache already is: measured against the
+        # most taken alone, caches half full and a little more or less all looked alike, and a
+        # cost a percent lower put a fifth group on an endpoint whose groups then outgrew it.
+        # Inside the tie, pressure and the cost's own ranking count half each; tied scores stay
+        # above every untied one.
         pressures = [
             cache_pressure(c) if tie else 0.0 for c, tie in zip(candidates, tied, strict=True)
         ]
-        most = max(pressures)
+        least = min(p for p, tie in zip(pressures, tied, strict=True) if tie)
+        span = max(pressures) - least
         floor = 1.0 / (1.0 + tolerance)
         width = 1.0 - floor
         return [
-            1.0 - width * ((p / most if most > 0 else 0.0) + (1.0 - score) / width) / 2
+            1.0 - width * (((p - least) / span if span > 0 else 0.0) + (1.0 - score) / width) / 2
             if tie
             else score
             for p, tie, score in zip(pressures, tied, scores, strict=True)

@@ -180,7 +180,14 @@ class CostModel:
         Only prompts count, ours and those ahead: vLLM allocates a request's blocks as its tokens
         are scheduled (the scheduler's `allocate_slots`), so the blocks its answer grows into are
         not needed before its first token. Counting them made a group's endpoint look full
-        while it held the group's prefix, and the group was copied to a second endpoint."""
+        while it held the group's prefix, and the group was copied to a second endpoint.
+
+        Ahead of us are our own prompts not computed yet, whose uncached tokens we know (the
+        prefill backlog at the learned speed), and the scraped waiting requests that are not
+        ours, each a typical prompt's uncached share. Taking every request sent since the scrape
+        for a typical prompt did the same harm: the last of a group's requests, a prefix hit
+        needing a few blocks, stood for a whole typical prompt's worth of blocks ahead of the
+        next one, which then moved."""
         stats = candidate.stats
         if stats is None or not stats.num_gpu_blocks:
             return 0.0
@@ -189,7 +196,11 @@ class CostModel:
         output = self.mean_output_tokens or p.mean_output_tokens
         mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
         ours = uncached / block
-        ahead = candidate.queue * mean_prompt * (1.0 - est.hit_rate) / block
+        others = max(0.0, stats.waiting - candidate.waiting_ours)
+        ahead = (
+            candidate.prefill_backlog * est.tokens_per_second
+            + others * mean_prompt * (1.0 - est.hit_rate)
+        ) / block
         free = stats.num_gpu_blocks * (1.0 - stats.kv_usage)
         growth = stats.running * output / 2 / block
         short = ours + ahead + growth - free

@@ -12,8 +12,10 @@ decides when to call this, and nothing here runs otherwise).
 `endpoints` is in the picker's order (the first is the pick, then the fallbacks); `filtered`
 lists candidates the profile's filters removed; `prefix_blocks` appears when the endpoint holds
 some of the prompt; `ttft_ms` (predicted), `wait_ms` (its queue and KV-block share; of it,
-`backlog_ms` is our own predicted backlog and `kv_ms` the KV-block wait) and `tokens_per_s` (the
-learned prefill speed) appear when a cost model is given.
+`backlog_ms` is our own predicted backlog and `kv_ms` the KV-block wait), `tokens_per_s` (the
+learned prefill speed), the scraped `running`, `waiting` and `kv_usage` they rest on, and
+`cached_blocks` (the blocks the prefix index holds there, our unconfirmed picks included: what
+near-ties are broken by) appear when a cost model is given.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def explain(
                 # The scraped waiting requests predicted ours: not counted twice in wait_ms.
                 entry["waiting_ours"] = c.waiting_ours
             entry["tokens_per_s"] = round(cost_model.estimate(c.address).tokens_per_second)
+            if c.stats is not None:
+                # What the KV and queue terms read from the last scrape.
+                entry["running"] = c.stats.running
+                entry["waiting"] = c.stats.waiting
+                entry["kv_usage"] = _r(c.stats.kv_usage)
+            if c.cached_blocks:
+                entry["cached_blocks"] = c.cached_blocks
         endpoints.append(entry)
     out: dict[str, object] = {
         "strategy": profile.name,

@@ -80,11 +80,15 @@ def test_an_unconfirmed_pick_expires() -> None:
     assert index.lookup(PROMPT, [A, B]) == {}
 
 
-def test_held_is_what_the_events_say_and_a_dropped_endpoint_is_forgotten() -> None:
+def test_held_counts_the_events_and_our_unconfirmed_picks_and_forgets_a_dropped_endpoint() -> None:
     index, precise, _ = _index()
     precise.store(A, PROMPT[:3])
     index.record(A, PROMPT)
     index.record(B, PROMPT)
-    assert index.held([A, B]) == {A: 3, B: 0}
+    # Until a lookup drops A's confirmed entries, they count twice: 3 + 20.
+    assert index.held([A, B, "unknown:1"]) == {A: 23, B: 20, "unknown:1": 0}
+    index.lookup(PROMPT, [A])
+    assert index.held([A, B]) == {A: 20, B: 20}
     index.drop_endpoint(B)
+    assert index.held([B]) == {B: 0}
     assert index.lookup(PROMPT, [A, B]) == {A: 20}

@@ -130,6 +130,23 @@ def _req(tokens: int = 0, *, blocks: int = 0, lora: str | None = None) -> Schedu
             id="kv-cached-prefix-fits",
         ),
         pytest.param(
+            # One of ours sent since the scrape, computed already (no backlog left): it needs no
+            # blocks we do not see, so our 100 new blocks fit into the 100 free.
+            _req(11_600, blocks=625),
+            cand(0, kv=0.9, gpu_blocks=1000, prefix=625, picked=1),
+            1600 / RATE + STEP,
+            id="kv-ours-sent-since-the-scrape-are-our-backlog",
+        ),
+        pytest.param(
+            # 20 ms of ours still to compute (1,000 tokens, 62.5 blocks) and one waiting request
+            # not ours (a typical 1,024-token prompt, 64 blocks) are ahead of our 100 new blocks:
+            # 126.5 short of 900 held.
+            _req(11_600, blocks=625),
+            cand(0, kv=0.9, gpu_blocks=1000, prefix=625, picked=1, backlog=0.02, waiting=1),
+            0.02 + PER_QUEUED + 1600 / RATE + STEP + (62.5 + 64 + 100 - 100) / 900 * 256 * STEP,
+            id="kv-our-backlog-and-others-waiting-are-ahead",
+        ),
+        pytest.param(
             _req(0, lora="sql"),
             cand(0, lora=LoraState(2, frozenset({"sql"}))),
             STEP,
@@ -289,6 +306,15 @@ def test_near_ties_go_to_the_freest_kv_cache(tolerance: float, winner: int) -> N
             0,
             id="every-cache-full-running-requests-decide",
         ),
+        # Caches half full, one a little more: the less taken wins however close the two are.
+        pytest.param(
+            [
+                cand(0, kv=0.55, gpu_blocks=1000, cached=600),
+                cand(1, kv=0.5, gpu_blocks=1000, cached=560),
+            ],
+            1,
+            id="to-the-less-filled-of-two-half-full-caches",
+        ),
         # Outside the tie (endpoint 0 holds 100 of the prompt's blocks), a full cache still wins.
         pytest.param(
             [cand(0, gpu_blocks=1000, cached=900, prefix=100), cand(1, gpu_blocks=1000)],
@@ -300,6 +326,18 @@ def test_near_ties_go_to_the_freest_kv_cache(tolerance: float, winner: int) -> N
 def test_near_ties_go_to_the_least_taken_cache(candidates: list[Candidate], winner: int) -> None:
     scores = CostScorer(lambda: MODEL).score(_req(2_000, blocks=125), candidates)
     assert max(range(len(candidates)), key=lambda i: scores[i]) == winner
+
+
+def test_a_slightly_cheaper_endpoint_in_a_tie_does_not_outweigh_a_fuller_cache() -> None:
+    """Endpoint 0 is learned 2 % faster, and its cache a little fuller (pressure 0.575 against
+    0.53): the tie goes to the emptier cache, where the new group's later requests will fit."""
+    model = CostModel({addr(0): EndpointCost(tokens_per_second=51_000.0), addr(1): EndpointCost()})
+    candidates = [
+        cand(0, kv=0.55, gpu_blocks=1000, cached=600),
+        cand(1, kv=0.5, gpu_blocks=1000, cached=560),
+    ]
+    scores = CostScorer(lambda: model).score(_req(2_000, blocks=125), candidates)
+    assert scores[1] > scores[0]
 
 
 def test_cache_pressure_is_running_and_held_blocks() -> None:

@@ -43,6 +43,9 @@ def test_explain_lists_each_scorer_weight_and_total_in_pick_order() -> None:
         "backlog_ms": 0.0,
         "kv_ms": 0.0,
         "tokens_per_s": 50_000,
+        "running": 0.0,
+        "waiting": 0.0,
+        "kv_usage": 0.0,
     }
     assert second["address"] == addr(0) and second["total"] == 3.0
     assert out["filtered"] == [addr(2)]
@@ -58,18 +61,21 @@ def test_explain_caps_endpoints_and_stays_compact() -> None:
 
 
 def test_explain_splits_the_wait_into_our_backlog_and_the_kv_blocks() -> None:
-    """50 ms of our own prompts ahead, and a cache one block from full: 4 new blocks, 3 short
-    of 99 held, wait that share of a typical decode (256 steps of 8 ms)."""
+    """50 ms of our own prompts ahead (2,500 tokens at 50k tokens/s: 156.25 blocks) and our 4
+    new blocks, 150 free: 10.25 short of 850 held, wait that share of a typical decode (256
+    steps of 8 ms)."""
     profile = Strategies().get("cost")
-    busy = cand(0, backlog=0.05, kv=0.99, gpu_blocks=100)
+    busy = cand(0, backlog=0.05, kv=0.85, gpu_blocks=1000)
     ranked = profile.schedule(REQUEST, [busy])
     out = json.loads(explain(profile, [busy], ranked, request=REQUEST, cost_model=CostModel()))
     (entry,) = out["endpoints"]
-    kv_ms = round(3 / 99 * 256 * 0.008 * 1000, 1)
+    kv_ms = round(10.25 / 850 * 256 * 0.008 * 1000, 1)
     assert entry["backlog_ms"] == 50.0
     assert entry["kv_ms"] == kv_ms
     assert entry["wait_ms"] == pytest.approx(50.0 + kv_ms, abs=0.1)
     assert "waiting_ours" not in entry
+    # The scrape the KV term read.
+    assert entry["kv_usage"] == 0.85
 
 
 def test_explain_names_the_scraped_waiting_it_took_for_ours() -> None:
