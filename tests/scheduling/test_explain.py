@@ -65,7 +65,7 @@ def test_explain_splits_the_wait_into_our_backlog_and_the_kv_blocks() -> None:
     new blocks, 150 free: 10.25 short of 850 held, wait that share of a typical decode (256
     steps of 8 ms)."""
     profile = Strategies().get("cost")
-    busy = cand(0, backlog=0.05, kv=0.85, gpu_blocks=1000)
+    busy = cand(0, backlog=0.05, kv=0.85, gpu_blocks=1000, cached=300)
     ranked = profile.schedule(REQUEST, [busy])
     out = json.loads(explain(profile, [busy], ranked, request=REQUEST, cost_model=CostModel()))
     (entry,) = out["endpoints"]
@@ -74,8 +74,9 @@ def test_explain_splits_the_wait_into_our_backlog_and_the_kv_blocks() -> None:
     assert entry["kv_ms"] == kv_ms
     assert entry["wait_ms"] == pytest.approx(50.0 + kv_ms, abs=0.1)
     assert "waiting_ours" not in entry
-    # The scrape the KV term read.
+    # The scrape the KV term read, and the blocks a near tie would be broken by.
     assert entry["kv_usage"] == 0.85
+    assert entry["cached_blocks"] == 300
 
 
 def test_explain_names_the_scraped_waiting_it_took_for_ours() -> None:
