@@ -150,7 +150,7 @@ class CostModel:
         # ...and each of those steps also computes one token per running request.
         interference_seconds = steps * running / rate
 
-        kv_seconds = self._kv_wait(request, candidate, uncached, est)
+        kv_seconds = self._kv_wait(request, candidate, uncached, others, est)
 
         lora_seconds = 0.0
         if request.lora is not None:
@@ -165,7 +165,12 @@ class CostModel:
         )
 
     def _kv_wait(
-        self, request: SchedulingRequest, candidate: Candidate, uncached: int, est: EndpointCost
+        self,
+        request: SchedulingRequest,
+        candidate: Candidate,
+        uncached: int,
+        others: float,
+        est: EndpointCost,
     ) -> float:
         """How long the request waits for KV blocks at `candidate`.
 
@@ -184,10 +189,10 @@ class CostModel:
 
         Ahead of us are our own prompts not computed yet, whose uncached tokens we know (the
         prefill backlog at the learned speed), and the scraped waiting requests that are not
-        ours, each a typical prompt's uncached share. Taking every request sent since the scrape
-        for a typical prompt did the same harm: the last of a group's requests, a prefix hit
-        needing a few blocks, stood for a whole typical prompt's worth of blocks ahead of the
-        next one, which then moved."""
+        ours (`others`, as the queue term counts them), each a typical prompt's uncached share.
+        Taking every request sent since the scrape for a typical prompt did the same harm: the
+        last of a group's requests, a prefix hit needing a few blocks, stood for a whole typical
+        prompt's worth of blocks ahead of the next one, which then moved."""
         stats = candidate.stats
         if stats is None or not stats.num_gpu_blocks:
             return 0.0
@@ -196,7 +201,6 @@ class CostModel:
         output = self.mean_output_tokens or p.mean_output_tokens
         mean_prompt = self.mean_prompt_tokens or p.mean_prompt_tokens
         ours = uncached / block
-        others = max(0.0, stats.waiting - candidate.waiting_ours)
         ahead = (
             candidate.prefill_backlog * est.tokens_per_second
             + others * mean_prompt * (1.0 - est.hit_rate)
