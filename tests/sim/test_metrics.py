@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import time
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from extproc.sim import SimConfig, SimFleet
+from extproc.sim.metrics import (
+    ITERATION_TOKENS_BUCKETS,
+    REQUEST_NUM_PREEMPTIONS_BUCKETS,
+    TTFT_BUCKETS,
+    _Histogram,
+)
 from extproc.sim.request import FinishedRequest
 from extproc.state.metrics_text import parse_vllm_metrics
 from tests.sim.conftest import IDLE_STATS, server_metrics
@@ -114,3 +122,28 @@ async def test_durations_are_in_the_clients_seconds_at_any_speed(speed: float) -
     assert e2e <= whole <= e2e * 1.25 + 0.01, (e2e, whole)
     # Token counts are not durations: not scaled (the bytes tokenizer packs 4 bytes a token).
     assert value("vllm:request_prefill_kv_computed_tokens_sum") == 750
+
+
+@pytest.mark.parametrize(
+    "buckets", [TTFT_BUCKETS, ITERATION_TOKENS_BUCKETS, REQUEST_NUM_PREEMPTIONS_BUCKETS]
+)
+def test_a_histogram_reads_as_prometheus_client_writes_it(buckets: tuple[float, ...]) -> None:
+    """The simulator fills in the numbers of a histogram's text itself; prometheus_client, fed
+    the same observations, is the referee: every line equal but the creation time's."""
+    ours = _Histogram("vllm:h", "A histogram.", buckets, ["m", "0"])
+    registry = CollectorRegistry(auto_describe=False)
+    theirs = Histogram("vllm:h", "A histogram.", ["model_name", "engine"], buckets=buckets,
+                       registry=registry).labels("m", "0")  # fmt: skip
+    rng = random.Random(7)
+    # On the bounds themselves (le is <=), between them, above the last, and zero.
+    values = [*buckets, 0.0, *(rng.uniform(0, 2 * buckets[-1]) for _ in range(300))]
+    for i, value in enumerate(values):
+        ours.observe(value)
+        theirs.observe(value)
+        if i % 97 == 0 or i == len(values) - 1:
+            assert _without_created(ours.text()) == _without_created(generate_latest(registry))
+    assert b"vllm:h_created" in ours.text()
+
+
+def _without_created(text: bytes) -> list[str]:
+    return [line for line in text.decode().splitlines() if not line.startswith("vllm:h_created")]
