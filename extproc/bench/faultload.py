@@ -368,8 +368,9 @@ def start_replica(
         endpoints=pods,
         log=log,
         error=lambda why: RuntimeError(f"picker replica {replica}: {why}; see {log}"),
-        # Under tracemalloc the picker takes ~30 s to its first log line (1 s without: measured
-        # 2026-12-07), which left the soak's traced run failing now and then on the usual 30 s.
+        # Under tracemalloc the picker took ~30 s to its first log line (1 s without), which left
+        # the soak's traced run failing now and then on the usual 30 s; its imports alone still
+        # take ~22 s traced since the Kubernetes client is no longer loaded (2026-12-07).
         within=120.0 if trace else 30.0,
     )
 

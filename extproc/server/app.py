@@ -14,7 +14,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -23,7 +23,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, 
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import start_http_server
 
-from extproc.config import Config, ConfigError
+from extproc.config import Config, ConfigError, KubernetesDiscoveryConfig
 from extproc.metrics import PickerMetrics, PoolCollector
 from extproc.prefix.approx_index import ApproxPrefixIndex
 from extproc.prefix.blocks import BlocksSettings, PromptBlocks
@@ -42,10 +42,8 @@ from extproc.server.prefill import HttpPrefiller
 from extproc.server.stream import RESPONSE_PATH_METADATA, StreamHandler
 from extproc.server.workers import LogRelay
 from extproc.serving.tls import add_port
-from extproc.state.discovery import Discovery
+from extproc.state.discovery import Discovery, ReportsProblems
 from extproc.state.discovery.configured import discovery_for
-from extproc.state.discovery.kubernetes import KubernetesDiscovery
-from extproc.state.discovery.objectives import ObjectivesWatch
 from extproc.state.inflight import InFlight
 from extproc.state.load_board import LoadBoard
 from extproc.state.models import ModelsReading
@@ -60,6 +58,9 @@ from extproc.tenancy.limits import Limiter, LocalLimiter
 from extproc.tenancy.redis_limits import RedisLimiter
 from extproc.tenancy.reload import TenancyReloader, load_directory
 from extproc.tenancy.tenants import Tenancy
+
+if TYPE_CHECKING:
+    from extproc.state.discovery.objectives import ObjectivesWatch
 
 log = logging.getLogger("extproc")
 
@@ -133,7 +134,9 @@ class PickerServer:
         self.objectives = ObjectivesStore()
         kube = config.discovery.kubernetes
         self.objectives_watch = (
-            ObjectivesWatch(kube, self.objectives) if kube is not None and kube.objectives else None
+            _objectives_watch(kube, self.objectives)
+            if kube is not None and kube.objectives
+            else None
         )
         self.prefiller = (
             HttpPrefiller(config.disaggregation.prefill_timeout_seconds)
@@ -160,7 +163,7 @@ class PickerServer:
         self.pool.on_publish(self._on_snapshot)
         self.health = Health()
         discovery = discovery or discovery_for(config)
-        if isinstance(discovery, KubernetesDiscovery):
+        if isinstance(discovery, ReportsProblems):
             # A missing InferencePool keeps the picker unready, as the field's picker is until
             # its pool has synced.
             discovery.on_problem(self._discovery_problem)
@@ -373,6 +376,14 @@ class _MismatchSink:
         task = asyncio.create_task(self._health.condition(PREFIX_HASHING_CONDITION, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _objectives_watch(kube: KubernetesDiscoveryConfig, store: ObjectivesStore) -> ObjectivesWatch:
+    """The pool's InferenceObjective watch. Imported here, as the Kubernetes discovery is
+    (`discovery_for`): a picker with a fixed endpoint list never loads the Kubernetes client."""
+    from extproc.state.discovery.objectives import ObjectivesWatch
+
+    return ObjectivesWatch(kube, store)
 
 
 def blocks_settings(config: Config) -> BlocksSettings:

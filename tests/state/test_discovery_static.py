@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -162,3 +164,22 @@ async def test_fixed_endpoints_are_delivered_once() -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert len(sets.seen) == 1
+
+
+def test_a_picker_with_a_fixed_list_never_loads_the_kubernetes_client() -> None:
+    """The Kubernetes client is a quarter of the picker's import time: a picker given its
+    endpoints builds its server and discovery without it (a fresh interpreter, so nothing
+    another test imported counts)."""
+    script = (
+        "import sys\n"
+        "from extproc.config import load_config\n"
+        "from extproc.server.app import PickerServer\n"
+        "from extproc.state.discovery.configured import discovery_for\n"
+        "config = load_config(None, {'endpoints': [{'address': '127.0.0.1:8000'}]})\n"
+        "PickerServer(config, discovery=discovery_for(config))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert run.stdout.strip() == "[]", run.stdout

@@ -20,7 +20,7 @@ A source never dies on errors: it logs, backs off and retries, keeping the last 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from extproc.config import EndpointConfig
 
@@ -37,6 +37,15 @@ class Discovery(Protocol):
         ...
 
 
+@runtime_checkable
+class ReportsProblems(Protocol):
+    """A source that can keep the picker unready (a missing InferencePool, say)."""
+
+    def on_problem(self, listener: Callable[[str], None]) -> None:
+        """Call `listener` whenever the problem changes: a sentence, or "" once there is none."""
+        ...
+
+
 def ordered(endpoints: Iterable[EndpointConfig]) -> tuple[EndpointConfig, ...]:
     """The canonical form of a set: one entry per address (the first wins), sorted by address."""
     by_address: dict[str, EndpointConfig] = {}
@@ -45,4 +54,4 @@ def ordered(endpoints: Iterable[EndpointConfig]) -> tuple[EndpointConfig, ...]:
     return tuple(by_address[address] for address in sorted(by_address))
 
 
-__all__ = ["Discovery", "OnChange", "ordered"]
+__all__ = ["Discovery", "OnChange", "ReportsProblems", "ordered"]
