@@ -230,11 +230,12 @@ class _Histogram:
 
     The text is prometheus_client's, filled in here: the library writes it once for the empty
     histogram, and a render puts the counts into its bucket, count and sum lines with the
-    library's own number format. `generate_latest` on a live histogram took 1.3 ms per scrape
-    of a server whose step histograms had moved (3 ms after a request finished), inside the
-    fleet's one event loop, which then sent tokens late in picker runs only (the picker scrapes,
-    the peers do not): 3.5 simulated ms of the client's median TTFT on h100 multi-turn
-    (docs/simulator.md). tests/sim/test_metrics.py holds the two texts equal."""
+    library's own number format. `generate_latest` on the moved histograms took 1.25 ms per
+    render of a server after a step, 3.9 ms after a request finished (0.38 and 0.57 ms now:
+    benchmarks/sim_metrics_render.py), inside the fleet's one event loop, which then sent tokens
+    late in picker runs only (the picker scrapes, the peers do not): the client's TTFT p90 on
+    h100 multi-turn was 0.89 of the earlier code's (docs/benchmarks.md, "The simulator's scrape
+    cost"). tests/sim/test_metrics.py holds the two texts equal."""
 
     def __init__(self, name: str, doc: str, buckets: Sequence[float], labels: list[str]) -> None:
         registry = CollectorRegistry(auto_describe=False)
