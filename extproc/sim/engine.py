@@ -286,7 +286,7 @@ class Engine:
                 if req.num_computed == req.prompt_len:
                     req.num_computed -= 1
                 req.cached_tokens = req.num_computed
-                self._register(req, req.num_computed // cfg.block_size)
+                self._scheduler.register(req, req.num_computed // cfg.block_size)
             else:
                 pull_failed(req, "the remote blocks were freed during the transfer")
                 self._counters.kv_transfer_failures += 1
@@ -419,7 +419,6 @@ class Engine:
         c.kv_transfer_failures += plan.pull_failures
 
     def _apply(self, plan: Plan) -> None:
-        cfg = self.config
         now = self.now()
         itls: list[float] = []
         self._counters.steps += 1
@@ -427,7 +426,6 @@ class Engine:
             if req.state != RUNNING:
                 continue  # aborted while the step ran
             req.num_computed += num_new
-            self._register(req, req.num_computed // cfg.block_size)
             if req.num_computed < len(req.all_ids):
                 continue  # still prefilling
             token = self._next_filler()
@@ -448,25 +446,6 @@ class Engine:
             if len(req.output_ids) >= req.max_tokens:
                 self._finish(req, "length")
         self.observer.on_step(plan.tokens, itls)
-
-    def _register(self, req: EngineRequest, full_blocks: int) -> None:
-        """Register the request's first `full_blocks` blocks in the prefix cache."""
-        cfg = self.config
-        if not cfg.enable_prefix_caching:
-            return
-        full = min(full_blocks, len(req.hashes))
-        if full > req.num_registered:
-            self.pool.cache_full_blocks(
-                req.blocks,
-                req.hashes[:full],
-                start=req.num_registered,
-                token_ids=req.all_ids,
-                block_size=cfg.block_size,
-                lora_id=req.lora.lora_id if req.lora else None,
-                lora_name=req.lora.name if req.lora else None,
-                extra_keys=req.extra_keys if any(req.extra_keys) else None,
-            )
-            req.num_registered = full
 
     def _next_filler(self) -> int:
         filler = self.config.filler_token_ids

@@ -200,7 +200,37 @@ class Scheduler:
     def _lora_fits(self, name: str) -> bool:
         return name in self.running_loras or len(self.running_loras) < self.config.max_loras
 
+    def register(self, req: EngineRequest, full_blocks: int) -> None:
+        """Register the request's first `full_blocks` blocks in the prefix cache."""
+        cfg = self.config
+        if not cfg.enable_prefix_caching:
+            return
+        full = min(full_blocks, len(req.hashes))
+        if full > req.num_registered:
+            self._pool.cache_full_blocks(
+                req.blocks,
+                req.hashes[:full],
+                start=req.num_registered,
+                token_ids=req.all_ids,
+                block_size=cfg.block_size,
+                lora_id=req.lora.lora_id if req.lora else None,
+                lora_name=req.lora.name if req.lora else None,
+                extra_keys=req.extra_keys if any(req.extra_keys) else None,
+            )
+            req.num_registered = full
+
     def _add_to_plan(self, plan: Plan, req: EngineRequest, num_new: int) -> None:
+        """Schedule `num_new` of the request's tokens in this step. The blocks they fill are
+        cached now, before the step computes them, as vLLM's `allocate_slots` caches every full
+        block up to the tokens it schedules (their hashes come from the token ids, not the KV):
+        a request scheduled after this one, in this step or the next, hits them. A burst of
+        prompts on one prefix computes it once: the first prompt's blocks are in the cache by
+        the time the second is looked up, while the first is still computing them. Their KV
+        events still go out at the step's end (the server takes them then, as vLLM's
+        `update_from_output` does)."""
+        self.register(
+            req, min(req.num_computed + num_new, len(req.all_ids)) // self.config.block_size
+        )
         plan.items.append((req, num_new))
         plan.tokens += num_new
         if req.num_computed >= req.prompt_len:

@@ -1,10 +1,12 @@
 """The simulated scheduler on its own: preemption of the newest running request when blocks run
-out, and LoRA deferral that keeps a request's place in the queue."""
+out, LoRA deferral that keeps a request's place in the queue, and prefix hits on blocks another
+request is still computing (vLLM caches a block when it schedules it)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from extproc.prefix.hashing import BlockHasher
 from extproc.sim.cache import BlockPool
 from extproc.sim.engine import EngineConfig
 from extproc.sim.profiles import get_profile
@@ -25,10 +27,17 @@ def _scheduler(blocks: int) -> Scheduler:
     return Scheduler(config, BlockPool(blocks), link, now=lambda: 0.0)
 
 
-def _request(request_id: str, prompt_len: int, lora: LoraAdapter | None = None) -> EngineRequest:
+def _request(
+    request_id: str,
+    prompt_len: int,
+    lora: LoraAdapter | None = None,
+    *,
+    suffix: tuple[int, ...] = (),
+) -> EngineRequest:
+    """A prompt of ids 0 .. `prompt_len` - 1, then `suffix`."""
     return EngineRequest(
         request_id,
-        list(range(prompt_len)),
+        [*range(prompt_len), *suffix],
         max_tokens=8,
         lora=lora,
         cache_salt=None,
@@ -70,3 +79,38 @@ async def test_a_request_whose_adapter_does_not_fit_keeps_its_place() -> None:
     plan = sched.schedule()
     assert [r.request_id for r, _ in plan.items] == ["y"]
     assert (plan.lora_swaps, sched.deferred, sched.running_loras) == (1, 0, {"y": 1})
+
+
+def _hashed(req: EngineRequest) -> EngineRequest:
+    """With its prompt's block hashes, as the engine gives a request it accepts."""
+    req.hashes = BlockHasher().hash_blocks(req.all_ids)
+    req.extra_keys = [None] * len(req.hashes)
+    return req
+
+
+async def test_a_prompt_hits_the_blocks_another_is_computing_in_the_same_step() -> None:
+    # vLLM's allocate_slots caches every full block up to the tokens it schedules, before the
+    # step runs: a second prompt scheduled after the first, in the same step, hits them.
+    sched = _scheduler(blocks=64)
+    first = _hashed(_request("first", 480))
+    second = _hashed(_request("second", 480, suffix=(7,) * 40))
+    sched.waiting.extend([first, second])
+    plan = sched.schedule()
+    assert [(r.request_id, n) for r, n in plan.items] == [("first", 480), ("second", 40)]
+    assert (second.cached_tokens, plan.prefix_hits) == (480, 480)
+
+
+async def test_a_prompt_hits_the_chunks_scheduled_so_far() -> None:
+    # A 2,000-token prompt runs in chunks of the 1,024-token budget. A second prompt on the same
+    # prefix that arrives during the first chunk is admitted in the step of the last one, after
+    # the running prompt: it hits every block scheduled so far, the last chunk's included.
+    sched = _scheduler(blocks=256)
+    first = _hashed(_request("first", 2000))
+    sched.waiting.append(first)
+    assert [(r.request_id, n) for r, n in sched.schedule().items] == [("first", 1024)]
+    first.num_computed = 1024  # the step ran
+    second = _hashed(_request("second", 2000, suffix=(7,) * 20))
+    sched.waiting.append(second)
+    plan = sched.schedule()
+    assert [(r.request_id, n) for r, n in plan.items] == [("first", 976), ("second", 20)]
+    assert second.cached_tokens == 2000
