@@ -1,10 +1,10 @@
 """The simulated engine: one discrete step loop per server, shaped like vLLM V1's engine core.
 
-Each step the scheduler (`scheduler`) plans which requests compute how many tokens; the loop
-then sleeps the profile's step time divided by `speed` and applies the step: computed tokens,
-newly full blocks registered in the prefix cache, one sampled token per request that finished
-its prompt. Work per step is O(scheduled requests); idle servers wait on an event. Time is
-virtual: a step advances it by exactly its modelled duration.
+Each step the scheduler (`scheduler`) plans which requests compute how many tokens, caching
+the blocks they fill as it schedules them (as vLLM does); the loop then sleeps the profile's
+step time divided by `speed` and applies the step: computed tokens, one sampled token per
+request that finished its prompt. Work per step is O(scheduled requests); idle servers wait on
+an event. Time is virtual: a step advances it by exactly its modelled duration.
 
 Output tokens are a fixed filler sequence; a request always produces `max_tokens` tokens and
 finishes with reason "length" (no EOS model).
