@@ -79,6 +79,10 @@ class Scheduler:
             self._admit(plan, budget, whole_prompts=True)
             if not plan.items:
                 self._schedule_running(plan, budget)
+            # V0 marks a batch's blocks computed once the batch is built (its scheduler's
+            # `mark_blocks_as_computed`): they are hits from the next step, not in this one.
+            for req, num_new in plan.items:
+                self.register(req, self._scheduled_blocks(req, num_new))
             return plan
         budget, preempted = self._schedule_running(plan, budget)
         if not preempted:
@@ -219,6 +223,10 @@ class Scheduler:
             )
             req.num_registered = full
 
+    def _scheduled_blocks(self, req: EngineRequest, num_new: int) -> int:
+        """The request's full blocks once `num_new` more of its tokens are computed."""
+        return min(req.num_computed + num_new, len(req.all_ids)) // self.config.block_size
+
     def _add_to_plan(self, plan: Plan, req: EngineRequest, num_new: int) -> None:
         """Schedule `num_new` of the request's tokens in this step. The blocks they fill are
         cached now, before the step computes them, as vLLM's `allocate_slots` caches every full
@@ -227,10 +235,10 @@ class Scheduler:
         prompts on one prefix computes it once: the first prompt's blocks are in the cache by
         the time the second is looked up, while the first is still computing them. Their KV
         events still go out at the step's end (the server takes them then, as vLLM's
-        `update_from_output` does)."""
-        self.register(
-            req, min(req.num_computed + num_new, len(req.all_ids)) // self.config.block_size
-        )
+        `update_from_output` does). V0 profiles cache them once the whole batch is planned
+        (`schedule`)."""
+        if self.config.profile.mixed_prefill:
+            self.register(req, self._scheduled_blocks(req, num_new))
         plan.items.append((req, num_new))
         plan.tokens += num_new
         if req.num_computed >= req.prompt_len:

@@ -15,9 +15,9 @@ from extproc.sim.scheduler import Scheduler
 from extproc.sim.transfer import KVLink
 
 
-def _scheduler(blocks: int) -> Scheduler:
+def _scheduler(blocks: int, profile: str = "a100-8b") -> Scheduler:
     config = EngineConfig(
-        profile=get_profile("a100-8b"),
+        profile=get_profile(profile),
         num_gpu_blocks=blocks,
         max_num_seqs=8,
         max_num_batched_tokens=1024,
@@ -114,3 +114,21 @@ async def test_a_prompt_hits_the_chunks_scheduled_so_far() -> None:
     plan = sched.schedule()
     assert [(r.request_id, n) for r, n in plan.items] == [("first", 976), ("second", 20)]
     assert second.cached_tokens == 2000
+
+
+async def test_a_v0_batch_shares_no_blocks_until_the_next_step() -> None:
+    # vLLM V0 marks a batch's blocks computed once the batch is built: the second prompt of the
+    # same batch computes the shared prefix again; one scheduled in the next step hits it.
+    sched = _scheduler(blocks=128, profile="a100-8b-v05")
+    first = _hashed(_request("first", 480))
+    second = _hashed(_request("second", 480, suffix=(7,) * 40))
+    sched.waiting.extend([first, second])
+    plan = sched.schedule()
+    assert [(r.request_id, n) for r, n in plan.items] == [("first", 480), ("second", 520)]
+    assert plan.prefix_hits == 0
+    for req, n in plan.items:  # the step ran
+        req.num_computed += n
+    third = _hashed(_request("third", 480, suffix=(9,) * 40))
+    sched.waiting.append(third)
+    sched.schedule()
+    assert third.cached_tokens == 480
