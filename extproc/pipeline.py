@@ -151,8 +151,10 @@ class Pipeline:
     def _place(
         self, ask: Ask, plan: Plan, started: float, *, lease: Lease | None
     ) -> Routed | OpenAIError:
-        """Admission, the schedule, the prefill endpoint, the in-flight count: the decision. A
-        refusal returned here leaves nothing counted; nothing after the count may fail."""
+        """The in-flight counts as they stand now, admission, the schedule, the prefill
+        endpoint, the in-flight count: the decision. A refusal returned here leaves nothing
+        counted; nothing after the count may fail."""
+        plan = self._planner.counted(plan)
         request, tenant, scheduling = ask.request, ask.tenant, plan.scheduling
         candidates = plan.roles.decode
         cost_model = self._cost.current() if self._cost is not None else None

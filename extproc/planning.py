@@ -31,7 +31,13 @@ from extproc.request.objectives import ObjectiveResolver
 from extproc.request.openai import Api, ParsedRequest, api_of, parse_request
 from extproc.request.record import Recorder
 from extproc.scheduling.admission import Admission, LeastBad
-from extproc.scheduling.candidates import NoCandidates, PrefixLookup, candidates_for, prefix_holds
+from extproc.scheduling.candidates import (
+    NoCandidates,
+    PrefixLookup,
+    candidates_for,
+    counted,
+    prefix_holds,
+)
 from extproc.scheduling.cost_model import CostModel
 from extproc.scheduling.disaggregation import Roles, matched, roles
 from extproc.scheduling.explain import explain, explain_admission
@@ -223,6 +229,19 @@ class Planner:
             return self._record.refused(ask.head.request_id, error, tenant=ask.tenant)
         split = matched(self._roles(ask.request, now), plan.scheduling.block_hashes, self._matcher)
         return dataclasses.replace(plan, roles=split)
+
+    def counted(self, plan: Plan) -> Plan:
+        """The plan with its candidates' in-flight counts taken now (`candidates.counted`):
+        the picks made while the request awaited its tokens, or its turn, count too."""
+        now = time.monotonic()
+        split = plan.roles
+        return dataclasses.replace(
+            plan,
+            roles=Roles(
+                [counted(c, self._inflight, now) for c in split.decode],
+                [counted(c, self._inflight, now) for c in split.prefill],
+            ),
+        )
 
     def _roles(self, request: ParsedRequest, candidates: Sequence[Candidate]) -> Roles:
         """The candidates by role, when disaggregation is on and the request fills a KV cache;

@@ -11,8 +11,11 @@ from typing import Protocol
 from extproc.config import CollectorConfig
 from extproc.scheduling.types import Candidate
 from extproc.state.collector import freshness
-from extproc.state.inflight import InFlight
+from extproc.state.inflight import InFlight, Load
 from extproc.state.snapshot import Endpoint, Snapshot
+
+# A candidate's counts before `counted` fills them in.
+_NOTHING_SENT = Load()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +57,8 @@ def _inside(address: str, subset: Collection[str]) -> bool:
 def _candidate(
     endpoint: Endpoint, inflight: InFlight, collector: CollectorConfig, now: float
 ) -> Candidate | None:
-    load = inflight.load(endpoint.address)
     if not collector.enabled or endpoint.health is None:
-        return Candidate(endpoint, load, prefill_backlog=inflight.backlog(endpoint.address, now))
+        return counted(Candidate(endpoint, _NOTHING_SENT), inflight, now)
     state = freshness(
         endpoint.stats,
         endpoint.health,
@@ -66,14 +68,28 @@ def _candidate(
     )
     if state == "failing" or (state == "stale" and collector.stale_policy == "drop"):
         return None
-    read_at = endpoint.stats.read_at if endpoint.stats is not None else now
-    return Candidate(
-        endpoint,
-        load,
-        picked_since_scrape=inflight.started_since(endpoint.address, read_at),
-        saturated=state == "stale",
-        prefill_backlog=inflight.backlog(endpoint.address, now),
-        waiting_ours=inflight.waiting_at(endpoint.address, read_at),
+    return counted(Candidate(endpoint, _NOTHING_SENT, saturated=state == "stale"), inflight, now)
+
+
+def counted(candidate: Candidate, inflight: InFlight, now: float) -> Candidate:
+    """`candidate` with what this picker (and its sibling workers) sent it, as it stands at
+    monotonic time `now`: its requests in flight, its predicted prefill backlog, and, against
+    its last scrape (none without metrics), the picks the scrape cannot show yet and those of
+    its waiting requests that are ours.
+
+    Taken again just before the pick (`Planner.counted`): a request awaits its tokens between
+    finding its candidates and being placed, and a burst's requests all find theirs before
+    the first of them is placed, so counts from then miss every pick of the burst but the
+    ones before it (measured: five branches of an agent fan-out all saw the first one's
+    backlog alone, and were stacked on it)."""
+    address = candidate.address
+    stats = candidate.stats
+    return dataclasses.replace(
+        candidate,
+        load=inflight.load(address),
+        prefill_backlog=inflight.backlog(address, now),
+        picked_since_scrape=0 if stats is None else inflight.started_since(address, stats.read_at),
+        waiting_ours=0 if stats is None else inflight.waiting_at(address, stats.read_at),
     )
 
 

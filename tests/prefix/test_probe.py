@@ -326,6 +326,26 @@ async def test_a_probed_prompt_is_scored_as_a_share_of_the_whole_prompt(
         await pipeline.aclose()
 
 
+async def test_a_bursts_picks_count_the_ones_made_while_its_prompt_was_tokenized(
+    blocks_for: Callable[..., PromptBlocks],
+) -> None:
+    # Twelve prompts at once: each finds its candidates, then awaits its tokens, and the first
+    # are placed while the last still await. Counted when they found their candidates, the
+    # in-flight requests missed the burst's own picks: all twelve saw idle endpoints, and the
+    # chat template's first block, learned where the first went, sent the rest after it (12-0-0
+    # before the fix). Counted at the pick, every round of three fills each endpoint once.
+    strategy = {"strategy": "least-request:1,prefix-cache:0.001", "fallbacks": 0}
+    offloaded = blocks_for(inline_max_chars=0)  # every chunk on a worker thread: awaited
+    pipeline = _pipeline(_config(routing=strategy), offloaded, ApproxPrefixIndex())
+    try:
+        routed = await asyncio.gather(*(_route(pipeline, _chat(100 + i)) for i in range(12)))
+        counts = [sum(r.primary == a for r in routed) for a in ADDRESSES]
+        assert counts == [4, 4, 4]
+        assert [pipeline._inflight.load(a).requests for a in ADDRESSES] == [4, 4, 4]
+    finally:
+        await pipeline.aclose()
+
+
 async def test_a_tenants_prompt_is_computed_before_the_decision(
     blocks_for: Callable[..., PromptBlocks],
 ) -> None:
