@@ -80,8 +80,9 @@ def counted(candidate: Candidate, inflight: InFlight, now: float) -> Candidate:
     Taken again just before the pick (`Planner.counted`): a request awaits its tokens between
     finding its candidates and being placed, and a burst's requests all find theirs before
     the first of them is placed, so counts from then miss every pick of the burst but the
-    ones before it (measured: five branches of an agent fan-out all saw the first one's
-    backlog alone, and were stacked on it)."""
+    ones before it (measured with a prompt's whole prefix awaited before the decision: five
+    branches of an agent fan-out all saw the first one's backlog alone, and were stacked on
+    it; docs/benchmarks.md, "Bursts on one prefix")."""
     address = candidate.address
     stats = candidate.stats
     return dataclasses.replace(
