@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -405,6 +406,16 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert len(picker_logs) == 6
     for log in picker_logs:
         assert log.read_text().count("decision ") == 10, log.name
+    # Every run's requests, one line each, with the server the simulator says served it: the
+    # per-pod counts above come from the same records.
+    for r in report.results:
+        tag = f"{r.profile}-shared-prefix-5-{r.competitor.replace(':', '-')}"
+        path = tmp_path / "logs" / f"{tag}.requests.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert sorted(line["index"] for line in lines) == list(range(10))
+        served = Counter(line["sim"]["server"] for line in lines)
+        assert tuple(served[i] for i in range(2)) == r.per_pod
+        assert all(line["blocks"] and line["sim"]["prompt_tokens"] > 0 for line in lines)
     paths = write_report(report)
     assert (tmp_path / "routing-shared-prefix.png").stat().st_size > 0
     assert "### shared-prefix" in (tmp_path / "routing.md").read_text()

@@ -55,6 +55,7 @@ from extproc.bench.runs import (
     Ports,
     RoutingBenchError,
     RunResult,
+    Sent,
     allocate_ports,
     drive,
     endpoint_addresses,
@@ -430,6 +431,7 @@ def _one_run(
         end = CpuMark.now(fleet.pid, front_pid, envoy_pid)
         records = fetch_json(f"{records_url}/records", {"ids": [s.response_id for s in sent]})
         stats = fetch_json(f"{records_url}/stats")["servers"]
+    write_requests(logs / f"{tag}.requests.jsonl", workload, sent, records["records"])
     return summarize(
         workload=workload,
         profile=profile,
@@ -444,6 +446,40 @@ def _one_run(
         wall_seconds=end.wall - mark.wall,
         cpu=mark.until(end),
     )
+
+
+def write_requests(
+    path: Path,
+    workload: wl.Workload,
+    sent: Sequence[Sent],
+    records: Sequence[Mapping[str, Any] | None],
+) -> None:
+    """One JSON line per request of a run: what the workload asked (its session, prompt, the
+    event ids of its prompt's blocks, which say which requests share a prefix), what the client
+    saw (wall seconds from the run's start) and the simulator's record (simulated seconds, the
+    server that served it, its cached tokens). With the picker's `--explain` log, enough to
+    follow a cell's decisions request by request: which prompt went where, which prefix it
+    found there and what it waited for."""
+    specs = {spec.index: spec for spec in workload.requests}
+    with path.open("w") as out:
+        for s, record in zip(sent, records, strict=True):
+            spec = specs[s.index]
+            line = {
+                "index": s.index,
+                "session": spec.session,
+                "after": spec.after,
+                "prompt_tokens": spec.prompt_tokens,
+                "max_tokens": spec.max_tokens,
+                "blocks": spec.block_ids,
+                "status": s.status,
+                "error": s.error,
+                "sent": s.sent,
+                "first_chunk": s.first_chunk,
+                "answered": s.answered,
+                "response_id": s.response_id,
+                "sim": record,
+            }
+            out.write(json.dumps(line) + "\n")
 
 
 def _peer_notes(logs: Path) -> tuple[str, ...]:
