@@ -22,7 +22,7 @@ profile, the picker told nothing about which.
 
 Every child process is stopped by its PID at the end of its run, also on errors and Ctrl-C.
 
-Long (about 560 lines): the matrix's options, records and run loop. One run's mechanics are in
+Long (about 610 lines): the matrix's options, records and run loop. One run's mechanics are in
 `runs`, the flags in `routing_cli`, the tables in `report`.
 """
 
