@@ -406,8 +406,11 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert len(picker_logs) == 6
     for log in picker_logs:
         assert log.read_text().count("decision ") == 10, log.name
-    # Every run's requests, one line each, with the server the simulator says served it: the
-    # per-pod counts above come from the same records.
+    # The workload's requests once, and every run's answers, one line each, with the server the
+    # simulator says served it: the per-pod counts above come from the same records.
+    workload_lines = (tmp_path / "logs" / "shared-prefix.workload.jsonl").read_text().splitlines()
+    specs = {spec["index"]: spec for spec in map(json.loads, workload_lines)}
+    assert sorted(specs) == list(range(10)) and all(spec["blocks"] for spec in specs.values())
     for r in report.results:
         tag = f"{r.profile}-shared-prefix-5-{r.competitor.replace(':', '-')}"
         path = tmp_path / "logs" / f"{tag}.requests.jsonl"
@@ -415,7 +418,9 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         assert sorted(line["index"] for line in lines) == list(range(10))
         served = Counter(line["sim"]["server"] for line in lines)
         assert tuple(served[i] for i in range(2)) == r.per_pod
-        assert all(line["blocks"] and line["sim"]["prompt_tokens"] > 0 for line in lines)
+        assert all(
+            line["sim"]["prompt_tokens"] == specs[line["index"]]["prompt_tokens"] for line in lines
+        )
     paths = write_report(report)
     assert (tmp_path / "routing-shared-prefix.png").stat().st_size > 0
     assert "### shared-prefix" in (tmp_path / "routing.md").read_text()

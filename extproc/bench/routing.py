@@ -431,7 +431,7 @@ def _one_run(
         end = CpuMark.now(fleet.pid, front_pid, envoy_pid)
         records = fetch_json(f"{records_url}/records", {"ids": [s.response_id for s in sent]})
         stats = fetch_json(f"{records_url}/stats")["servers"]
-    write_requests(logs / f"{tag}.requests.jsonl", workload, sent, records["records"])
+    write_requests(logs / f"{tag}.requests.jsonl", sent, records["records"])
     return summarize(
         workload=workload,
         profile=profile,
@@ -448,29 +448,36 @@ def _one_run(
     )
 
 
-def write_requests(
-    path: Path,
-    workload: wl.Workload,
-    sent: Sequence[Sent],
-    records: Sequence[Mapping[str, Any] | None],
-) -> None:
-    """One JSON line per request of a run: what the workload asked (its session, prompt, the
-    event ids of its prompt's blocks, which say which requests share a prefix), what the client
-    saw (wall seconds from the run's start) and the simulator's record (simulated seconds, the
-    server that served it, its cached tokens). With the picker's `--explain` log, enough to
-    follow a cell's decisions request by request: which prompt went where, which prefix it
-    found there and what it waited for."""
-    specs = {spec.index: spec for spec in workload.requests}
+def write_workload(path: Path, workload: wl.Workload) -> None:
+    """One JSON line per request of a workload, written once for every run of it: its session,
+    the request it follows (`after`), its prompt and output sizes, its arrival offset and the
+    event ids of its prompt's blocks, which say which requests share a prefix."""
     with path.open("w") as out:
-        for s, record in zip(sent, records, strict=True):
-            spec = specs[s.index]
+        for spec in workload.requests:
             line = {
-                "index": s.index,
+                "index": spec.index,
                 "session": spec.session,
                 "after": spec.after,
+                "offset": spec.offset,
                 "prompt_tokens": spec.prompt_tokens,
                 "max_tokens": spec.max_tokens,
                 "blocks": spec.block_ids,
+            }
+            out.write(json.dumps(line) + "\n")
+
+
+def write_requests(
+    path: Path, sent: Sequence[Sent], records: Sequence[Mapping[str, Any] | None]
+) -> None:
+    """One JSON line per request of a run (`index` as in the workload's file): what the client
+    saw (wall seconds from the run's start) and the simulator's record (simulated seconds, the
+    server that served it, its cached tokens). With the workload's file and the picker's
+    `--explain` log, enough to follow a cell's decisions request by request: which prompt went
+    where, which prefix it found there and what it waited for."""
+    with path.open("w") as out:
+        for s, record in zip(sent, records, strict=True):
+            line = {
+                "index": s.index,
                 "status": s.status,
                 "error": s.error,
                 "sent": s.sent,
@@ -544,6 +551,7 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
         )
         bodies = [wl.body_for(r, options.model, stream=options.stream) for r in workload.requests]
         plans.append((workload, bodies, blocks, oracle))
+        write_workload(logs / f"{workload.name}.workload.jsonl", workload)
     ports = allocate_ports(options.pods)
     cells = [
         (profile, plan, rate, competitor)
