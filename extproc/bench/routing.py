@@ -37,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -452,9 +452,10 @@ def write_workload(path: Path, workload: wl.Workload) -> None:
     """One JSON line per request of a workload, written once for every run of it: its session,
     the request it follows (`after`), its prompt and output sizes, its arrival offset and the
     event ids of its prompt's blocks, which say which requests share a prefix."""
-    with path.open("w") as out:
-        for spec in workload.requests:
-            line = {
+    _write_lines(
+        path,
+        (
+            {
                 "index": spec.index,
                 "session": spec.session,
                 "after": spec.after,
@@ -463,7 +464,9 @@ def write_workload(path: Path, workload: wl.Workload) -> None:
                 "max_tokens": spec.max_tokens,
                 "blocks": spec.block_ids,
             }
-            out.write(json.dumps(line) + "\n")
+            for spec in workload.requests
+        ),
+    )
 
 
 def write_requests(
@@ -472,11 +475,12 @@ def write_requests(
     """One JSON line per request of a run (`index` as in the workload's file): what the client
     saw (wall seconds from the run's start) and the simulator's record (simulated seconds, the
     server that served it, its cached tokens). With the workload's file and the picker's
-    `--explain` log, enough to follow a cell's decisions request by request: which prompt went
-    where, which prefix it found there and what it waited for."""
-    with path.open("w") as out:
-        for s, record in zip(sent, records, strict=True):
-            line = {
+    `--explain` log, enough to follow a cell's decisions request by request
+    (`benchmarks/predicted_vs_actual.py` does it for the cost's predictions)."""
+    _write_lines(
+        path,
+        (
+            {
                 "index": s.index,
                 "status": s.status,
                 "error": s.error,
@@ -486,7 +490,14 @@ def write_requests(
                 "response_id": s.response_id,
                 "sim": record,
             }
-            out.write(json.dumps(line) + "\n")
+            for s, record in zip(sent, records, strict=True)
+        ),
+    )
+
+
+def _write_lines(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
+    with path.open("w") as out:
+        out.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def _peer_notes(logs: Path) -> tuple[str, ...]:
