@@ -29,6 +29,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.bench import envoy, envoy_config
+from extproc.bench.processes import free_port_range
 from extproc.config import BodyMode, FailureMode
 from tests.fakes import vllm_metrics
 
@@ -273,6 +274,19 @@ class Picker:
             status: int = reply.status
             return status
 
+    def wait_port(self, port: int, within: float = 30.0) -> None:
+        """Until something accepts connections on `port` (a worker's metrics)."""
+        deadline = time.monotonic() + within
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"picker exited ({self.popen.returncode}):\n{_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing serves port {port}:\n{_tail(self.log)}")
+            time.sleep(0.1)
+
     def wait(self, service: str, within: float = 30.0) -> None:
         deadline = time.monotonic() + within
         while self.health(service) != health_pb2.HealthCheckResponse.SERVING:
@@ -292,12 +306,18 @@ def run_picker(
     extra: list[str] | None = None,
     config: dict[str, Any] | None = None,
     ready: bool = True,
+    workers: int = 1,
 ) -> Iterator[Picker]:
     """`extproc serve` on free ports; waits for liveness (and readiness when `ready`).
 
     `endpoints` become `--endpoints` (if any); `config` is written to a file for `--config`.
+    `workers` > 1 runs `--workers`, worker i serving metrics on `metrics_port + i`, and waits
+    until every worker serves them: the shared health port answers as soon as the first worker
+    is up, and a test that reads the second's metrics before it has started fails (seen in CI:
+    the second worker came up 350 ms after the first).
     """
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port, health_port = free_port(), free_port()
+    metrics_port = free_port_range(workers, avoid=(grpc_port, health_port))
     log = logs / f"picker-{grpc_port}.log"
     argv = [
         str(EXTPROC), "serve",
@@ -323,6 +343,8 @@ def run_picker(
     path = logs / f"picker-{grpc_port}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     argv += ["--config", str(path)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     argv += extra or []
     with log.open("wb") as out:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
@@ -331,6 +353,8 @@ def run_picker(
         picker.wait("liveness")
         if ready:
             picker.wait("readiness")
+        for worker in range(1, workers):
+            picker.wait_port(metrics_port + worker)
         yield picker
     finally:
         _stop(popen)

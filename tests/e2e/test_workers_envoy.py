@@ -49,7 +49,7 @@ async def test_two_workers_settle_every_request_through_envoy(
     logs: Path, addresses: list[str]
 ) -> None:
     with (
-        run_picker(logs, addresses, extra=["--workers", "2"]) as picker,
+        run_picker(logs, addresses, workers=2) as picker,
         run_envoy(
             logs, extproc=picker.address, endpoints=addresses, picker=picker, concurrency=2
         ) as stack,
