@@ -19,16 +19,13 @@ shared-prefix seed 0 collision in docs/benchmarks.md, "Since").
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from extproc.bench.routing import read_lines, workload_file
+
 BLOCK_TOKENS = 16  # the simulator's block size, as vLLM's default
-
-
-def records(path: Path) -> list[Mapping[str, Any]]:
-    return [json.loads(text) for text in path.read_text().splitlines()]
 
 
 def held_when(
@@ -51,16 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--next", type=int, default=3, help="requests after it to show (3)")
     options = parser.parse_args(argv)
     logs = options.output / "logs"
-    workload = next(
-        (p for p in logs.glob("*.workload.jsonl") if f"-{p.name.split('.')[0]}-" in options.run),
-        None,
-    )
+    workload = workload_file(logs, options.run)
     if workload is None:
         parser.error(f"no workload file in {logs} names run {options.run}")
-    blocks = {int(spec["index"]): spec["blocks"] for spec in records(workload)}
-    answers = [a for a in records(logs / f"{options.run}.requests.jsonl") if a["sim"] is not None]
+    blocks = {int(spec["index"]): spec["blocks"] for spec in read_lines(workload)}
+    answers = [a for a in read_lines(logs / f"{options.run}.requests.jsonl") if a["sim"]]
     answers.sort(key=lambda a: float(a["sim"]["arrival"]))
-    position = next(i for i, a in enumerate(answers) if int(a["index"]) == options.index)
+    position = next((i for i, a in enumerate(answers) if a["index"] == options.index), None)
+    if position is None:
+        parser.error(f"request {options.index} has no simulator record in run {options.run}")
     at = float(answers[position]["sim"]["arrival"])
     held = held_when(answers, blocks, at)
     servers = sorted({int(a["sim"]["server"]) for a in answers})
@@ -76,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         holder = max(servers, key=lambda s: len(mine & before.get(s, set())))
         most = len(mine & before.get(holder, set())) * BLOCK_TOKENS
         where = f"{holder} ({most:,d})" if most else "none"
-        ttft = 1000 * (sim["first_token"] - sim["arrival"]) if sim["first_token"] else float("nan")
+        first = sim["first_token"]
+        ttft = float("nan") if first is None else 1000 * (first - sim["arrival"])
         print(
             f"  {index:7d}  {sim['arrival'] - at:7.2f}  {sim['prompt_tokens']:6d}  {where:<16}"
             f"  {sim['server']:9d}  {sim['cached_tokens']:6d}  {ttft:7.0f}"

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from extproc.bench.routing import read_lines, workload_file
+
 Line = Mapping[str, Any]
 
 
@@ -35,10 +37,6 @@ def decisions(log: Path) -> list[Line]:
         for text in log.read_text().splitlines()
         if "decision " in text
     ]
-
-
-def lines(path: Path) -> list[Line]:
-    return [json.loads(text) for text in path.read_text().splitlines()]
 
 
 def quantiles(ratios: Sequence[float]) -> str:
@@ -53,7 +51,7 @@ def quantiles(ratios: Sequence[float]) -> str:
 
 def one_run(log: Path, requests: Path, prompts: Mapping[int, int], speed: float) -> None:
     decided = decisions(log)
-    answers = sorted(lines(requests), key=lambda line: float(line["sent"]))
+    answers = sorted(read_lines(requests), key=lambda line: float(line["sent"]))
     ports = [int(e["address"].rsplit(":", 1)[1]) for e in decided[0]["endpoints"]]
     first_port = min(ports)
     matched = 0
@@ -99,17 +97,11 @@ def main(argv: Sequence[str]) -> int:
     output = Path(argv[0])
     speed = float(json.loads((output / "routing.json").read_text())["options"]["speed"])
     logs = output / "logs"
-    # Prompt sizes per workload (`logs/<workload>.workload.jsonl`), for the runs named after it.
-    workloads = {
-        path.name.removesuffix(".workload.jsonl"): {
-            int(spec["index"]): int(spec["prompt_tokens"]) for spec in lines(path)
-        }
-        for path in logs.glob("*.workload.jsonl")
-    }
     for log in sorted(logs.glob("*.picker.log")):
         requests = logs / log.name.replace(".picker.log", ".requests.jsonl")
-        prompts = next((p for name, p in workloads.items() if f"-{name}-" in log.name), None)
-        if requests.exists() and prompts is not None:
+        workload = workload_file(logs, log.name.removesuffix(".picker.log"))
+        if requests.exists() and workload is not None:
+            prompts = {int(s["index"]): int(s["prompt_tokens"]) for s in read_lines(workload)}
             one_run(log, requests, prompts, speed)
     return 0
 

@@ -19,7 +19,9 @@ from extproc.bench.routing import (
     RoutingOptions,
     RoutingReport,
     WorkloadInfo,
+    read_lines,
     run_routing,
+    workload_file,
 )
 from extproc.bench.routing_cli import add_arguments, options_from_args
 from extproc.bench.runs import CpuUse, Ports, RunResult, envoy_bootstrap
@@ -408,13 +410,15 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         assert log.read_text().count("decision ") == 10, log.name
     # The workload's requests once, and every run's answers, one line each, with the server the
     # simulator says served it: the per-pod counts above come from the same records.
-    workload_lines = (tmp_path / "logs" / "shared-prefix.workload.jsonl").read_text().splitlines()
-    specs = {spec["index"]: spec for spec in map(json.loads, workload_lines)}
+    logs = tmp_path / "logs"
+    for r in report.results:
+        tag = f"{r.profile}-shared-prefix-5-{r.competitor.replace(':', '-')}"
+        assert workload_file(logs, tag) == logs / "shared-prefix.workload.jsonl"
+    specs = {spec["index"]: spec for spec in read_lines(logs / "shared-prefix.workload.jsonl")}
     assert sorted(specs) == list(range(10)) and all(spec["blocks"] for spec in specs.values())
     for r in report.results:
         tag = f"{r.profile}-shared-prefix-5-{r.competitor.replace(':', '-')}"
-        path = tmp_path / "logs" / f"{tag}.requests.jsonl"
-        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        lines = read_lines(logs / f"{tag}.requests.jsonl")
         assert sorted(line["index"] for line in lines) == list(range(10))
         served = Counter(line["sim"]["server"] for line in lines)
         assert tuple(served[i] for i in range(2)) == r.per_pod

@@ -59,3 +59,18 @@ def test_a_cold_prompt_on_the_server_holding_the_next_requests_prefix(tmp_path: 
     assert request == ["2", "0.00", "64", "none", "1", "0", "250"]
     # Request 3's 48 prefix tokens were held where request 2 went: server 1, three blocks.
     assert after == ["3", "0.50", "64", "1", "(48)", "1", "48", "250"]
+
+
+def test_a_request_without_a_record_is_a_clear_error(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    _write(logs / "random.workload.jsonl", [{"index": 0, "blocks": [1]}])
+    _write(logs / "h100-8b-random-10-cost.requests.jsonl", [_answer(0, 0, 1.0, 0)])
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "h100-8b-random-10-cost", "7"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "request 7 has no simulator record in run h100-8b-random-10-cost" in done.stderr

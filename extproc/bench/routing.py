@@ -22,7 +22,7 @@ profile, the picker told nothing about which.
 
 Every child process is stopped by its PID at the end of its run, also on errors and Ctrl-C.
 
-Long (about 610 lines): the matrix's options, records and run loop. One run's mechanics are in
+Long (about 620 lines): the matrix's options, records and run loop. One run's mechanics are in
 `runs`, the flags in `routing_cli`, the tables in `report`.
 """
 
@@ -498,6 +498,18 @@ def write_requests(
 def _write_lines(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
     with path.open("w") as out:
         out.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """A workload's or a run's records as `write_workload` and `write_requests` wrote them."""
+    return [json.loads(text) for text in path.read_text().splitlines()]
+
+
+def workload_file(logs: Path, run: str) -> Path | None:
+    """The records of the workload a run (`<profile>-<workload>-<rate>-<competitor>`) sent."""
+    return next(
+        (p for p in logs.glob("*.workload.jsonl") if f"-{p.name.split('.')[0]}-" in run), None
+    )
 
 
 def _peer_notes(logs: Path) -> tuple[str, ...]:
