@@ -1,0 +1,155 @@
+"""CPU the picker pays to follow KV-cache events, the ZMQ and asyncio path included.
+
+`kv_event_load.py` times decoding and applying batches alone. This one runs the real thing: a
+child process publishes with the simulator's `KVEventPublisher` (vLLM's wire format) on
+`--endpoints` PUB sockets, each at `--rate` batches per second, and this process follows them
+with the picker's `KVEventSubscribers` into a `PrefixIndex`. It reports the CPU this process used
+(every thread, ZMQ's I/O thread included) while the batches flowed, less what it used idle for
+as long, per batch.
+
+    .venv/bin/python benchmarks/kv_event_transport.py [--endpoints 4] [--rate 200] [--seconds 10]
+        [--output reports/kv-event-transport.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from extproc.prefix.hashing import BlockHash
+from extproc.sim.cache import BlockRemoved, BlockStored, CacheEvent
+from extproc.state.kv_events import KVEventSubscribers
+from extproc.state.kv_sources import KVEventEndpoint
+from extproc.state.prefix_index import PrefixIndex
+
+BLOCK = 16
+
+
+def _random_hash(rng: random.Random) -> BlockHash:
+    value = rng.getrandbits(63)
+    return BlockHash(value.to_bytes(32, "big"), value)
+
+
+def _steps(rng: random.Random, count: int, blocks: int) -> list[list[CacheEvent]]:
+    """Engine steps: one request's new full blocks stored, and once the cache is full the
+    oldest as many evicted (a steady state: the index neither grows nor empties)."""
+    held: list[BlockHash] = []
+    steps: list[list[CacheEvent]] = []
+    for _ in range(count):
+        hashes = tuple(_random_hash(rng) for _ in range(blocks))
+        tokens = tuple(rng.randrange(100_000) for _ in range(BLOCK * blocks))
+        events: list[CacheEvent] = [BlockStored(hashes, None, tokens, None, None, None)]
+        held.extend(hashes)
+        if len(held) > 20_000:
+            events.append(BlockRemoved(tuple(held[:blocks])))
+            del held[:blocks]
+        steps.append(events)
+    return steps
+
+
+async def _publish(endpoints: int, rate: float, seconds: float, blocks: int) -> None:
+    import zmq.asyncio
+
+    from extproc.sim.events import KVEventPublisher
+
+    ctx = zmq.asyncio.Context()
+    pubs = [
+        KVEventPublisher(ctx, endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0")
+        for _ in range(endpoints)
+    ]
+    print(json.dumps([[p.endpoint, p.replay_endpoint] for p in pubs]), flush=True)
+    steps = _steps(random.Random(0), int(rate * seconds) + 1, blocks)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
+    start = time.monotonic()
+    for i, events in enumerate(steps):
+        # Every endpoint publishes step i at the same moment, as a fleet in lockstep would not;
+        # spread over the period instead, so bursts do not flatter batching.
+        for k, pub in enumerate(pubs):
+            due = start + (i + k / endpoints) / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            pub.publish(events)
+    await asyncio.sleep(0.5)
+    for pub in pubs:
+        await pub.close()
+    ctx.term()
+
+
+async def _follow(
+    args: argparse.Namespace, child: subprocess.Popen[str], sockets: list[list[str]]
+) -> dict[str, float]:
+    assert child.stdin is not None
+    index = PrefixIndex()
+    subs = KVEventSubscribers(index)
+    await subs.set_endpoints(
+        KVEventEndpoint(f"127.0.0.1:{9000 + i}", publisher=pub, replay=replay)
+        for i, (pub, replay) in enumerate(sockets)
+    )
+    await asyncio.sleep(1.0)  # connected, the start-up replay done
+    idle_from, idle_main_from = time.process_time(), time.thread_time()
+    await asyncio.sleep(args.seconds)
+    idle = time.process_time() - idle_from
+    idle_main = time.thread_time() - idle_main_from
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    busy_from, busy_main_from = time.process_time(), time.thread_time()
+    await asyncio.sleep(args.seconds + 0.4)
+    busy = time.process_time() - busy_from
+    busy_main = time.thread_time() - busy_main_from
+    batches = sum(s.batches for s in subs.statuses())
+    resets = sum(s.resets for s in subs.statuses())
+    await subs.close()
+    return {
+        "batches": batches,
+        "resets": resets,
+        "busy_s": busy,
+        "idle_s": idle,
+        "loop_s": busy_main - idle_main,  # the event loop's thread alone
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoints", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=200.0, help="batches per second per endpoint")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--blocks", type=int, default=2, help="blocks stored per batch")
+    parser.add_argument("--output", type=Path, help="also write the figures here as JSON")
+    parser.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.publisher:
+        asyncio.run(_publish(args.endpoints, args.rate, args.seconds, args.blocks))
+        return
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--publisher", "--endpoints", str(args.endpoints),
+         "--rate", str(args.rate), "--seconds", str(args.seconds), "--blocks", str(args.blocks)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdout is not None
+    try:
+        r = asyncio.run(_follow(args, child, json.loads(child.stdout.readline())))
+    finally:
+        child.wait(30)
+    expected = int(args.rate * args.seconds + 1) * args.endpoints
+    extra = r["busy_s"] - r["idle_s"]
+    print("| endpoints | batches/s each | batches applied | resets | CPU busy / idle (s) "
+          "| CPU per batch | of it, the event loop's thread | cores |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {args.endpoints} | {args.rate:.0f} | {r['batches']:.0f} of {expected} "
+        f"| {r['resets']:.0f} | {r['busy_s']:.2f} / {r['idle_s']:.2f} "
+        f"| {1e6 * extra / max(1.0, r['batches']):.0f} µs "
+        f"| {1e6 * r['loop_s'] / max(1.0, r['batches']):.0f} µs | {extra / args.seconds:.3f} |"
+    )
+    if args.output is not None:
+        settings = {k: v for k, v in vars(args).items() if k not in {"output", "publisher"}}
+        args.output.write_text(json.dumps({"settings": settings, **r}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
