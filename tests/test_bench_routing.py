@@ -397,6 +397,9 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         # Streamed: the client's first chunk comes after the engine's first token.
         assert r.client_ttft_p50_ms >= r.ttft_p50_ms * 0.9
         assert r.output_tokens_per_s > 0 and 0 <= r.hit_rate <= r.oracle_hit_rate + 1e-9
+        # The picker's own pick time, read from its histogram; Envoy alone has none.
+        picked = not r.competitor.startswith("envoy:")
+        assert (0 < r.pick_mean_ms < 100) if picked else r.pick_mean_ms == 0, r
     # Round robin over 2 pods spreads 10 requests evenly: the picker's, the profile's, Envoy's.
     assert [report.results[i].per_pod for i in (0, 2, 3, 4, 6, 7)] == [(5, 5)] * 6
     # The L4 fleet is ~10x slower: its TTFTs show it (the rate was scaled down to match).

@@ -48,7 +48,7 @@ from extproc.bench import workloads as wl
 from extproc.bench.envoy import running_envoy
 from extproc.bench.harness import Progress, run_each, start_picker
 from extproc.bench.loadgen import quantile
-from extproc.bench.processes import PICKER_PREFIX, picker_argv, process
+from extproc.bench.processes import PICKER_PREFIX, picker_argv, picker_pick_mean_ms, process
 from extproc.bench.runs import (
     PROFILE,
     CpuMark,
@@ -429,6 +429,7 @@ def _one_run(
             )
         )
         end = CpuMark.now(fleet.pid, front_pid, envoy_pid)
+        pick_mean_ms = picker_pick_mean_ms(ports.metrics) if competitor.kind == "picker" else 0.0
         records = fetch_json(f"{records_url}/records", {"ids": [s.response_id for s in sent]})
         stats = fetch_json(f"{records_url}/stats")["servers"]
     write_requests(logs / f"{tag}.requests.jsonl", sent, records["records"])
@@ -445,6 +446,7 @@ def _one_run(
         oracle=oracle,
         wall_seconds=end.wall - mark.wall,
         cpu=mark.until(end),
+        pick_mean_ms=pick_mean_ms,
     )
 
 

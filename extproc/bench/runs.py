@@ -89,6 +89,9 @@ class RunResult:
     arrival_skew_ms: float  # spread of (server arrival - client send) in simulated ms; see report
     wall_seconds: float
     cpu: CpuUse
+    # The picker's mean time from the request body to its decision, wall ms, from its
+    # `extproc_pick_duration_seconds` at the end of the run; 0 for the peers and Envoy alone.
+    pick_mean_ms: float = 0.0
 
 
 # --- ports and processes ----------------------------------------------------------------------
@@ -384,6 +387,7 @@ def summarize(
     oracle: float,
     wall_seconds: float,
     cpu: CpuUse,
+    pick_mean_ms: float = 0.0,
 ) -> RunResult:
     """One run's figures from the client's log, the simulator's records and its counters."""
     ok = [(s, r) for s, r in zip(sent, records, strict=True) if s.status == 200 and r is not None]
@@ -441,4 +445,5 @@ def summarize(
         arrival_skew_ms=1000 * skew,
         wall_seconds=wall_seconds,
         cpu=cpu,
+        pick_mean_ms=pick_mean_ms,
     )
