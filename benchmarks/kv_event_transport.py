@@ -68,8 +68,8 @@ async def _publish(endpoints: int, rate: float, seconds: float, blocks: int) -> 
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
     start = time.monotonic()
     for i, events in enumerate(steps):
-        # Every endpoint publishes step i at the same moment, as a fleet in lockstep would not;
-        # spread over the period instead, so bursts do not flatter batching.
+        # The endpoints take turns within each period: real servers step out of phase, and
+        # batches sent together would share wake-ups and flatter the figure.
         for k, pub in enumerate(pubs):
             due = start + (i + k / endpoints) / rate
             await asyncio.sleep(max(0.0, due - time.monotonic()))
@@ -133,6 +133,9 @@ def main() -> None:
     assert child.stdout is not None
     try:
         r = asyncio.run(_follow(args, child, json.loads(child.stdout.readline())))
+    except BaseException:
+        child.kill()  # it may still be waiting for "go"
+        raise
     finally:
         child.wait(30)
     expected = int(args.rate * args.seconds + 1) * args.endpoints

@@ -164,8 +164,7 @@ def _cpu_or_gone(pid: int) -> float:
 
 def picker_ready_endpoints(metrics_port: int) -> float:
     """The picker's `extproc_endpoints{state="ready"}`, or -1 while it cannot be read."""
-    samples = _picker_samples(metrics_port)
-    for name, labels, value in samples or ():
+    for name, labels, value in _picker_samples(metrics_port):
         if name == "extproc_endpoints" and labels.get("state") == "ready":
             return value
     return -1.0
@@ -175,19 +174,20 @@ def picker_pick_mean_ms(metrics_port: int) -> float:
     """The picker's mean `extproc_pick_duration_seconds` so far (every strategy), in wall ms;
     0 when it cannot be read or has picked nothing."""
     totals = {"_sum": 0.0, "_count": 0.0}
-    for name, _, value in _picker_samples(metrics_port) or ():
+    for name, _, value in _picker_samples(metrics_port):
         for suffix in totals:
             if name == f"extproc_pick_duration_seconds{suffix}":
                 totals[suffix] += value
     return 1000 * totals["_sum"] / totals["_count"] if totals["_count"] else 0.0
 
 
-def _picker_samples(metrics_port: int) -> list[tuple[str, dict[str, str], float]] | None:
+def _picker_samples(metrics_port: int) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of the picker's /metrics; none while it cannot be read."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
-        return None
+        return []
     return [
         (sample.name, sample.labels, float(sample.value))
         for family in text_string_to_metric_families(text)
