@@ -8,7 +8,10 @@ with the picker's `KVEventSubscribers` into a `PrefixIndex`. It reports the CPU 
 as long, per batch.
 
     .venv/bin/python benchmarks/kv_event_transport.py [--endpoints 4] [--rate 200] [--seconds 10]
-        [--output reports/kv-event-transport.json]
+        [--bare] [--output reports/kv-event-transport.json]
+
+`--bare` follows the same stream with a plain synchronous pyzmq loop that only decodes: the
+floor of one wake-up per batch, for scale.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from extproc.prefix.hashing import BlockHash
 from extproc.sim.cache import BlockRemoved, BlockStored, CacheEvent
+from extproc.state.kv_decoding import decode_batch
 from extproc.state.kv_events import KVEventSubscribers
 from extproc.state.kv_sources import KVEventEndpoint
 from extproc.state.prefix_index import PrefixIndex
@@ -122,6 +126,55 @@ async def _follow(
     }
 
 
+def _follow_bare(
+    child: subprocess.Popen[str], sockets: list[list[str]], expected: int
+) -> dict[str, float]:
+    """The floor: a synchronous pyzmq loop that receives and decodes each batch, no asyncio,
+    no index, no replay. Its whole CPU while the batches flow (idle, it blocks in poll)."""
+    import zmq.constants
+    import zmq.error
+    from zmq.sugar.context import Context
+    from zmq.sugar.poll import Poller
+
+    assert child.stdin is not None
+    ctx = Context()
+    poller = Poller()
+    subs = []
+    for publisher, _ in sockets:
+        sub = ctx.socket(zmq.constants.SUB)
+        sub.setsockopt(zmq.constants.SUBSCRIBE, b"kv-events")
+        sub.connect(publisher)
+        poller.register(sub, zmq.constants.POLLIN)
+        subs.append(sub)
+    time.sleep(1.0)  # connected (ZMQ connects in the background)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    busy_from, busy_main_from, busy_wall = time.process_time(), time.thread_time(), time.monotonic()
+    batches = 0
+    while batches < expected and time.monotonic() - busy_wall < 60:
+        for sock, _ in poller.poll(100):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.constants.NOBLOCK)
+                except zmq.error.Again:
+                    break
+                decode_batch(frames[2])
+                batches += 1
+    took = time.monotonic() - busy_wall
+    result = {
+        "batches": batches,
+        "resets": 0,
+        "seconds": took,
+        "busy_s": time.process_time() - busy_from,
+        "idle_s": 0.0,
+        "loop_s": time.thread_time() - busy_main_from,
+    }
+    for sub in subs:
+        sub.close(linger=0)
+    ctx.term()
+    return result
+
+
 async def _until(condition: Callable[[], bool], *, within: float) -> None:
     """Polls: the subscribers' statuses change inside their own tasks and signal nothing."""
     deadline = time.monotonic() + within
@@ -135,6 +188,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="batches per second per endpoint")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--blocks", type=int, default=2, help="blocks stored per batch")
+    parser.add_argument(
+        "--bare", action="store_true", help="the floor: a plain pyzmq loop that only decodes"
+    )
     parser.add_argument("--output", type=Path, help="also write the figures here as JSON")
     parser.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,7 +206,10 @@ def main() -> None:
     expected = int(args.rate * args.seconds + 1) * args.endpoints
     try:
         sockets = json.loads(child.stdout.readline())
-        r = asyncio.run(_follow(args, child, sockets, expected))
+        if args.bare:
+            r = _follow_bare(child, sockets, expected)
+        else:
+            r = asyncio.run(_follow(args, child, sockets, expected))
     except BaseException:
         child.kill()  # it may still be waiting for "go"
         raise

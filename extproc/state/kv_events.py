@@ -261,7 +261,7 @@ class _Subscriber:
             # Received through synchronous views of the two sockets, woken by the event loop's
             # reader on ZMQ's descriptor: with pyzmq's asyncio receives and poller (their futures
             # and re-registrations) a batch cost 360-390 µs of CPU, now 220-230 µs, where a bare
-            # synchronous loop takes 130 (docs/benchmarks.md, benchmarks/kv_event_transport.py).
+            # synchronous loop takes 135 (docs/benchmarks.md, benchmarks/kv_event_transport.py).
             live, events = Socket.shadow(sub), Socket.shadow(monitor)
             wake = asyncio.Event()
             for sock in (live, events):
