@@ -15,6 +15,9 @@ from extproc.server.app import PickerServer
 from tests.fakes import ModelServer
 from tests.redis_server import RedisServer, running_redis
 
+# Starts `extproc demo --quick` when collection finishes, if tests/test_demo.py is selected.
+pytest_plugins = ("tests.demo_run",)
+
 
 @pytest.fixture
 async def model_servers() -> AsyncIterator[Callable[..., Awaitable[ModelServer]]]:

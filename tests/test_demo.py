@@ -1,7 +1,8 @@
 """`extproc demo --quick` end to end: real processes, real Envoy; checks the report's content.
 
-The demo is run once (module fixture) as a subprocess, exactly as `make demo` runs it, and the
-tests read what it printed and the JSON and markdown it wrote. Nothing here depends on how fast
+The demo is run once as a subprocess, exactly as `make demo` runs it (started when collection
+finishes, so that it runs beside the rest of the suite: tests/demo_run.py), and the tests read
+what it printed and the JSON and markdown it wrote. Nothing here depends on how fast
 the machine is: only counts, ranges and the presence of numbers are checked.
 """
 
@@ -20,6 +21,7 @@ import pytest
 
 from extproc.bench.demo_plan import CONCENTRATION_REASONS, STRATEGIES, STRATEGY_SUMMARIES
 from extproc.bench.demo_report import StrategyResult, _in_short, _routing
+from tests.demo_run import started_demo
 
 pytestmark = pytest.mark.e2e
 
@@ -34,22 +36,20 @@ class DemoRun:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    output = tmp_path_factory.mktemp("demo")
-    done = subprocess.run(
-        [sys.executable, "-m", "extproc.cli", "demo", "--quick", "--output", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+def demo(request: pytest.FixtureRequest) -> DemoRun:
+    """The demo this session started when collection finished (tests/demo_run.py)."""
+    started = started_demo(request.config)
+    assert started is not None, "tests/demo_run.py starts the demo when this module is selected"
+    returncode = started.wait(timeout=300)
+    stdout, stderr = started.stdout.read_text(), started.stderr.read_text()
+    assert returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    report = started.output / "report"
     return DemoRun(
-        returncode=done.returncode,
-        stdout=done.stdout,
-        stderr=done.stderr,
-        report=json.loads((output / "demo.json").read_text()),
-        markdown=(output / "demo.md").read_text(),
+        returncode=returncode,
+        stdout=stdout,
+        stderr=stderr,
+        report=json.loads((report / "demo.json").read_text()),
+        markdown=(report / "demo.md").read_text(),
     )
 
 

@@ -15,13 +15,15 @@ import logging
 import signal
 import sys
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 
 from extproc._generated import state_pb2_grpc as pb_grpc
 from extproc.config import Config, ConfigError
 from extproc.serving.flags import SERVER_FLAGS, add_pool_arguments, config_from_flags
+from extproc.serving.prometheus import close_metrics, serve_metrics
 from extproc.serving.tls import add_port
 from extproc.state.discovery import Discovery
 from extproc.state.discovery.configured import discovery_for
@@ -55,7 +57,7 @@ class CollectorServer:
         self._port = port
         self._metrics_port = metrics_port
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_http: Any = None
+        self._metrics_http: WSGIServer | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -65,9 +67,7 @@ class CollectorServer:
         self.port = add_port(self._grpc, f"{host}:{self._port}", self.config.server)
         await self.state.start()
         await self._grpc.start()
-        self._metrics_http, _ = start_http_server(
-            self._metrics_port, addr=host, registry=self.registry
-        )
+        self._metrics_http = serve_metrics(self._metrics_port, host, self.registry)
         log.info("extproc collector streaming state on :%d", self.port)
 
     async def stop(self) -> None:
@@ -75,8 +75,7 @@ class CollectorServer:
             await self._grpc.stop(1.0)
         await self.state.stop()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            close_metrics(self._metrics_http)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

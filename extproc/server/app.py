@@ -15,13 +15,13 @@ import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from grpc_health.v1 import health_pb2_grpc
-from prometheus_client import start_http_server
 
 from extproc.config import Config, ConfigError, KubernetesDiscoveryConfig
 from extproc.metrics import PickerMetrics, PoolCollector
@@ -41,6 +41,7 @@ from extproc.server.health import PREFIX_HASHING_CONDITION, Health
 from extproc.server.prefill import HttpPrefiller
 from extproc.server.stream import RESPONSE_PATH_METADATA, StreamHandler
 from extproc.server.workers import LogRelay
+from extproc.serving.prometheus import close_metrics, serve_metrics
 from extproc.serving.tls import add_port
 from extproc.state.discovery import Discovery, ReportsProblems
 from extproc.state.discovery.configured import discovery_for
@@ -212,7 +213,7 @@ class PickerServer:
         self._shared_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None
         self._objectives_task: asyncio.Task[None] | None = None
-        self._metrics_http: Any = None
+        self._metrics_http: WSGIServer | None = None
         self.grpc_port = 0
         self.health_port = 0
         self.metrics_port = 0
@@ -273,9 +274,7 @@ class PickerServer:
         if self.objectives_watch is not None:
             self._objectives_task = asyncio.create_task(self.objectives_watch.run())
 
-        self._metrics_http, _ = start_http_server(
-            server.metrics_port, addr=server.host, registry=self.metrics.registry
-        )
+        self._metrics_http = serve_metrics(server.metrics_port, server.host, self.metrics.registry)
         self.metrics_port = self._metrics_http.server_port
         await self._grpc.start()
         await self.health.ready()
@@ -353,8 +352,7 @@ class PickerServer:
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            close_metrics(self._metrics_http)
 
 
 class _MismatchSink:

@@ -83,7 +83,7 @@ async def _raw(
     async def receive() -> bytes:
         data = b""
         with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(65536):
+            while not _complete(data) and (chunk := await reader.read(65536)):
                 data += chunk
         return data
 
@@ -112,6 +112,23 @@ async def _raw(
     if reply_headers.get("transfer-encoding") == "chunked":
         raw_body = _unchunk(raw_body)
     return Reply(int(status_line.split()[1]), reply_headers, raw_body)
+
+
+def _complete(data: bytes) -> bool:
+    """Whether `data` holds a whole HTTP/1.1 response. Read to the end instead, the client would
+    wait on Envoy: after a reply of its own it closes the connection only once the client has,
+    or after its `delayed_close_timeout` (1 s)."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    fields = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    }
+    if fields.get(b"transfer-encoding") == b"chunked":
+        return body.endswith(b"0\r\n\r\n")
+    length = fields.get(b"content-length")
+    return length is not None and len(body) >= int(length)
 
 
 def _unchunk(data: bytes) -> bytes:
