@@ -19,12 +19,14 @@ from extproc.bench.routing import (
     RoutingOptions,
     RoutingReport,
     WorkloadInfo,
+    picker_config,
     read_lines,
     run_routing,
     workload_file,
 )
 from extproc.bench.routing_cli import add_arguments, options_from_args
 from extproc.bench.runs import CpuUse, Ports, RunResult, envoy_bootstrap
+from extproc.config.loading import load_config
 from extproc.prefix.tokenizers import Tokenizer, load_tokenizer
 from extproc.scheduling.profiles import parse_endpoint_picker_config
 from extproc.sim.profiles import get_profile
@@ -245,6 +247,18 @@ def test_scheduling_option_is_checked(tmp_path: Path) -> None:
     config.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="expected an EndpointPickerConfig"):
         options_from_args(parser.parse_args(["--scheduling", str(config)]))
+
+
+@pytest.mark.parametrize(("flags", "follows"), [((), True), (("--no-kv-events",), False)])
+def test_the_picker_follows_kv_events_unless_told_not_to(
+    flags: tuple[str, ...], follows: bool
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = options_from_args(parser.parse_args(["--quick", *flags]))
+    config = picker_config(options)
+    assert config["kv_events"] == {"enabled": follows}
+    assert load_config(overrides=config).kv_events.enabled is follows  # the picker takes it
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,9 @@ class RoutingOptions:
     # The picker logs each decision's per-endpoint scores (`scheduling.explain`) into its run's
     # log under `logs/`: how to see why a cell went the way it did. It costs the picker time.
     explain: bool = False
+    # The picker follows the fleet's KV events (the prefix-aware strategies' precise index);
+    # False leaves it the approximate index alone: what the events cost on the routing path.
+    kv_events: bool = True
     output: Path = DEFAULT_OUTPUT
     quick: bool = False
 
@@ -533,17 +536,13 @@ def _peer_notes(logs: Path) -> tuple[str, ...]:
 _Plan = tuple[wl.Workload, list[bytes], int, float]
 
 
-def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingReport:
-    started = time.monotonic()
-    competitors = options.competitors()
-    output = options.output
-    logs = output / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+def picker_config(options: RoutingOptions) -> dict[str, Any]:
+    """The picker's config for every picker run (written to `logs/picker.yaml`)."""
     # Nothing is in flight between runs, so the picker may stop at once; KV events feed the
     # prefix-aware strategies (the fleet publishes them for every picker run).
     picker: dict[str, Any] = {
         "server": {"shutdown_grace_seconds": 0, "drain_delay_seconds": 0},
-        "kv_events": {"enabled": True},
+        "kv_events": {"enabled": options.kv_events},
         "collector": {"interval_seconds": options.scrape_interval},
         "prefix": dict(PICKER_PREFIX),
     }
@@ -552,6 +551,16 @@ def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingRep
         scheduling["endpoint_picker_config"] = dict(options.scheduling)
     if scheduling:
         picker["scheduling"] = scheduling
+    return picker
+
+
+def run_routing(options: RoutingOptions, *, progress: bool = True) -> RoutingReport:
+    started = time.monotonic()
+    competitors = options.competitors()
+    output = options.output
+    logs = output / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    picker = picker_config(options)
     (logs / "picker.yaml").write_text(yaml.safe_dump(picker, sort_keys=False))
     workloads = build_workloads(options)
     infos = []

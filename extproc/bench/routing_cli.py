@@ -119,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(slower picks: for reading a cell, not for its figures)",
     )
     parser.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="the picker does not follow the fleet's KV events (its approximate prefix index "
+        "only): what following them costs on the routing path",
+    )
+    parser.add_argument(
         "--workload",
         choices=("pd",),
         default=None,
@@ -164,6 +170,8 @@ def options_from_args(args: argparse.Namespace) -> RoutingOptions:
         overrides["stream"] = False
     if args.explain:
         overrides["explain"] = True
+    if args.no_kv_events:
+        overrides["kv_events"] = False
     options = (
         RoutingOptions.quick_options(**overrides) if args.quick else RoutingOptions(**overrides)
     )
