@@ -3,7 +3,10 @@
 A servicer that answers every ProcessingRequest with an empty ProcessingResponse, driven over
 loopback by a grpc.aio client in this process with short streams (5 messages each, like one
 Envoy request), 20 streams at a time. The server runs in a child process so its CPU time is its
-own; three variants: grpc.aio on asyncio, grpc.aio on uvloop, and the sync server.
+own; four variants: grpc.aio on asyncio, grpc.aio on uvloop (the picker's), the same with
+grpc.aio's read/write API instead of the request iterator and async generator, and the sync
+server. Then the latency of a round trip with one stream at a time (client included: it is
+Python too).
 
     .venv/bin/python benchmarks/grpc_message_cost.py
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -37,6 +41,14 @@ class _Async(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             yield ProcessingResponse()
 
 
+class _ReadWrite(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """The same, on grpc.aio's read/write API instead of the iterator and async generator."""
+
+    async def Process(self, messages: AsyncIterator[ProcessingRequest], context: Any) -> None:
+        while (await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            await context.write(ProcessingResponse())
+
+
 class _Sync(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def Process(
         self, messages: Iterator[ProcessingRequest], context: Any
@@ -45,9 +57,9 @@ class _Sync(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             yield ProcessingResponse()
 
 
-async def _serve_async(port: int) -> None:
+async def _serve_async(port: int, servicer: Any) -> None:
     server = grpc.aio.server()
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(_Async(), server)
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
@@ -62,18 +74,18 @@ def _serve(variant: str, port: int) -> None:
         server.start()
         print("ready", flush=True)
         server.wait_for_termination()
-    elif variant == "uvloop":
+    elif variant.startswith("uvloop"):
         import uvloop
 
-        uvloop.run(_serve_async(port))
+        uvloop.run(_serve_async(port, _ReadWrite() if variant.endswith("rw") else _Async()))
     else:
-        asyncio.run(_serve_async(port))
+        asyncio.run(_serve_async(port, _Async()))
 
 
-async def _drive(port: int, streams: int) -> None:
+async def _drive(port: int, streams: int, at_once: int = 20) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = ext_proc_grpc.ExternalProcessorStub(channel)
-        gate = asyncio.Semaphore(20)
+        gate = asyncio.Semaphore(at_once)
         message = ProcessingRequest(request_body=HttpBody(body=b"x" * 1000))
 
         async def one() -> None:
@@ -98,16 +110,19 @@ def main() -> None:
         return
     from extproc.bench.processes import free_ports, process
 
-    print("| server | CPU µs per message (in + reply) |")
-    print("|---|---:|")
-    for variant in ("asyncio", "uvloop", "sync"):
+    print("| server | CPU µs per message (in + reply) | µs per round trip, one stream at a time |")
+    print("|---|---:|---:|")
+    for variant in ("asyncio", "uvloop", "uvloop-rw", "sync"):
         (port,) = free_ports(1)
         with process([sys.executable, __file__, variant, str(port)], ready_line="ready") as child:
             asyncio.run(_drive(port, 20))  # warm up
             before = _cpu(child.pid)
             asyncio.run(_drive(port, STREAMS))
             used = _cpu(child.pid) - before
-        print(f"| grpc {variant} | {1e6 * used / (STREAMS * PER_STREAM):.0f} |")
+            started = time.perf_counter()
+            asyncio.run(_drive(port, STREAMS // 5, at_once=1))
+            trip = (time.perf_counter() - started) / (STREAMS // 5 * PER_STREAM)
+        print(f"| grpc {variant} | {1e6 * used / (STREAMS * PER_STREAM):.0f} | {1e6 * trip:.0f} |")
 
 
 if __name__ == "__main__":
