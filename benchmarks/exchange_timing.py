@@ -11,17 +11,19 @@ print those times (`%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:...)%`, and
   (US_TX_BEG): what routing added to the request's path, as Envoy saw it;
 - `client TTFT`: at the client, to the first byte of a streamed answer.
 
-Four listeners on the same instant backends (`extproc.bench.backend`), driven in turn, in two
+Listeners on the same instant backends (`extproc.bench.backend`), driven in turn, in two
 rounds: Envoy alone (no ext_proc), a minimal ext_proc servicer (grpc.aio on uvloop, as the
 picker; it answers the headers and routes round robin on the body, and does nothing else: the
 floor of any Python ext_proc server), and the picker (`extproc serve`: its defaults, but the
 routing benchmark's tokenizer, `cl100k_base`, since these backends have no /tokenize) with
 round-robin and with `cost`, both named per request (`x-routing-strategy`). Open loop at
 `--rate` requests per second, `--kb` KB completion prompts that share nothing (so `cost` probes
-each cold), answers streamed (20 tokens).
+each cold), answers streamed (20 tokens). `--body-modes buffered,streamed` adds the three ext_proc
+variants again with the request body in FULL_DUPLEX_STREAMED mode, where Envoy sends the body
+without waiting for the headers' answer (`-streamed`).
 
     .venv/bin/python benchmarks/exchange_timing.py [--requests 200] [--rate 10] [--kb 10]
-        [--output DIR]
+        [--body-modes buffered] [--rounds 2] [--output DIR]
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import aiohttp
 import grpc
 import yaml
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
@@ -56,9 +59,10 @@ from extproc.bench.processes import (
     process,
     wait_picker,
 )
+from extproc.config import BodyMode
 from extproc.server import reply
 
-VARIANTS = ("envoy", "minimal", "round-robin", "cost")
+SERVERS = ("minimal", "round-robin", "cost")
 # The access log line: Envoy's times for the exchange (microseconds), one JSON object a request.
 _TIMING_FORMAT = {
     "status": "%RESPONSE_CODE%",
@@ -69,10 +73,22 @@ _TIMING_FORMAT = {
 }
 _TIMES = ("held", "headers", "body")
 _FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+_FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+
+
+def variants(body_modes: Sequence[BodyMode]) -> list[str]:
+    """Envoy alone, then each ext_proc server in each body mode (`-streamed` when streamed)."""
+    return ["envoy"] + [
+        server + ("" if mode == "buffered" else f"-{mode}")
+        for mode in body_modes
+        for server in SERVERS
+    ]
 
 
 class _Minimal(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """Answers the bundled `ended` path's three messages, routing round robin: nothing else."""
+    """Answers the bundled `ended` path's messages, routing round robin: nothing else. In
+    FULL_DUPLEX_STREAMED mode, as the picker does, it holds the headers' answer until the body
+    has ended and sends the body back."""
 
     def __init__(self, targets: Sequence[str]) -> None:
         self._turn = itertools.cycle(targets)
@@ -81,10 +97,23 @@ class _Minimal(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, messages: AsyncIterator[ProcessingRequest], context: Any
     ) -> AsyncIterator[ProcessingResponse]:
+        streamed = False
+        parts: list[bytes] = []
         async for message in messages:
+            if message.HasField("protocol_config"):
+                streamed = message.protocol_config.request_body_mode == _FULL_DUPLEX
             kind = message.WhichOneof("request")
-            if kind == "request_headers":
+            if kind == "request_headers" and not streamed:
                 yield reply.CONTINUE_REQUEST_HEADERS
+            elif kind == "request_body" and streamed:
+                parts.append(message.request_body.body)
+                if message.request_body.end_of_stream:
+                    target, name = next(self._turn), f"m-{next(self._names)}"
+                    yield reply.route_in_headers(target, request_id=name)
+                    for response in reply.streamed_request_body(
+                        b"".join(parts), end_of_stream=True
+                    ):
+                        yield response
             elif kind == "request_body" and message.request_body.end_of_stream:
                 yield reply.route_in_body(next(self._turn), request_id=f"m-{next(self._names)}")
             elif kind == "request_body":
@@ -189,15 +218,32 @@ async def _drive(
     return ttfts, errors
 
 
-def run(requests: int, rate: float, kb: float, rounds: int = 2) -> list[VariantResult]:
+def run(
+    requests: int,
+    rate: float,
+    kb: float,
+    *,
+    rounds: int = 2,
+    body_modes: Sequence[BodyMode] = ("buffered",),
+) -> list[VariantResult]:
     backend_ports = free_ports(4)
-    grpc_port, health, metrics, minimal_port, admin, admin2, direct, picker, minimal = free_ports(9)
+    grpc_port, health, metrics, minimal_port, admin, admin2, direct = free_ports(7)
+    # One listener per body mode on each Envoy: "ended" (buffered), "ended-streamed".
+    paths = ["ended" if mode == "buffered" else f"ended-{mode}" for mode in body_modes]
+    picker_ports = dict(zip(paths, free_ports(len(paths)), strict=True))
+    minimal_ports = dict(zip(paths, free_ports(len(paths)), strict=True))
     endpoints = [f"127.0.0.1:{p}" for p in backend_ports]
     python = sys.executable
     backend_cmd = [python, "-m", "extproc.bench.backend", MODEL, *map(str, backend_ports)]
     minimal_cmd = [python, __file__, "--serve-minimal", str(minimal_port), ",".join(endpoints)]
-    ttfts: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    errors = dict.fromkeys(VARIANTS, 0)
+    names = variants(body_modes)
+    urls = {"envoy": direct}
+    for mode, path in zip(body_modes, paths, strict=True):
+        suffix = "" if mode == "buffered" else f"-{mode}"
+        urls |= {f"minimal{suffix}": minimal_ports[path]}
+        urls |= {f"{strategy}{suffix}": picker_ports[path] for strategy in SERVERS[1:]}
+    ttfts: dict[str, list[float]] = {v: [] for v in names}
+    errors = dict.fromkeys(names, 0)
     with tempfile.TemporaryDirectory(prefix="extproc-exchange-") as scratch:
         logs = Path(scratch)
         config = logs / "picker.yaml"
@@ -205,13 +251,13 @@ def run(requests: int, rate: float, kb: float, rounds: int = 2) -> list[VariantR
         config.write_text(yaml.safe_dump({"prefix": dict(PICKER_PREFIX)}))
         picker_cmd = picker_argv(config, endpoints, grpc=grpc_port, health=health, metrics=metrics)
         routed = bootstrap_with_direct_listener(
-            ports={"envoy": direct, "ended": picker},
+            ports={"envoy": direct, **picker_ports},
             extproc=f"127.0.0.1:{grpc_port}",
             endpoints=endpoints,
             admin_port=admin,
         )
         floor = bootstrap_with_direct_listener(
-            ports={"ended": minimal},
+            ports=minimal_ports,
             extproc=f"127.0.0.1:{minimal_port}",
             endpoints=endpoints,
             admin_port=admin2,
@@ -232,21 +278,16 @@ def run(requests: int, rate: float, kb: float, rounds: int = 2) -> list[VariantR
                     _with_timing_log(floor, logs, "minimal"), admin_port=admin2, log_level="error"
                 ),
             ):
-                urls = {
-                    "envoy": direct,
-                    "minimal": minimal,
-                    "round-robin": picker,
-                    "cost": picker,
-                }
-                for round_, variant in itertools.product(range(rounds), VARIANTS):
+                for round_, variant in itertools.product(range(rounds), names):
                     url = f"http://127.0.0.1:{urls[variant]}/v1/completions"
-                    strategy = {"x-routing-strategy": variant} if variant in VARIANTS[2:] else {}
+                    strategy = variant.removesuffix("-streamed")
+                    asked = {"x-routing-strategy": strategy} if strategy in SERVERS[1:] else {}
                     bodies = _bodies(requests, kb, seed=round_)
-                    got, failed = asyncio.run(_drive(url, bodies, rate, strategy, seed=round_))
+                    got, failed = asyncio.run(_drive(url, bodies, rate, asked, seed=round_))
                     ttfts[variant] += got
                     errors[variant] += failed
         # Envoy writes its access logs out when it stops: read them only now.
-        timings = _read_timings(logs)
+        timings = _read_timings(logs, body_modes)
     return [
         VariantResult(
             variant=variant,
@@ -255,23 +296,25 @@ def run(requests: int, rate: float, kb: float, rounds: int = 2) -> list[VariantR
             client_ttft_p50_ms=statistics.median(ttfts[variant]),
             envoy_ms=timings[variant],
         )
-        for variant in VARIANTS
+        for variant in names
     ]
 
 
-def _read_timings(logs: Path) -> dict[str, dict[str, tuple[float, float]]]:
+def _read_timings(
+    logs: Path, body_modes: Sequence[BodyMode]
+) -> dict[str, dict[str, tuple[float, float]]]:
     """Per variant, per time, p50/p90 in ms, from the access logs Envoy wrote."""
 
     def entries(name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (logs / f"{name}.log").read_text().splitlines()]
 
-    picker = entries("picker-ended")
-    per_variant = {
-        "envoy": entries("picker-envoy"),
-        "minimal": entries("minimal-ended"),
-        "round-robin": [e for e in picker if e["strategy"] == "round-robin"],
-        "cost": [e for e in picker if e["strategy"] == "cost"],
-    }
+    per_variant = {"envoy": entries("picker-envoy")}
+    for mode in body_modes:
+        suffix = "" if mode == "buffered" else f"-{mode}"
+        picker = entries(f"picker-ended{suffix}")
+        per_variant[f"minimal{suffix}"] = entries(f"minimal-ended{suffix}")
+        for strategy in SERVERS[1:]:
+            per_variant[f"{strategy}{suffix}"] = [e for e in picker if e["strategy"] == strategy]
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for variant, logged in per_variant.items():
         out[variant] = {}
@@ -322,9 +365,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second")
     parser.add_argument("--kb", type=float, default=10.0, help="request body size (KB)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--body-modes",
+        default="buffered",
+        help="comma-separated: buffered (the bundled mode), streamed (FULL_DUPLEX_STREAMED)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write exchange.json here")
     args = parser.parse_args(args_list)
-    results = run(args.requests, args.rate, args.kb, rounds=args.rounds)
+    modes = [mode for mode in args.body_modes.split(",") if mode]
+    if not modes or set(modes) - set(get_args(BodyMode)):
+        parser.error(f"--body-modes: one or more of {', '.join(get_args(BodyMode))}")
+    results = run(
+        args.requests,
+        args.rate,
+        args.kb,
+        rounds=args.rounds,
+        body_modes=cast("list[BodyMode]", modes),
+    )
     table = render(results)
     print(table)
     if args.output is not None:

@@ -1,5 +1,6 @@
 """`benchmarks/exchange_timing.py` end to end, briefly: real Envoy, the picker, the minimal
-servicer; every request answered and timed by Envoy (run as a script, as documented)."""
+servicer, both body modes; every request answered and timed by Envoy (run as a script, as
+documented)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.e2e
 
 def test_every_variant_is_answered_and_timed_by_envoy(tmp_path: Path) -> None:
     args = ["--requests", "6", "--rate", "30", "--kb", "4", "--rounds", "1"]
+    args += ["--body-modes", "buffered,streamed"]
     run = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--output", str(tmp_path)],
         check=False,
@@ -27,7 +29,11 @@ def test_every_variant_is_answered_and_timed_by_envoy(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "exchange.json").read_text())
     results = {r["variant"]: r for r in report["results"]}
-    assert list(results) == ["envoy", "minimal", "round-robin", "cost"]
+    assert list(results) == [
+        "envoy",
+        *("minimal", "round-robin", "cost"),
+        *("minimal-streamed", "round-robin-streamed", "cost-streamed"),
+    ]
     for variant, result in results.items():
         assert (result["requests"], result["errors"]) == (6, 0), variant
         assert result["client_ttft_p50_ms"] > 0
@@ -39,4 +45,16 @@ def test_every_variant_is_answered_and_timed_by_envoy(tmp_path: Path) -> None:
         assert ("body" in result["envoy_ms"]) is asked
         if asked:
             assert result["envoy_ms"]["headers"][0] > 0 and result["envoy_ms"]["body"][0] > 0
-    assert "| cost | 6 | 0 |" in run.stdout
+    assert "| cost-streamed | 6 | 0 |" in run.stdout
+
+
+def test_an_unknown_body_mode_is_refused() -> None:
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--body-modes", "chunked"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "--body-modes" in run.stderr
