@@ -43,9 +43,15 @@ class StartedDemo:
             pytest.fail(f"extproc demo --quick ran over {timeout:.0f} s")
 
     def stop(self) -> None:
+        """SIGTERM first: the demo then stops its fleet, picker and Envoy by their PIDs
+        (`run_stoppable`); SIGKILL would leave them running."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
 
 
 _STARTED = pytest.StashKey[StartedDemo]()
