@@ -179,7 +179,7 @@ def _with_timing_log(bootstrap: str, logs: Path, prefix: str) -> str:
 
 def _bodies(count: int, kb: float, seed: int) -> list[bytes]:
     """Streamed completion requests of about `kb` KB whose prompts share nothing (each starts
-    with its own number), 20 tokens each."""
+    with its seed and its number), 20 tokens each."""
     base = json.loads(request_body(int(kb * 1024), tokens=20, stream=True))
     prompt = base["prompt"]
     bodies = []
@@ -278,12 +278,13 @@ def run(
                     _with_timing_log(floor, logs, "minimal"), admin_port=admin2, log_level="error"
                 ),
             ):
-                for round_, variant in itertools.product(range(rounds), names):
+                for seed, (_, variant) in enumerate(itertools.product(range(rounds), names)):
                     url = f"http://127.0.0.1:{urls[variant]}/v1/completions"
                     strategy = variant.removesuffix("-streamed")
                     asked = {"x-routing-strategy": strategy} if strategy in SERVERS[1:] else {}
-                    bodies = _bodies(requests, kb, seed=round_)
-                    got, failed = asyncio.run(_drive(url, bodies, rate, asked, seed=round_))
+                    # A seed per phase: no phase sends a prompt the picker has seen before.
+                    bodies = _bodies(requests, kb, seed=seed)
+                    got, failed = asyncio.run(_drive(url, bodies, rate, asked, seed=seed))
                     ttfts[variant] += got
                     errors[variant] += failed
         # Envoy writes its access logs out when it stops: read them only now.
