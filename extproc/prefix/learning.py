@@ -6,13 +6,12 @@ those at once, and the rest once a background task has computed them, after the 
 gone out. That task also fills the token and hash caches, which the conversation's next turn
 will probe. Tasks still running when the picker stops are cancelled.
 
-"After the decision has gone out" needs a wait: the task is created while the decision is
-made, and the replies that carry it are sent by grpc.aio in later turns of the event loop (two
-messages in FULL_DUPLEX_STREAMED mode, with an await between them). Started at once, the task's
-hashing ran on the loop first and held the reply back: on Envoy's clock
-(`benchmarks/exchange_timing.py`, 10 KB cold prompts, `cost`) 1.1 ms more held per request
-streamed, 0.2 ms buffered. A few milliseconds later, the replies are out; the conversation's
-next turn comes seconds later, and the probed blocks are learned at once anyway.
+The task starts at once, so it runs before the next request's decision: a burst of requests on
+one prompt (agent fan-out) then sees it whole. The price is paid by the request that made it:
+grpc.aio sends the reply in a later turn of the event loop, after the task's hashing (on
+Envoy's clock, 10 KB cold prompts with `cost`: 0.2 ms more held buffered, 1 ms more streamed,
+where the reply is two messages). Started 5 ms later instead, agent-fan-out's hit rate fell in
+each of four seeds (71 % -> 62-69 %, `benchmarks/routing_ab.py`, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -37,12 +36,9 @@ class Learning:
     """One per pipeline. `learned`: the index that learns from our picks, if one; `probing`:
     whether any index probes prompts past their first chunk (else finishing one is wasted)."""
 
-    def __init__(
-        self, learned: RoutedPrompts | None, *, probing: bool, start_after: float = 0.005
-    ) -> None:
+    def __init__(self, learned: RoutedPrompts | None, *, probing: bool) -> None:
         self._learned = learned
         self._probing = probing
-        self._start_after = start_after  # seconds: the decision's replies go out first
         self.pending: set[asyncio.Task[None]] = set()  # held until done, cancelled on close
 
     def learn(self, probe: PromptProbe, target: str) -> None:
@@ -61,7 +57,6 @@ class Learning:
         await asyncio.gather(*self.pending, return_exceptions=True)
 
     async def _finish(self, probe: PromptProbe, target: str) -> None:
-        await asyncio.sleep(self._start_after)
         try:
             tokens = await probe.finish()
         except Exception:  # background work: a failure must not end the picker
