@@ -2,8 +2,8 @@
 be cached there (the approximate index, or the speculative entries over the precise one).
 
 A probed prompt (extproc.prefix.blocks) has only the blocks the pick needed; the index learns
-those at once, and the rest once a background task has computed them, after the decision has
-gone out. That task also fills the token and hash caches, which the conversation's next turn
+those at once, and the rest once a background task, started with the decision, has computed
+them. That task also fills the token and hash caches, which the conversation's next turn
 will probe. Tasks still running when the picker stops are cancelled.
 
 The task starts at once, so it runs before the next request's decision: a burst of requests on
