@@ -9,7 +9,8 @@ print those times (`%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:...)%`, and
 - `body`: the round trip of the body message, whose reply carries the decision;
 - `held`: from the request's last byte in (DS_RX_END) to its first byte out to the model server
   (US_TX_BEG): what routing added to the request's path, as Envoy saw it;
-- `client TTFT`: at the client, to the first byte of a streamed answer.
+- `client TTFT`: at the client, to the first token's event of a streamed answer (every stream is
+  checked whole: all its tokens, the usage chunk and `[DONE]`, else it counts as an error).
 
 Listeners on the same instant backends (`extproc.bench.backend`), driven in turn, in two
 rounds: Envoy alone (no ext_proc), a minimal ext_proc servicer (grpc.aio on uvloop, as the
@@ -33,10 +34,8 @@ import asyncio
 import itertools
 import json
 import random
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +50,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from extproc.bench.envoy import running_envoy
-from extproc.bench.overhead import MODEL, bootstrap_with_direct_listener, request_body
+from extproc.bench.loadgen import quantile
+from extproc.bench.overhead import (
+    MODEL,
+    bootstrap_with_direct_listener,
+    request_body,
+    send_streamed,
+)
 from extproc.bench.processes import (
     PICKER_PREFIX,
     free_ports,
@@ -63,6 +68,7 @@ from extproc.config import BodyMode
 from extproc.server import reply
 
 SERVERS = ("minimal", "round-robin", "cost")
+TOKENS = 20  # each answer's length, streamed
 # The access log line: Envoy's times for the exchange (microseconds), one JSON object a request.
 _TIMING_FORMAT = {
     "status": "%RESPONSE_CODE%",
@@ -153,9 +159,9 @@ class VariantResult:
     envoy_ms: Mapping[str, tuple[float, float]]
 
 
-def _quantiles(values: Sequence[float]) -> tuple[float, float]:
+def _p50_p90(values: Sequence[float]) -> tuple[float, float]:
     ordered = sorted(values)
-    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+    return quantile(ordered, 0.5), quantile(ordered, 0.9)
 
 
 def _with_timing_log(bootstrap: str, logs: Path, prefix: str) -> str:
@@ -179,8 +185,8 @@ def _with_timing_log(bootstrap: str, logs: Path, prefix: str) -> str:
 
 def _bodies(count: int, kb: float, seed: int) -> list[bytes]:
     """Streamed completion requests of about `kb` KB whose prompts share nothing (each starts
-    with its seed and its number), 20 tokens each."""
-    base = json.loads(request_body(int(kb * 1024), tokens=20, stream=True))
+    with its seed and its number), `TOKENS` tokens each."""
+    base = json.loads(request_body(int(kb * 1024), tokens=TOKENS, stream=True))
     prompt = base["prompt"]
     bodies = []
     for i in range(count):
@@ -192,30 +198,20 @@ def _bodies(count: int, kb: float, seed: int) -> list[bytes]:
 async def _drive(
     url: str, bodies: Sequence[bytes], rate: float, headers: Mapping[str, str], seed: int
 ) -> tuple[list[float], int]:
-    """The bodies as streamed requests, Poisson arrivals at `rate`; client TTFTs (ms), errors."""
+    """The bodies as streamed requests, Poisson arrivals at `rate`: client TTFTs (ms, to the
+    first token's event) and how many failed or came back incomplete."""
     rng = random.Random(seed)
-    ttfts: list[float] = []
-    errors = 0
-
-    async def one(session: aiohttp.ClientSession, body: bytes) -> None:
-        nonlocal errors
-        started = time.perf_counter()
-        async with session.post(url, data=body, headers=headers) as response:
-            first = await response.content.readany()
-            ttfts.append(1000 * (time.perf_counter() - started))
-            await response.read()
-            if response.status != 200 or not first:
-                errors += 1
-
     async with aiohttp.ClientSession(
         headers={"content-type": "application/json"}, timeout=aiohttp.ClientTimeout(total=30)
     ) as session:
         tasks = []
         for body in bodies:
-            tasks.append(asyncio.create_task(one(session, body)))
+            sending = send_streamed(session, url, body, tokens=TOKENS, headers=headers)
+            tasks.append(asyncio.create_task(sending))
             await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-    return ttfts, errors
+        samples = await asyncio.gather(*tasks)
+    ttfts = [1000 * s.ttft for s in samples if s.status == 200]
+    return ttfts, sum(s.status != 200 for s in samples)
 
 
 def run(
@@ -292,9 +288,9 @@ def run(
     return [
         VariantResult(
             variant=variant,
-            requests=len(ttfts[variant]),
+            requests=rounds * requests,
             errors=errors[variant],
-            client_ttft_p50_ms=statistics.median(ttfts[variant]),
+            client_ttft_p50_ms=quantile(sorted(ttfts[variant]), 0.5),
             envoy_ms=timings[variant],
         )
         for variant in names
@@ -322,7 +318,7 @@ def _read_timings(
         for name in _TIMES:
             values = [float(e[name]) / 1000 for e in logged if _number(e.get(name))]
             if values:
-                out[variant][name] = _quantiles(values)
+                out[variant][name] = _p50_p90(values)
     return out
 
 
