@@ -3,8 +3,9 @@
     choose the strategy  ->  identify the tenant                          (extproc.planning)
       ->  ask: parse the body, may the tenant use the model, its objective (priority) and
           model rewrite                                                  (extproc.planning)
-      ->  candidates  ->  plan: by role (in a prefill/decode pool), the profile, tokens and
-          block hashes (with the tenant's cache salt), prefix matches    (extproc.planning)
+      ->  candidates  ->  the prompts routed before, learned whole     (prefix/learning.py)
+      ->  plan: by role (in a prefill/decode pool), the profile, tokens and block hashes
+          (with the tenant's cache salt), prefix matches                 (extproc.planning)
       ->  the tenancy gate: the tenant's limits, the fair queue while saturated; the lease
           and the queue place are given back unless the request is routed (tenancy/gate.py)
       ->  place: admission, schedule, targets, the prefill endpoint when the prompt is
@@ -118,6 +119,7 @@ class Pipeline:
         everyone = self._planner.candidates(ask)
         if isinstance(everyone, OpenAIError):
             return everyone
+        await self._learning.before_decision()  # what was decided before, learned whole
         plan = await self._planner.plan(ask, strategy, everyone)
         placed = await self._through_gate(ask, plan, started)
         if not isinstance(placed, Routed):
