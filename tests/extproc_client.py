@@ -22,6 +22,8 @@ from google.protobuf.struct_pb2 import Struct
 STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = ProcessingMode.BUFFERED
 NONE = ProcessingMode.NONE
+# The `pipelined` body mode: STREAMED, the body sent without waiting for the headers' answer.
+PIPELINED = ProcessingMode.STREAMED
 
 
 def request_headers(
@@ -33,9 +35,11 @@ def request_headers(
     mode: int | None = STREAMED,
     response_mode: int | None = None,
     subset: Sequence[str | int] | str | None = None,
+    body_without_waiting: bool = False,
 ) -> ProcessingRequest:
     """`mode` is the request body mode Envoy announces, and the response's too unless
-    `response_mode` differs (NONE with the `ended` response path)."""
+    `response_mode` differs (NONE with the `ended` response path); `body_without_waiting`,
+    Envoy's `send_body_without_waiting_for_header_response` (the `pipelined` body mode)."""
     values = {":method": method, ":path": path, ":authority": "gateway", **(headers or {})}
     header_map = HeaderMap(
         headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
@@ -48,6 +52,7 @@ def request_headers(
             ProtocolConfiguration(
                 request_body_mode=mode,  # type: ignore[arg-type]
                 response_body_mode=mode if response_mode is None else response_mode,  # type: ignore[arg-type]
+                send_body_without_waiting_for_header_response=body_without_waiting,
             )
         )
     if subset is not None:
