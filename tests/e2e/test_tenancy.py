@@ -58,7 +58,7 @@ def tenant_picker(logs: Path, addresses: list[str]) -> Iterator[Picker]:
         yield picker
 
 
-@pytest.fixture(scope="module", params=["streamed", "buffered", "pipelined"])
+@pytest.fixture(scope="module", params=["streamed", "buffered"])
 def tenant_stack(
     request: pytest.FixtureRequest, logs: Path, addresses: list[str], tenant_picker: Picker
 ) -> Iterator[Stack]:
