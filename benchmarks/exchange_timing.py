@@ -83,7 +83,7 @@ _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 
 
 def variants(body_modes: Sequence[BodyMode]) -> list[str]:
-    """Envoy alone, then each ext_proc server in each body mode (`-<mode>` unless buffered)."""
+    """Envoy alone, then each ext_proc server in each body mode (`-streamed` when streamed)."""
     return ["envoy"] + [
         server + ("" if mode == "buffered" else f"-{mode}")
         for mode in body_modes
@@ -91,19 +91,10 @@ def variants(body_modes: Sequence[BodyMode]) -> list[str]:
     ]
 
 
-def server_of(variant: str) -> str:
-    """The server of a variant name: `variants` less its `-<body mode>`."""
-    for mode in get_args(BodyMode):
-        variant = variant.removesuffix(f"-{mode}")
-    return variant
-
-
 class _Minimal(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Answers the bundled `ended` path's messages, routing round robin: nothing else. In
     FULL_DUPLEX_STREAMED mode, as the picker does, it holds the headers' answer until the body
-    has ended and sends the body back; in the pipelined mode (STREAMED, the body sent without
-    waiting for the headers' answer) it holds the headers' answer and the body's chunks until
-    the body has ended, and lets the chunks through."""
+    has ended and sends the body back."""
 
     def __init__(self, targets: Sequence[str]) -> None:
         self._turn = itertools.cycle(targets)
@@ -112,24 +103,14 @@ class _Minimal(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, messages: AsyncIterator[ProcessingRequest], context: Any
     ) -> AsyncIterator[ProcessingResponse]:
-        streamed = pipelined = False
+        streamed = False
         parts: list[bytes] = []
-        held = 0
         async for message in messages:
             if message.HasField("protocol_config"):
-                config = message.protocol_config
-                streamed = config.request_body_mode == _FULL_DUPLEX
-                pipelined = config.send_body_without_waiting_for_header_response
+                streamed = message.protocol_config.request_body_mode == _FULL_DUPLEX
             kind = message.WhichOneof("request")
-            if kind == "request_headers" and not (streamed or pipelined):
+            if kind == "request_headers" and not streamed:
                 yield reply.CONTINUE_REQUEST_HEADERS
-            elif kind == "request_body" and pipelined:
-                held += 1
-                if message.request_body.end_of_stream:
-                    target, name = next(self._turn), f"m-{next(self._names)}"
-                    yield reply.route_in_headers(target, request_id=name)
-                    for response in reply.held_request_chunks(held, None):
-                        yield response
             elif kind == "request_body" and streamed:
                 parts.append(message.request_body.body)
                 if message.request_body.end_of_stream:
@@ -295,7 +276,7 @@ def run(
             ):
                 for seed, (_, variant) in enumerate(itertools.product(range(rounds), names)):
                     url = f"http://127.0.0.1:{urls[variant]}/v1/completions"
-                    strategy = server_of(variant)
+                    strategy = variant.removesuffix("-streamed")
                     asked = {"x-routing-strategy": strategy} if strategy in SERVERS[1:] else {}
                     # A seed per phase: no phase sends a prompt the picker has seen before.
                     bodies = _bodies(requests, kb, seed=seed)
@@ -384,8 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--body-modes",
         default="buffered",
-        help="comma-separated: buffered (the bundled mode), streamed (FULL_DUPLEX_STREAMED), "
-        "pipelined (STREAMED, the body sent before the headers are answered)",
+        help="comma-separated: buffered (the bundled mode), streamed (FULL_DUPLEX_STREAMED)",
     )
     parser.add_argument("--output", type=Path, default=None, help="write exchange.json here")
     args = parser.parse_args(args_list)

@@ -22,8 +22,6 @@ from google.protobuf.struct_pb2 import Struct
 STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = ProcessingMode.BUFFERED
 NONE = ProcessingMode.NONE
-# The `pipelined` body mode: STREAMED, the body sent without waiting for the headers' answer.
-PIPELINED = ProcessingMode.STREAMED
 
 
 def request_headers(
@@ -35,11 +33,9 @@ def request_headers(
     mode: int | None = STREAMED,
     response_mode: int | None = None,
     subset: Sequence[str | int] | str | None = None,
-    body_without_waiting: bool = False,
 ) -> ProcessingRequest:
     """`mode` is the request body mode Envoy announces, and the response's too unless
-    `response_mode` differs (NONE with the `ended` response path); `body_without_waiting`,
-    Envoy's `send_body_without_waiting_for_header_response` (the `pipelined` body mode)."""
+    `response_mode` differs (NONE with the `ended` response path)."""
     values = {":method": method, ":path": path, ":authority": "gateway", **(headers or {})}
     header_map = HeaderMap(
         headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
@@ -52,7 +48,6 @@ def request_headers(
             ProtocolConfiguration(
                 request_body_mode=mode,  # type: ignore[arg-type]
                 response_body_mode=mode if response_mode is None else response_mode,  # type: ignore[arg-type]
-                send_body_without_waiting_for_header_response=body_without_waiting,
             )
         )
     if subset is not None:

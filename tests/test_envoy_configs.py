@@ -181,7 +181,6 @@ def test_print_config_writes_the_rendered_bootstrap(capsys: pytest.CaptureFixtur
 _REQUEST_PHASES = {
     "streamed": ("SEND", "FULL_DUPLEX_STREAMED", "SEND"),
     "buffered": ("SEND", "BUFFERED", "SKIP"),
-    "pipelined": ("SEND", "STREAMED", "SEND"),
 }
 # (response header, body, trailer modes of the routing filter; its http_filters; its loggers)
 _RESPONSE_PATHS: dict[tuple[str, str], tuple[tuple[str, str, str], list[str], list[str]]] = {
@@ -197,11 +196,6 @@ _RESPONSE_PATHS: dict[tuple[str, str], tuple[tuple[str, str, str], list[str], li
         ["header_mutation", "ext_proc", "extproc.usage", "router"],
         ["stdout", "http_grpc"],
     ),
-    ("ended", "pipelined"): (
-        ("SKIP", "NONE", "SEND"),
-        ["header_mutation", "ext_proc", "extproc.usage", "router"],
-        ["stdout", "http_grpc"],
-    ),
     # headers: ended with the response headers (and upstream.address) sent to the picker too.
     ("headers", "streamed"): (
         ("SEND", "NONE", "SEND"),
@@ -209,11 +203,6 @@ _RESPONSE_PATHS: dict[tuple[str, str], tuple[tuple[str, str, str], list[str], li
         ["stdout", "http_grpc"],
     ),
     ("headers", "buffered"): (
-        ("SEND", "NONE", "SEND"),
-        ["header_mutation", "ext_proc", "extproc.usage", "router"],
-        ["stdout", "http_grpc"],
-    ),
-    ("headers", "pipelined"): (
         ("SEND", "NONE", "SEND"),
         ["header_mutation", "ext_proc", "extproc.usage", "router"],
         ["stdout", "http_grpc"],
@@ -229,11 +218,6 @@ _RESPONSE_PATHS: dict[tuple[str, str], tuple[tuple[str, str, str], list[str], li
         ["header_mutation", "ext_proc", "router"],
         ["stdout"],
     ),
-    ("inline", "pipelined"): (
-        ("SEND", "STREAMED", "SKIP"),
-        ["header_mutation", "ext_proc", "router"],
-        ["stdout"],
-    ),
     # observer: the routing filter lets go of the response; the observer filter takes it.
     ("observer", "streamed"): (
         ("SKIP", "NONE", "SKIP"),
@@ -241,11 +225,6 @@ _RESPONSE_PATHS: dict[tuple[str, str], tuple[tuple[str, str, str], list[str], li
         ["stdout"],
     ),
     ("observer", "buffered"): (
-        ("SKIP", "NONE", "SKIP"),
-        ["header_mutation", "extproc.response_observer", "ext_proc", "router"],
-        ["stdout"],
-    ),
-    ("observer", "pipelined"): (
         ("SKIP", "NONE", "SKIP"),
         ["header_mutation", "extproc.response_observer", "ext_proc", "router"],
         ["stdout"],
@@ -287,9 +266,6 @@ def test_response_path_shapes(
     # The request side is the body mode's, whatever the response path.
     assert tuple(modes[f"request_{p}"] for p in phases) == _REQUEST_PHASES[body_mode]
     assert tuple(modes[f"response_{p}"] for p in phases) == response_phases
-    # pipelined: Envoy sends the body without waiting for the headers' answer.
-    early = _ext_proc(config).get("send_body_without_waiting_for_header_response", False)
-    assert early == (body_mode == "pipelined")
     # Only `ended` tells the picker that the stream's end is the response's (a routing stream
     # of the observer shape ends with the request phase, without response headers too).
     declared = _ext_proc(config)["grpc_service"].get("initial_metadata")
@@ -381,7 +357,7 @@ def test_print_config_writes_the_lua_source_as_a_block() -> None:
     assert "function envoy_on_response(handle)\n" in text
 
 
-@pytest.mark.parametrize("body_mode", ["streamed", "buffered", "pipelined"])
+@pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 def test_observer_response_path_adds_a_non_blocking_filter(body_mode: str) -> None:
     config = yaml.safe_load(
         envoy_config.render_bootstrap(response_path="observer", body_mode=body_mode)  # type: ignore[arg-type]

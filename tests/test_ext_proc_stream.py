@@ -19,7 +19,6 @@ from extproc.config import (
     RoutingConfig,
     ServerConfig,
 )
-from extproc.server import reply
 from extproc.server.app import PickerServer
 from tests import extproc_client as ep
 from tests.conftest import StartPicker
@@ -130,49 +129,6 @@ async def test_buffered_mode_answers_headers_first_and_routes_on_the_body(
     # The body is not mutated in buffered mode: Envoy forwards its own copy.
     assert not body_reply.request_body.response.HasField("body_mutation")
     await stream.close()
-
-
-async def test_pipelined_mode_holds_headers_and_chunks_until_the_body_ends(
-    model_servers: Any, picker_for: Any
-) -> None:
-    servers = await _two_servers(model_servers)
-    picker, channel = await picker_for([s.address for s in servers], fallbacks=0)
-    # The bundled `ended` shape: the stream's end is the response's.
-    stream = ep.Stream(channel, metadata=(("x-extproc-response-path", "ended"),))
-    headers = ep.request_headers(
-        "/v1/completions", mode=ep.PIPELINED, response_mode=ep.NONE, body_without_waiting=True
-    )
-    await stream.send(headers)
-    body = ep.json_body({**COMPLETION, "prompt": "x" * 150_000})
-    third = len(body) // 3
-    await stream.send(ep.request_body(body[:third], end_of_stream=False))
-    await stream.send(ep.request_body(body[third : 2 * third], end_of_stream=False))
-    await stream.send(ep.request_body(body[2 * third :], end_of_stream=True))
-    # The headers' answer carries the pick, and comes only once the whole body was seen.
-    first = await stream.receive()
-    assert first.WhichOneof("response") == "request_headers"
-    target = ep.destination(first)
-    assert target in {s.address for s in servers}
-    assert picker.inflight.load(target).requests == 1
-    # Then each held chunk is let through as Envoy sent it: one answer per chunk, unchanged.
-    for _ in range(3):
-        chunk = await stream.receive()
-        assert chunk.WhichOneof("response") == "request_body"
-        assert not chunk.request_body.response.HasField("body_mutation")
-    await stream.close()
-    await _until(lambda: picker.inflight.load(target).requests == 0)
-
-
-async def test_pipelined_mode_replaces_a_rewritten_body_in_the_held_chunks() -> None:
-    # A decision that rewrites the body (a tenant's cache salt, a model rewrite): the first
-    # held chunk carries the new body whole, the others are emptied, and the headers' answer
-    # sets content-length to match.
-    new = b'{"model": "m", "prompt": "salted"}'
-    answers = list(reply.held_request_chunks(3, new))
-    assert [a.request_body.response.body_mutation.body for a in answers[:1]] == [new]
-    assert all(a.request_body.response.body_mutation.clear_body for a in answers[1:])
-    unchanged = list(reply.held_request_chunks(2, None))
-    assert all(not a.request_body.response.HasField("body_mutation") for a in unchanged)
 
 
 async def test_header_only_requests(model_servers: Any, picker_for: Any) -> None:

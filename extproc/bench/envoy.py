@@ -217,10 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--body-mode",
         choices=get_args(BodyMode),
         default="buffered",
-        help="ext_proc request body mode: buffered (default: BUFFERED, the body in one message), "
-        "streamed (FULL_DUPLEX_STREAMED, the body streamed through the picker and back) or "
-        "pipelined (STREAMED, the body sent before the headers are answered; the pick comes "
-        "with the headers' answer once the body has ended)",
+        help="ext_proc request body mode: buffered (default: BUFFERED, the body in one message) "
+        "or streamed (FULL_DUPLEX_STREAMED, the body streamed through the picker and back)",
     )
     parser.add_argument(
         "--variant",

@@ -141,10 +141,8 @@ def _check_usage_reporting(hcm: dict[str, Any]) -> None:
 # ext_proc processing modes per body mode. Buffered (the bundled files' mode) sends the whole body
 # in one message and takes the pick with the reply, so the body crosses gRPC once; streamed
 # (FULL_DUPLEX_STREAMED, the mode the endpoint-picker protocol describes; trailers must be SEND)
-# sends it back as well; pipelined (STREAMED, the body sent without waiting for the headers'
-# answer, which carries the pick once the body has ended) saves buffered's round trip on the
-# headers alone (docs/envoy.md, "Body modes"). These are the inline response path's modes;
-# ended (_ENDED) and observer (_OBSERVED) replace the response phases.
+# sends it back as well (docs/envoy.md, "Body modes"). These are the inline response path's
+# modes; ended (_ENDED) and observer (_OBSERVED) replace the response phases.
 _PROCESSING_MODES: dict[BodyMode, dict[str, str]] = {
     "streamed": {
         "request_header_mode": "SEND",
@@ -160,15 +158,6 @@ _PROCESSING_MODES: dict[BodyMode, dict[str, str]] = {
         "request_body_mode": "BUFFERED",
         "response_body_mode": "STREAMED",
         "request_trailer_mode": "SKIP",
-        "response_trailer_mode": "SKIP",
-    },
-    "pipelined": {
-        "request_header_mode": "SEND",
-        "response_header_mode": "SEND",
-        "request_body_mode": "STREAMED",
-        "response_body_mode": "STREAMED",
-        # A body that ends with trailers ends only there: the held headers need them.
-        "request_trailer_mode": "SEND",
         "response_trailer_mode": "SKIP",
     },
 }
@@ -228,10 +217,6 @@ def render_bootstrap(
     ext_proc = _named(hcm["http_filters"], _EXT_PROC_FILTER)["typed_config"]
     ext_proc["failure_mode_allow"] = failure_mode == "FailOpen"
     ext_proc["processing_mode"] = dict(_PROCESSING_MODES[body_mode])
-    if body_mode == "pipelined":
-        ext_proc["send_body_without_waiting_for_header_response"] = True
-    else:
-        ext_proc.pop("send_body_without_waiting_for_header_response", None)
     _check_choice("response_path", response_path, ResponsePath)
     ext_proc["grpc_service"].pop("initial_metadata", None)
     if response_path in ("ended", "headers"):

@@ -10,7 +10,7 @@ from dataclasses import field
 from types import MappingProxyType
 from typing import Any, Literal
 
-BodyMode = Literal["streamed", "buffered", "pipelined"]
+BodyMode = Literal["streamed", "buffered"]
 FailureMode = Literal["FailClose", "FailOpen"]
 StalePolicy = Literal["saturated", "drop"]
 HashAlgoName = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]

@@ -11,11 +11,11 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from google.protobuf.internal import api_implementation
 
-from extproc.config import BodyMode, Config, ConfigError
+from extproc.config import Config, ConfigError
 from extproc.scheduling.strategies import known_strategies, validate_strategy_name
 from extproc.server.app import PickerServer, strategies_for
 from extproc.server.logs import configure_logging
@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallbacks", type=int, help="fallback endpoints after the pick")
     parser.add_argument(
         "--body-mode",
-        choices=get_args(BodyMode),
+        choices=["streamed", "buffered"],
         help="body mode to assume when Envoy does not announce one",
     )
     parser.add_argument(

@@ -177,22 +177,6 @@ def streamed_request_body(body: bytes, *, end_of_stream: bool) -> Iterator[Proce
         yield _streamed_request_chunk(bytes(view[start : start + CHUNK]), end_of_stream and last)
 
 
-def held_request_chunks(count: int, body: bytes | None) -> Iterator[ProcessingResponse]:
-    """The answers to the `count` body chunks Envoy held in STREAMED mode while the headers
-    waited for the decision (the `pipelined` body mode), in order: each goes on unchanged, or,
-    when the decision rewrote the body (`body`), the first carries all of it and the others
-    are emptied (`route_in_headers` set content-length to match)."""
-    if body is None:
-        for _ in range(count):
-            yield CONTINUE_REQUEST_BODY
-        return
-    for index in range(count):
-        mutation = BodyMutation(body=body) if index == 0 else BodyMutation(clear_body=True)
-        yield ProcessingResponse(
-            request_body=BodyResponse(response=CommonResponse(body_mutation=mutation))
-        )
-
-
 def _streamed_request_chunk(chunk: bytes, end_of_stream: bool) -> ProcessingResponse:
     streamed = StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
     return ProcessingResponse(

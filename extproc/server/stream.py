@@ -4,12 +4,8 @@ Envoy sends the request headers, body chunks and trailers, then (after the model
 the response headers, body chunks and trailers, each as a ProcessingRequest on one gRPC stream.
 In FULL_DUPLEX_STREAMED mode the reply to the request headers is held until the body has ended:
 only then can the body be parsed and the endpoint picked. In BUFFERED mode Envoy wants the headers
-answered first, so the decision rides on the body reply instead. In STREAMED mode with
-`send_body_without_waiting_for_header_response` (the `pipelined` body mode) Envoy sends the body
-without waiting for the headers' answer and keeps its chunks: the headers' answer, with the
-decision, is held until the body has ended, then every held chunk is let through (the body does
-not cross gRPC back, as in BUFFERED mode, and no round trip is spent on the headers alone).
-Header-only requests are routed on their headers.
+answered first, so the decision rides on the body reply instead. Header-only requests are routed
+on their headers.
 
 How the response reaches the picker depends on Envoy's config (docs/envoy.md, "The response
 path"):
@@ -61,7 +57,6 @@ log = logging.getLogger(__name__)
 
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 _BUFFERED = ProcessingMode.BUFFERED
-_STREAMED = ProcessingMode.STREAMED
 _SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 _SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 _SERVED_KEY = "x-gateway-destination-endpoint-served"
@@ -83,11 +78,6 @@ class _Stream:
 
     request_mode: int
     response_mode: int
-    # STREAMED with the body sent before the headers are answered (the `pipelined` body mode):
-    # the headers' answer waits for the body's end, and so do the body's chunks.
-    pipelined: bool = False
-    # Body chunks received and not answered yet (pipelined: all of them until the decision).
-    held_chunks: int = 0
     head: RequestHead | None = None
     parts: list[bytes] = field(default_factory=list)
     size: int = 0
@@ -122,12 +112,7 @@ class StreamHandler:
         self._pipeline = pipeline
         self._destination = destination
         self._metrics = metrics
-        self._default_mode = {
-            "streamed": _FULL_DUPLEX,
-            "buffered": _BUFFERED,
-            "pipelined": _STREAMED,
-        }[default_body_mode]
-        self._default_pipelined = default_body_mode == "pipelined"
+        self._default_mode = _FULL_DUPLEX if default_body_mode == "streamed" else _BUFFERED
         self._awaiting: _Awaiting[Routed] = _Awaiting(ttl=awaiting_response_seconds)
         # Ended responses whose usage has not come yet, and usage that came before the end.
         self._unsettled: _Awaiting[_Ended] = _Awaiting(ttl=usage_wait_seconds)
@@ -145,22 +130,14 @@ class StreamHandler:
         `x-extproc-response-path: ended`) that this stream stays open until the response has
         ended, so its end releases the request even when no response headers came on it."""
         state = _Stream(
-            self._default_mode,
-            self._default_mode,
-            pipelined=self._default_pipelined,
-            ends_with_response=ends_with_response,
+            self._default_mode, self._default_mode, ends_with_response=ends_with_response
         )
         self._metrics.streams.inc()
         try:
             async for message in messages:
                 if message.HasField("protocol_config"):
-                    config = message.protocol_config
-                    state.request_mode = config.request_body_mode
-                    state.response_mode = config.response_body_mode
-                    state.pipelined = (
-                        config.request_body_mode == _STREAMED
-                        and config.send_body_without_waiting_for_header_response
-                    )
+                    state.request_mode = message.protocol_config.request_body_mode
+                    state.response_mode = message.protocol_config.response_body_mode
                 if message.observability_mode:
                     self._observe(state, message)
                     continue
@@ -230,7 +207,7 @@ class StreamHandler:
         length = state.head.headers.get("content-length", "")
         if length.isdigit() and int(length) > self._pipeline.max_body_bytes:
             yield self._refuse(errors.body_too_large(self._pipeline.max_body_bytes))
-        if state.request_mode != _FULL_DUPLEX and not state.pipelined:
+        if state.request_mode != _FULL_DUPLEX:
             yield reply.CONTINUE_REQUEST_HEADERS
 
     async def _request_body(
@@ -249,21 +226,14 @@ class StreamHandler:
             state.size += len(chunk)
             if state.size > self._pipeline.max_body_bytes:
                 yield self._refuse(errors.body_too_large(self._pipeline.max_body_bytes))
-        if state.pipelined and (chunk or not trailers):
-            state.held_chunks += 1  # each body message Envoy sent wants its own answer
         if not end_of_stream:
-            if state.request_mode != _FULL_DUPLEX and not state.pipelined:
+            if state.request_mode != _FULL_DUPLEX:
                 yield reply.CONTINUE_REQUEST_BODY  # STREAMED mode: not ours to hold
             return
         body = b"".join(state.parts) if len(state.parts) != 1 else state.parts[0]
         state.parts = []
         full_duplex = state.request_mode == _FULL_DUPLEX
-        yield await self._decide(state, body, in_headers=full_duplex or state.pipelined)
-        if state.pipelined:
-            rewritten = state.routed.body if state.routed is not None else None
-            for response in reply.held_request_chunks(state.held_chunks, rewritten):
-                yield response
-            state.held_chunks = 0
+        yield await self._decide(state, body, in_headers=full_duplex)
         if full_duplex:
             # The held body goes back (unchanged unless the pipeline rewrote it); with trailers
             # still to come it is not the end.

@@ -55,28 +55,24 @@ def picker(logs: Path, addresses: list[str]) -> Iterator[Picker]:
 
 @pytest.fixture(scope="session")
 def stacks(logs: Path, addresses: list[str], picker: Picker) -> Iterator[dict[str, Stack]]:
-    """One Envoy per way of wiring it to the shared picker (it serves them all at once): every
-    body mode with the default `ended` response path, and the other two response paths."""
+    """One Envoy per way of wiring it to the shared picker (it serves them all at once): both
+    body modes with the default `ended` response path, and the other two response paths."""
     common: dict[str, Any] = {"extproc": picker.address, "endpoints": addresses, "picker": picker}
     with (
         run_envoy(logs, **common, body_mode="streamed") as streamed,
         run_envoy(logs, **common, body_mode="buffered") as buffered,
-        run_envoy(logs, **common, body_mode="pipelined") as pipelined,
         run_envoy(logs, **common, body_mode="streamed", response_path="inline") as inline,
         run_envoy(logs, **common, body_mode="streamed", response_path="observer") as observed,
     ):
         yield {
             "streamed": streamed,
             "buffered": buffered,
-            "pipelined": pipelined,
             "streamed-inline": inline,
             "streamed-observer": observed,
         }
 
 
-@pytest.fixture(
-    params=["streamed", "buffered", "pipelined", "streamed-inline", "streamed-observer"]
-)
+@pytest.fixture(params=["streamed", "buffered", "streamed-inline", "streamed-observer"])
 def stack(request: pytest.FixtureRequest, stacks: dict[str, Stack]) -> Stack:
     return stacks[request.param]
 

@@ -178,19 +178,18 @@ async def test_a_clients_tenant_header_never_reaches_a_model_server(
 
 @pytest.fixture(scope="module")
 def header_tenancy(logs: Path, addresses: list[str]) -> Iterator[dict[str, Stack]]:
-    """A picker that identifies tenants by the trusted header only, behind every body mode."""
+    """A picker that identifies tenants by the trusted header only, behind both body modes."""
     tenancy = {"enabled": True, "identity": ["header"], "tenants": {"premium": {}}}
     with run_picker(logs, addresses, config={"tenancy": tenancy}) as picker:
         common: dict[str, Any] = {"extproc": picker.address, "endpoints": addresses}
         with (
             run_envoy(logs, **common, picker=picker, body_mode="streamed") as streamed,
             run_envoy(logs, **common, picker=picker, body_mode="buffered") as buffered,
-            run_envoy(logs, **common, picker=picker, body_mode="pipelined") as pipelined,
         ):
-            yield {"streamed": streamed, "buffered": buffered, "pipelined": pipelined}
+            yield {"streamed": streamed, "buffered": buffered}
 
 
-@pytest.mark.parametrize("body_mode", ["streamed", "buffered", "pipelined"])
+@pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 async def test_a_spoofed_tenant_header_does_not_select_the_tenant(
     header_tenancy: dict[str, Stack], fleet: Fleet, body_mode: str
 ) -> None:
@@ -216,14 +215,11 @@ def picker_down(logs: Path, addresses: list[str]) -> Iterator[dict[str, Stack]]:
         run_envoy(
             logs, extproc=dead, endpoints=addresses, picker=None, body_mode="buffered"
         ) as buffered,
-        run_envoy(
-            logs, extproc=dead, endpoints=addresses, picker=None, body_mode="pipelined"
-        ) as pipelined,
     ):
-        yield {"streamed": streamed, "buffered": buffered, "pipelined": pipelined}
+        yield {"streamed": streamed, "buffered": buffered}
 
 
-@pytest.mark.parametrize("body_mode", ["streamed", "buffered", "pipelined"])
+@pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [("POST", "/v1/completions", BODY), ("GET", "/v1/models", b"")],
@@ -303,7 +299,7 @@ async def test_an_encoded_slash_is_refused(stack: Stack, fleet: Fleet, path: str
 # --- 4. request_timeout -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body_mode", ["streamed", "buffered", "pipelined"])
+@pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 async def test_request_timeout_bounds_a_slow_upload(
     logs: Path, picker: Picker, addresses: list[str], fleet: Fleet, body_mode: BodyMode
 ) -> None:

@@ -155,7 +155,7 @@ async def test_a_model_whose_servers_are_all_down_is_503(logs: Path, own_fleet: 
     _check_envelope(raw)
 
 
-@pytest.mark.parametrize("body_mode", ["streamed", "buffered", "pipelined"])
+@pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 async def test_a_body_over_grpcs_default_message_size_but_within_the_limit_is_served(
     logs: Path, fleet: Fleet, addresses: list[str], body_mode: str
 ) -> None:

@@ -156,7 +156,7 @@ def _tokens(entry: HTTPAccessLogEntry) -> dict[str, Any]:
 # --- with the picker: usage and request-id in one entry per routed request ---------------------
 
 
-@pytest.mark.parametrize("body_mode", ["streamed", "buffered", "pipelined"])
+@pytest.mark.parametrize("body_mode", ["streamed", "buffered"])
 async def test_usage_reaches_the_access_log_with_the_pickers_request_id(
     logs: Path, fleet: Fleet, addresses: list[str], picker: Picker, body_mode: BodyMode
 ) -> None:
