@@ -3,7 +3,8 @@
     choose the strategy  ->  identify the tenant                          (extproc.planning)
       ->  ask: parse the body, may the tenant use the model, its objective (priority) and
           model rewrite                                                  (extproc.planning)
-      ->  candidates  ->  the prompts routed before, learned whole     (prefix/learning.py)
+      ->  candidates  ->  prompts routed just before that open the same way, learned
+          whole                                                          (prefix/learning.py)
       ->  plan: by role (in a prefill/decode pool), the profile, tokens and block hashes
           (with the tenant's cache salt), prefix matches                 (extproc.planning)
       ->  the tenancy gate: the tenant's limits, the fair queue while saturated; the lease
@@ -49,6 +50,14 @@ from extproc.state.snapshot import SnapshotStore
 from extproc.tenancy.gate import Pass, TenancyGate
 from extproc.tenancy.limits import Lease
 from extproc.tenancy.tenants import with_cache_salt
+
+# Characters of a prompt's start that tell a burst on one prompt from unrelated prompts
+# (`Learning.before_decision`): about 64 tokens, four blocks of 16.
+_OPENING_CHARS = 256
+
+
+def _opening(ask: Ask) -> str:
+    return f"{ask.request.model}\n{ask.request.prompt.opening(_OPENING_CHARS)}"
 
 
 class Pipeline:
@@ -119,7 +128,8 @@ class Pipeline:
         everyone = self._planner.candidates(ask)
         if isinstance(everyone, OpenAIError):
             return everyone
-        await self._learning.before_decision()  # what was decided before, learned whole
+        # What was decided just before on a prompt that opens the same way, learned whole.
+        await self._learning.before_decision(_opening(ask))
         plan = await self._planner.plan(ask, strategy, everyone)
         placed = await self._through_gate(ask, plan, started)
         if not isinstance(placed, Routed):
@@ -193,7 +203,7 @@ class Pipeline:
             else None
         )
         if plan.probe is not None:
-            self._learning.learn(plan.probe, (prefill or decode).address)
+            self._learning.learn(plan.probe, (prefill or decode).address, opening=_opening(ask))
         count_work(self._inflight, scheduling, decode, prefill, cost_model)
         self._record.routed(
             ask.head.request_id,

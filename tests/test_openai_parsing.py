@@ -62,6 +62,21 @@ def test_chat_messages_with_string_and_part_lists() -> None:
     assert parsed.prompt.approx_chars() == len("Be brief.") + len("Hi there")
 
 
+def test_a_prompts_opening_is_its_first_characters_whatever_its_form() -> None:
+    text = _parse("/v1/completions", {"model": "m", "prompt": "abcdef"})
+    assert text.prompt.opening(3) == "abc"
+    tokens = _parse("/v1/completions", {"model": "m", "prompt": [5, 6, 7, 8, 9]})
+    assert tokens.prompt.opening(8) == "5,6"
+    chat = _parse(
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}],
+        },
+    )
+    assert chat.prompt.opening(2) == "system:Be"
+
+
 def test_embeddings_and_query_strings() -> None:
     parsed = _parse("/v1/embeddings?x=1", {"model": "e", "input": ["a", "bc"]})
     assert parsed.api is Api.EMBEDDINGS

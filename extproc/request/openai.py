@@ -81,6 +81,18 @@ class Prompt:
             chars += len(_message_text(message))
         return chars
 
+    def opening(self, chars: int) -> str:
+        """The prompt's first `chars` characters (token ids written out, 4 characters each):
+        two prompts with different openings share no prefix worth waiting for."""
+        if self.texts:
+            return self.texts[0][:chars]
+        if self.token_ids:
+            return ",".join(map(str, self.token_ids[0][: chars // 4]))
+        if self.messages:
+            first = self.messages[0]
+            return f"{first.get('role')}:{_message_text(first)[:chars]}"
+        return ""
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:

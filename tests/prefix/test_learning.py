@@ -1,5 +1,6 @@
 """When a probed prompt is learned whole (extproc.prefix.learning): after its decision's reply
-has had time to go out, and before any later decision; never after the picker has closed."""
+has had time to go out, or before a later decision on a prompt that opens the same way; never
+after the picker has closed."""
 
 from __future__ import annotations
 
@@ -63,6 +64,24 @@ async def test_the_next_decision_finishes_what_waits_first() -> None:
     await asyncio.wait_for(deciding, 1.0)
     assert index.held["a"] == set(WHOLE)
     await learning.before_decision()  # nothing waits now: returns at once
+    await learning.aclose()
+
+
+async def test_an_unrelated_decision_starts_what_waits_but_does_not_wait_for_it() -> None:
+    index = _Index()
+    learning = Learning(index, probing=True, delay_seconds=10.0)
+    burst, other = _Probe(), _Probe()
+    learning.learn(burst, "a", opening="You are a planner. Task 7")
+    learning.learn(other, "b", opening="Summarize this contract")
+    deciding = asyncio.create_task(learning.before_decision("Summarize this contract"))
+    await asyncio.wait_for(burst.started.wait(), 1.0)  # started, not awaited
+    other.release.set()
+    await asyncio.wait_for(deciding, 1.0)  # waited for its own kind only
+    assert index.held["b"] == set(WHOLE)
+    assert index.held["a"] == set(PROBED)
+    burst.release.set()
+    await asyncio.sleep(0.01)
+    assert index.held["a"] == set(WHOLE)
     await learning.aclose()
 
 
