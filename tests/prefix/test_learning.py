@@ -39,12 +39,12 @@ class _Probe(PromptProbe):
 
 async def test_the_rest_waits_for_the_reply_then_is_learned() -> None:
     index = _Index()
-    learning = Learning(index, probing=True, delay_seconds=0.02)
+    learning = Learning(index, probing=True, delay_seconds=0.3)
     probe = _Probe()
     probe.release.set()
     learning.learn(probe, "a")
     assert index.held["a"] == set(PROBED)
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.01)
     assert not probe.started.is_set()  # the reply's turn: nothing started yet
     await asyncio.wait_for(probe.started.wait(), 1.0)
     await asyncio.sleep(0)
