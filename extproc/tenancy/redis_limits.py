@@ -24,7 +24,6 @@ When Redis cannot be reached, `failure_mode` decides: `open` answers from this r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
@@ -48,6 +47,11 @@ from extproc.tenancy.limits import (
 from extproc.tenancy.policy import Tenant
 
 log = logging.getLogger(__name__)
+
+# How long closing waits for each of: the renewal loop to stop, the releases in flight, the
+# client's connections. A picker that stops must not hang on Redis (a CI run's test teardown
+# once waited its whole 300 s timeout in `aclose`; the part that hung was not found).
+_CLOSE_SECONDS = 2.0
 
 # KEYS: requests, tokens, active. ARGV: rpm, tpm, max_concurrency, prompt tokens, lease, lease ms.
 # Returns {1} or {0, limit name, retry-after ms}.
@@ -262,11 +266,23 @@ class RedisLimiter:
     async def aclose(self) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewing
+            await _within({self._renewing}, "the lease renewal")
         if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        await self._client.aclose()
+            await _within(set(self._background), "the releases in flight")
+        try:
+            await asyncio.wait_for(self._client.aclose(), _CLOSE_SECONDS)
+        except TimeoutError:
+            log.warning("redis limiter: closing the client took over %gs; left", _CLOSE_SECONDS)
+
+
+async def _within(tasks: set[asyncio.Task[None]], what: str) -> None:
+    """Wait up to `_CLOSE_SECONDS` for `tasks`; their failures were logged where they ran."""
+    done, left = await asyncio.wait(tasks, timeout=_CLOSE_SECONDS)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: the task's own handler has dealt with it
+    if left:
+        log.warning("redis limiter: %s did not stop within %gs; left", what, _CLOSE_SECONDS)
 
 
 def _keys(tenant: str) -> list[str]:
