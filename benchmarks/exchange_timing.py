@@ -82,13 +82,14 @@ _FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAcc
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 
 
+def _suffix(mode: BodyMode) -> str:
+    """What names a body mode in variant, listener and log names: nothing for the bundled one."""
+    return "" if mode == "buffered" else f"-{mode}"
+
+
 def variants(body_modes: Sequence[BodyMode]) -> list[str]:
     """Envoy alone, then each ext_proc server in each body mode (`-streamed` when streamed)."""
-    return ["envoy"] + [
-        server + ("" if mode == "buffered" else f"-{mode}")
-        for mode in body_modes
-        for server in SERVERS
-    ]
+    return ["envoy"] + [server + _suffix(mode) for mode in body_modes for server in SERVERS]
 
 
 class _Minimal(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -225,7 +226,7 @@ def run(
     backend_ports = free_ports(4)
     grpc_port, health, metrics, minimal_port, admin, admin2, direct = free_ports(7)
     # One listener per body mode on each Envoy: "ended" (buffered), "ended-streamed".
-    paths = ["ended" if mode == "buffered" else f"ended-{mode}" for mode in body_modes]
+    paths = [f"ended{_suffix(mode)}" for mode in body_modes]
     picker_ports = dict(zip(paths, free_ports(len(paths)), strict=True))
     minimal_ports = dict(zip(paths, free_ports(len(paths)), strict=True))
     endpoints = [f"127.0.0.1:{p}" for p in backend_ports]
@@ -235,7 +236,7 @@ def run(
     names = variants(body_modes)
     urls = {"envoy": direct}
     for mode, path in zip(body_modes, paths, strict=True):
-        suffix = "" if mode == "buffered" else f"-{mode}"
+        suffix = _suffix(mode)
         urls |= {f"minimal{suffix}": minimal_ports[path]}
         urls |= {f"{strategy}{suffix}": picker_ports[path] for strategy in SERVERS[1:]}
     ttfts: dict[str, list[float]] = {v: [] for v in names}
@@ -307,7 +308,7 @@ def _read_timings(
 
     per_variant = {"envoy": entries("picker-envoy")}
     for mode in body_modes:
-        suffix = "" if mode == "buffered" else f"-{mode}"
+        suffix = _suffix(mode)
         picker = entries(f"picker-ended{suffix}")
         per_variant[f"minimal{suffix}"] = entries(f"minimal-ended{suffix}")
         for strategy in SERVERS[1:]:

@@ -276,11 +276,12 @@ class RedisLimiter:
 
 
 async def _within(tasks: set[asyncio.Task[None]], what: str) -> None:
-    """Wait up to `_CLOSE_SECONDS` for `tasks`; their failures were logged where they ran."""
+    """Wait up to `_CLOSE_SECONDS` for `tasks`. Redis's errors were handled where they ran;
+    anything else they raised is dropped, as `gather(return_exceptions=True)` did before."""
     done, left = await asyncio.wait(tasks, timeout=_CLOSE_SECONDS)
     for task in done:
         if not task.cancelled():
-            task.exception()  # retrieved: the task's own handler has dealt with it
+            task.exception()  # retrieved, so asyncio does not report it at exit
     if left:
         log.warning("redis limiter: %s did not stop within %gs; left", what, _CLOSE_SECONDS)
 

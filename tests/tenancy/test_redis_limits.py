@@ -154,3 +154,17 @@ async def test_a_release_redis_missed_is_sent_again(
             break
         await asyncio.sleep(0.1)
     assert isinstance(verdict, Granted)
+
+
+async def test_closing_does_not_wait_forever_for_a_stuck_release(
+    limiters: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A release that never ends (what a CI teardown once waited its 300 s on, cause not found):
+    # closing gives up on it after its bound, says so, and still closes the client.
+    limiter = await limiters()
+    assert isinstance(await limiter.acquire(Tenant("t", Limits(max_concurrency=1)), 0), Granted)
+    limiter._in_background(asyncio.Event().wait())
+    started = asyncio.get_running_loop().time()
+    await limiter.aclose()
+    assert asyncio.get_running_loop().time() - started < 10
+    assert "the releases in flight did not stop" in caplog.text
